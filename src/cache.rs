@@ -1,0 +1,282 @@
+//! The local cache: URL to local path (pure) and the atomic write.
+//!
+//! The path mirrors the URL: cache root + the URL path after the host, split at
+//! `/`, each segment taken literally (no percent-decoding), query and fragment
+//! dropped. The last segment keeps any `!style` suffix, because the display
+//! program looks the file up by that name.
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+/// Temporary files start with this, so a sweep at start-up can find and remove them.
+pub const TEMP_PREFIX: &str = ".holosync-tmp-";
+
+/// Longest file name Windows accepts for one path component.
+const MAX_SEGMENT_CHARS: usize = 255;
+
+/// The path segments of `url` after the host, each checked to be a safe
+/// Windows and Unix file name. Errors say which segment is wrong and why.
+pub fn url_segments(url: &str) -> Result<Vec<&str>, String> {
+    let rest = url
+        .split_once("://")
+        .map(|(_, r)| r)
+        .ok_or_else(|| "not an absolute URL".to_string())?;
+    let path_start = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let path = &rest[path_start..];
+    let path = &path[..path.find(['?', '#']).unwrap_or(path.len())];
+    let path = path.strip_prefix('/').unwrap_or(path);
+    if path.is_empty() {
+        return Err("URL has no file name".into());
+    }
+    let segments: Vec<&str> = path.split('/').collect();
+    for s in &segments {
+        check_segment(s).map_err(|why| format!("path segment {s:?} {why}"))?;
+    }
+    Ok(segments)
+}
+
+/// Checks one path segment as a file or folder name on Windows and Unix.
+pub fn check_segment(s: &str) -> Result<(), &'static str> {
+    if s.is_empty() {
+        return Err("is empty (double or trailing slash)");
+    }
+    if s == "." || s == ".." {
+        return Err("would leave its folder");
+    }
+    if s.chars().count() > MAX_SEGMENT_CHARS {
+        return Err("is longer than 255 characters");
+    }
+    if let Some(c) = s
+        .chars()
+        .find(|c| c.is_control() || matches!(c, '\\' | ':' | '<' | '>' | '"' | '|' | '?' | '*'))
+    {
+        return Err(match c {
+            '\\' => "contains a backslash",
+            ':' => "contains a colon (a drive or stream name on Windows)",
+            c if c.is_control() => "contains a control character",
+            _ => "contains a character Windows forbids in file names",
+        });
+    }
+    if s.ends_with('.') || s.ends_with(' ') {
+        return Err("ends with a dot or space, which Windows strips");
+    }
+    if is_reserved_name(s) {
+        return Err("is a reserved device name on Windows");
+    }
+    if s.starts_with(TEMP_PREFIX) {
+        return Err("uses holosync's temporary file prefix");
+    }
+    Ok(())
+}
+
+/// CON, PRN, AUX, NUL, COM0-9, LPT0-9 (and the superscript digits), with or
+/// without an extension, in any case, ignoring trailing blanks before the dot.
+fn is_reserved_name(s: &str) -> bool {
+    let stem = s.split('.').next().unwrap_or(s).trim_end_matches(' ');
+    let upper = stem.to_uppercase();
+    if matches!(upper.as_str(), "CON" | "PRN" | "AUX" | "NUL" | "CONIN$" | "CONOUT$") {
+        return true;
+    }
+    let mut chars = upper.chars();
+    let prefix: String = chars.by_ref().take(3).collect();
+    let rest: Vec<char> = chars.collect();
+    (prefix == "COM" || prefix == "LPT")
+        && rest.len() == 1
+        && (rest[0].is_ascii_digit() || matches!(rest[0], '¹' | '²' | '³'))
+}
+
+/// The local file for `url` under `root`, or why there cannot be one.
+pub fn local_path(root: &Path, url: &str) -> Result<PathBuf, String> {
+    let mut path = root.to_path_buf();
+    for s in url_segments(url)? {
+        path.push(s);
+    }
+    // Defence in depth: the segment checks already make this impossible.
+    if !path.starts_with(root) || path == root {
+        return Err("resolved path is not inside the cache root".into());
+    }
+    Ok(path)
+}
+
+/// Name of the temporary file used while writing `final_path`.
+fn temp_path(final_path: &Path) -> PathBuf {
+    // FNV-1a of the final name: short (long names stay under 255 chars), and
+    // stable, so a retry of the same URL reuses the name of a crashed attempt.
+    let name = final_path.file_name().unwrap_or_default().as_encoded_bytes();
+    let hash = name.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    final_path.with_file_name(format!("{TEMP_PREFIX}{hash:016x}"))
+}
+
+/// Writes `bytes` to `path` so that a reader sees the old file or the complete
+/// new one, never a part: temporary file in the same folder, flush, fsync,
+/// rename over the final name. On any error the temporary file is removed and
+/// the old file (if any) stays.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let dir = path.parent().expect("a cache path always has a parent");
+    fs::create_dir_all(dir)?;
+    let tmp = temp_path(path);
+    let result = (|| {
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        drop(f);
+        // On Windows this fails with a sharing violation while the display
+        // program holds the old file open; the caller retries later.
+        fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+        return result;
+    }
+    sync_dir(dir);
+    Ok(())
+}
+
+/// Makes the rename itself durable (Unix; Windows has no directory handles for this).
+fn sync_dir(dir: &Path) {
+    #[cfg(unix)]
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+    #[cfg(not(unix))]
+    let _ = dir;
+}
+
+/// Removes temporary files a crash left anywhere under `root`; returns how many.
+pub fn remove_temp_files(root: &Path) -> usize {
+    let mut removed = 0;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
+            if kind.is_dir() {
+                stack.push(entry.path());
+            } else if entry
+                .file_name()
+                .as_encoded_bytes()
+                .starts_with(TEMP_PREFIX.as_bytes())
+                && fs::remove_file(entry.path()).is_ok()
+            {
+                log::warn!(
+                    "removed temporary file left by an interrupted download: {}",
+                    entry.path().display()
+                );
+                removed += 1;
+            }
+        }
+    }
+    removed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn segs(url: &str) -> Result<Vec<&str>, String> {
+        url_segments(url)
+    }
+
+    #[test]
+    fn path_mirrors_the_url_and_keeps_the_style_suffix() {
+        assert_eq!(
+            segs("https://b.oss-cn-hangzhou.aliyuncs.com/works/12/a.jpg!preview").unwrap(),
+            ["works", "12", "a.jpg!preview"]
+        );
+        let root = Path::new("/cache");
+        assert_eq!(
+            local_path(root, "http://h.com:8080/x/y.png?v=2#top").unwrap(),
+            Path::new("/cache/x/y.png")
+        );
+    }
+
+    #[test]
+    fn a_url_without_a_bang_keeps_its_last_character() {
+        assert_eq!(segs("http://h.com/a/photo.jpg").unwrap(), ["a", "photo.jpg"]);
+    }
+
+    #[test]
+    fn percent_escapes_are_kept_literally() {
+        assert_eq!(
+            segs("http://h.com/%2e%2e/%2E%2E/a%20b.jpg").unwrap(),
+            ["%2e%2e", "%2E%2E", "a%20b.jpg"]
+        );
+    }
+
+    #[test]
+    fn url_with_dotdot_is_rejected() {
+        assert!(segs("http://h.com/a/../../etc/passwd").is_err());
+        assert!(segs("http://h.com/./a.jpg").is_err());
+    }
+
+    #[test]
+    fn windows_unsafe_names_are_rejected() {
+        for url in [
+            "http://h.com/C:/x.jpg",
+            "http://h.com/a\\b.jpg",
+            "http://h.com/CON.jpg",
+            "http://h.com/con",
+            "http://h.com/x/nul.txt.jpg",
+            "http://h.com/LPT1",
+            "http://h.com/com9.png",
+            "http://h.com/COM¹.png",
+            "http://h.com/a.jpg.",
+            "http://h.com/a.jpg ",
+            "http://h.com/a<b.jpg",
+            "http://h.com/a\"b.jpg",
+            "http://h.com/a|b.jpg",
+            "http://h.com/a*b.jpg",
+            "http://h.com/a\u{1}b.jpg",
+            "http://h.com/a//b.jpg",
+            "http://h.com/dir/",
+            "http://h.com/",
+            "http://h.com",
+            "http://h.com/.holosync-tmp-0123",
+        ] {
+            assert!(segs(url).is_err(), "{url} should be rejected");
+        }
+    }
+
+    #[test]
+    fn names_that_only_look_reserved_are_fine() {
+        for url in ["http://h.com/console.jpg", "http://h.com/COM10.jpg", "http://h.com/auxx"] {
+            assert!(segs(url).is_ok(), "{url} should be accepted");
+        }
+    }
+
+    #[test]
+    fn overlong_segment_is_rejected() {
+        let url = format!("http://h.com/{}.jpg", "a".repeat(300));
+        assert!(segs(&url).is_err());
+    }
+
+    #[test]
+    fn temp_name_is_short_and_in_the_same_folder() {
+        let p = Path::new("/c/works").join("a".repeat(250));
+        let t = temp_path(&p);
+        assert_eq!(t.parent(), p.parent());
+        assert!(t.file_name().unwrap().len() < 40);
+    }
+
+    #[test]
+    fn atomic_write_replaces_and_leaves_no_temp_file() {
+        let dir = std::env::temp_dir().join(format!("holosync-cachetest-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let path = dir.join("works/12/a.jpg!preview");
+        write_atomic(&path, b"first").unwrap();
+        write_atomic(&path, b"second").unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"second");
+        fs::write(dir.join("works").join(format!("{TEMP_PREFIX}dead")), b"x").unwrap();
+        assert_eq!(remove_temp_files(&dir), 1);
+        let names: Vec<_> = fs::read_dir(path.parent().unwrap()).unwrap().collect();
+        assert_eq!(names.len(), 1);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,317 @@
+//! The command line: argument parsing, the agent's start-up, and the small
+//! commands a technician runs (`status`, `enqueue`, `check`).
+
+use std::ffi::OsString;
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use crate::agent::{unix_ms, Agent};
+use crate::config::{self, Config};
+use crate::error::{Context, Error, Result};
+use crate::logger::{utc_timestamp, FileLogger};
+use crate::message;
+use crate::queue::Queue;
+
+/// Failures shown in `holosync status`.
+const STATUS_FAILURES: usize = 20;
+
+const HELP: &str = "\
+holosync - keeps a kiosk's pictures cached locally, synced over MQTT
+
+USAGE:
+    holosync [--config PATH]                  run the agent
+    holosync status [--config PATH] [--json]  queue counts and the last failures
+    holosync enqueue [--config PATH] URL...   queue URLs as if they came from MQTT
+    holosync check [--config PATH]            validate the config and the cache folder
+    holosync --help | --version
+
+Without --config, the config is config.json next to the executable.
+Exit codes: 0 ok, 1 runtime error, 2 bad config or usage.
+";
+
+/// What the command line asks for.
+#[derive(Debug, PartialEq)]
+pub enum Command {
+    /// Run the agent.
+    Run,
+    /// Print the queue's state.
+    Status {
+        /// As one JSON object.
+        json: bool,
+    },
+    /// Queue URLs.
+    Enqueue {
+        /// The URLs given.
+        urls: Vec<String>,
+    },
+    /// Validate config and cache folder.
+    Check,
+    /// Print usage.
+    Help,
+    /// Print the version.
+    Version,
+}
+
+/// A parsed command line.
+#[derive(Debug, PartialEq)]
+pub struct Args {
+    /// The subcommand.
+    pub command: Command,
+    /// `--config PATH`, if given.
+    pub config: Option<PathBuf>,
+}
+
+/// Parses the arguments after the program name.
+pub fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Args, String> {
+    let mut args = args.into_iter();
+    let mut command = None;
+    let mut config = None;
+    let mut json = false;
+    let mut urls = Vec::new();
+    while let Some(arg) = args.next() {
+        let text = arg.to_string_lossy();
+        match text.as_ref() {
+            "--help" | "-h" => command = Some(Command::Help),
+            "--version" | "-V" => command = Some(Command::Version),
+            "--config" | "-c" => {
+                let path = args.next().ok_or("--config needs a path")?;
+                config = Some(PathBuf::from(path));
+            }
+            "--json" => json = true,
+            "status" | "enqueue" | "check" | "run" if command.is_none() => {
+                command = Some(match text.as_ref() {
+                    "status" => Command::Status { json: false },
+                    "enqueue" => Command::Enqueue { urls: Vec::new() },
+                    "check" => Command::Check,
+                    _ => Command::Run,
+                })
+            }
+            other if matches!(command, Some(Command::Enqueue { .. })) && !other.starts_with('-') => {
+                urls.push(other.to_string())
+            }
+            other => return Err(format!("unexpected argument {other:?} (see --help)")),
+        }
+    }
+    let command = match command.unwrap_or(Command::Run) {
+        Command::Status { .. } => Command::Status { json },
+        Command::Enqueue { .. } if urls.is_empty() => {
+            return Err("enqueue needs at least one URL".into())
+        }
+        Command::Enqueue { .. } => Command::Enqueue { urls },
+        _ if json => return Err("--json goes with status".into()),
+        other => other,
+    };
+    Ok(Args { command, config })
+}
+
+/// Entry point: parse, dispatch, print the error chain, return the exit code.
+pub fn main() -> ExitCode {
+    let args = match parse_args(std::env::args_os().skip(1)) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("holosync: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let config_path = args.config.clone().unwrap_or_else(config::default_path);
+    let config_path = std::path::absolute(&config_path).unwrap_or(config_path);
+    if matches!(args.command, Command::Help | Command::Version) {
+        match args.command {
+            Command::Help => print!("{HELP}"),
+            _ => println!("holosync {}", env!("CARGO_PKG_VERSION")),
+        }
+        return ExitCode::SUCCESS;
+    }
+    let config = match Config::load(&config_path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("holosync: {e}");
+            if args.command == Command::Run {
+                note_in_default_log(&config_path, &e.to_string());
+            }
+            return ExitCode::from(2);
+        }
+    };
+    let result = match args.command {
+        Command::Run => run(config, config_path),
+        Command::Status { json } => status(&config, json),
+        Command::Enqueue { urls } => enqueue(&config, &urls),
+        Command::Check => return check(&config, &config_path),
+        Command::Help | Command::Version => unreachable!("answered above"),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("holosync: {}", e.chain());
+            log::error!("{}", e.chain());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A kiosk has no console: a config that cannot be read is also written to
+/// `holosync.log` beside it, where the technician looks.
+fn note_in_default_log(config_path: &Path, message: &str) {
+    let log = config_path
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join("holosync.log");
+    if let Ok(mut f) = OpenOptions::new().create(true).append(true).open(log) {
+        let _ = writeln!(
+            f,
+            "{} ERROR holosync {} cannot start: {message}",
+            utc_timestamp(std::time::SystemTime::now()),
+            env!("CARGO_PKG_VERSION")
+        );
+    }
+}
+
+fn run(config: Config, config_path: PathBuf) -> Result<()> {
+    let level = config
+        .log
+        .level
+        .parse()
+        .expect("validated in Config::validate");
+    FileLogger::install(&config.log.file, level, config.log.max_bytes, config.log.keep)
+        .context(|| format!("could not open log file {}", config.log.file.display()))?;
+    let _lock = single_instance(&config.database)?;
+    Agent::new(config, config_path)?.run()
+}
+
+/// Holds an OS lock on `<database>.lock` for the life of the process. A second
+/// copy (a double start from the Startup folder) finds it taken and exits.
+fn single_instance(database: &Path) -> Result<std::fs::File> {
+    let mut name = database.as_os_str().to_owned();
+    name.push(".lock");
+    let path = PathBuf::from(name);
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .context(|| format!("could not open lock file {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::msg(format!(
+            "holosync is already running with this database (lock {} is held); this copy exits",
+            path.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).context(|| format!("could not lock {}", path.display()))
+        }
+    }
+}
+
+fn status(config: &Config, json: bool) -> Result<()> {
+    let st = Queue::open(&config.database)?.status(STATUS_FAILURES)?;
+    if json {
+        let failures: Vec<_> = st
+            .failures
+            .iter()
+            .map(|f| {
+                serde_json::json!({"url": f.url, "state": f.state, "attempts": f.attempts, "error": f.error})
+            })
+            .collect();
+        let out = serde_json::json!({
+            "pending": st.pending, "retry": st.retry, "done": st.done, "failed": st.failed,
+            "failures": failures,
+        });
+        println!("{out}");
+        return Ok(());
+    }
+    println!(
+        "queue {}: {} pending, {} retry, {} done, {} failed",
+        config.database.display(),
+        st.pending,
+        st.retry,
+        st.done,
+        st.failed
+    );
+    if !st.failures.is_empty() {
+        println!("last failures (failed first, newest first):");
+        for f in &st.failures {
+            println!(
+                "  {:<6} attempts={:<3} {}\n         {}",
+                f.state, f.attempts, f.url, f.error
+            );
+        }
+    }
+    Ok(())
+}
+
+fn enqueue(config: &Config, urls: &[String]) -> Result<()> {
+    let parsed = message::parse_sync(urls.join(",").as_bytes());
+    for s in &parsed.skipped {
+        println!("skipped {:?}: {}", s.entry, s.reason);
+    }
+    for e in &parsed.entries {
+        if let Some(reason) = &e.rejected {
+            println!("rejected {}: {reason} (stored as failed)", e.url);
+        }
+    }
+    let r = Queue::open(&config.database)?.enqueue(&parsed.entries, unix_ms())?;
+    println!(
+        "queued {} URLs ({} already queued, {} rejected, {} skipped)",
+        r.queued,
+        r.duplicates,
+        r.rejected,
+        parsed.skipped.len()
+    );
+    Ok(())
+}
+
+fn check(config: &Config, config_path: &Path) -> ExitCode {
+    let probe = config.cache_dir.join(".holosync-check");
+    let writable = std::fs::create_dir_all(&config.cache_dir)
+        .and_then(|()| std::fs::write(&probe, b"ok"))
+        .and_then(|()| std::fs::remove_file(&probe));
+    if let Err(e) = writable {
+        eprintln!(
+            "holosync: cache folder {} is not writable: {e}",
+            config.cache_dir.display()
+        );
+        return ExitCode::from(2);
+    }
+    println!(
+        "config {} is valid; cache folder {} is writable",
+        config_path.display(),
+        config.cache_dir.display()
+    );
+    ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Args, String> {
+        parse_args(args.iter().map(OsString::from))
+    }
+
+    #[test]
+    fn no_arguments_runs_the_agent_with_the_default_config() {
+        assert_eq!(parse(&[]).unwrap(), Args { command: Command::Run, config: None });
+    }
+
+    #[test]
+    fn subcommands_and_options_in_any_order() {
+        let a = parse(&["--config", "c.json", "status", "--json"]).unwrap();
+        assert_eq!(a.command, Command::Status { json: true });
+        assert_eq!(a.config, Some(PathBuf::from("c.json")));
+        let a = parse(&["enqueue", "http://a/1.jpg", "--config", "x", "http://a/2.jpg"]).unwrap();
+        assert_eq!(
+            a.command,
+            Command::Enqueue { urls: vec!["http://a/1.jpg".into(), "http://a/2.jpg".into()] }
+        );
+    }
+
+    #[test]
+    fn mistakes_are_reported() {
+        assert!(parse(&["--config"]).is_err());
+        assert!(parse(&["enqueue"]).is_err());
+        assert!(parse(&["frobnicate"]).is_err());
+        assert!(parse(&["check", "--json"]).is_err());
+    }
+}

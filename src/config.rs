@@ -1,0 +1,536 @@
+//! The config tree: one serde structure, defaults in one place, a validation
+//! step that names the wrong key, and paths resolved next to the config file.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The whole `config.json`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Broker connection and topics.
+    pub mqtt: Mqtt,
+    /// Root of the local image cache (`holoImageUrl` in the old script's config).
+    #[serde(default = "default_cache_dir", alias = "holoImageUrl")]
+    pub cache_dir: PathBuf,
+    /// SQLite queue database.
+    #[serde(default = "default_database")]
+    pub database: PathBuf,
+    /// Download pacing, limits and retries.
+    #[serde(default)]
+    pub download: Download,
+    /// Log file and rotation.
+    #[serde(default)]
+    pub log: Log,
+    /// Defaults for projector commands.
+    #[serde(default)]
+    pub projector: Projector,
+}
+
+/// `mqtt` section.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mqtt {
+    /// Broker host name or address.
+    #[serde(default = "default_host")]
+    pub host: String,
+    /// Broker port (1883 for plain MQTT on both RabbitMQ and Mosquitto).
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// Broker user name, if the broker wants one.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Broker password; never logged.
+    #[serde(default)]
+    pub password: Option<Secret>,
+    /// Stable client id; when absent one is made on first start and kept in the database.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// MQTT keep-alive; every blocking step must stay well under it.
+    #[serde(default = "default_keep_alive_secs")]
+    pub keep_alive_secs: u64,
+    /// Topics whose payload is a comma-separated list of image URLs (QoS 1).
+    #[serde(default = "default_sync_topics")]
+    pub sync_topics: Vec<String>,
+    /// Topic for projector commands (QoS 0).
+    #[serde(default = "default_projector_topic")]
+    pub projector_topic: String,
+    /// Sync payloads larger than this are logged, acknowledged and dropped.
+    #[serde(default = "default_max_payload_bytes")]
+    pub max_payload_bytes: usize,
+}
+
+/// `download` section.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Download {
+    /// Pause between two downloads; 0 downloads due rows back to back.
+    #[serde(default = "default_interval_ms")]
+    pub interval_ms: u64,
+    /// Whole-request deadline (connect, headers and body).
+    #[serde(default = "default_timeout_secs")]
+    pub timeout_secs: u64,
+    /// Largest body accepted.
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes: u64,
+    /// Attempts before a transiently failing URL is marked failed.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// First retry delay; doubles per attempt.
+    #[serde(default = "default_retry_base_ms")]
+    pub retry_base_ms: u64,
+    /// Longest retry delay.
+    #[serde(default = "default_retry_max_ms")]
+    pub retry_max_ms: u64,
+    /// Re-encode JPEGs at this quality (1-100) instead of storing the bytes unchanged.
+    #[serde(default)]
+    pub reencode_jpeg_quality: Option<u8>,
+}
+
+/// `log` section.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Log {
+    /// Log file.
+    #[serde(default = "default_log_file")]
+    pub file: PathBuf,
+    /// error, warn, info, debug or trace.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+    /// Size at which the file is rotated.
+    #[serde(default = "default_log_max_bytes")]
+    pub max_bytes: u64,
+    /// Rotated files kept (`holosync.log.1` ... `.N`).
+    #[serde(default = "default_log_keep")]
+    pub keep: u32,
+}
+
+/// `projector` section: defaults that a projector message may override.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Projector {
+    /// Protocol used when the message does not name one.
+    #[serde(default = "default_projector_protocol")]
+    pub protocol: crate::message::Protocol,
+    /// PJLink password used when the message does not give one; never logged.
+    #[serde(default)]
+    pub password: Option<Secret>,
+    /// TCP port used when the message names only a host.
+    #[serde(default = "default_projector_port")]
+    pub port: u16,
+    /// Time allowed for the TCP connect.
+    #[serde(default = "default_projector_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// Time allowed for writing the command and reading the reply.
+    #[serde(default = "default_projector_io_timeout_ms")]
+    pub io_timeout_ms: u64,
+    /// Appended to a raw command unless it already ends with CR or LF.
+    #[serde(default = "default_projector_terminator")]
+    pub terminator: String,
+    /// When set, one JSON result per projector message is published here (QoS 0).
+    #[serde(default)]
+    pub result_topic: Option<String>,
+}
+
+/// A password: its `Debug` and `Display` print a mask, so it cannot reach the log.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The password itself, for the one place that sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
+
+fn default_cache_dir() -> PathBuf {
+    PathBuf::from("images")
+}
+fn default_database() -> PathBuf {
+    PathBuf::from("holosync.db")
+}
+fn default_host() -> String {
+    "127.0.0.1".into()
+}
+fn default_port() -> u16 {
+    1883
+}
+fn default_keep_alive_secs() -> u64 {
+    60
+}
+fn default_sync_topics() -> Vec<String> {
+    ["sync", "sync-single-work", "holo-file-sync"]
+        .map(String::from)
+        .to_vec()
+}
+fn default_projector_topic() -> String {
+    "projector-remote-control".into()
+}
+fn default_max_payload_bytes() -> usize {
+    // 4 MiB is about 80,000 URLs: far above any real work, far below the memory of an old kiosk.
+    4 * 1024 * 1024
+}
+fn default_interval_ms() -> u64 {
+    10_000
+}
+fn default_timeout_secs() -> u64 {
+    30
+}
+fn default_max_bytes() -> u64 {
+    64 * 1024 * 1024
+}
+fn default_max_attempts() -> u32 {
+    10
+}
+fn default_retry_base_ms() -> u64 {
+    30_000
+}
+fn default_retry_max_ms() -> u64 {
+    3_600_000
+}
+fn default_log_file() -> PathBuf {
+    PathBuf::from("holosync.log")
+}
+fn default_log_level() -> String {
+    "info".into()
+}
+fn default_log_max_bytes() -> u64 {
+    1024 * 1024
+}
+fn default_log_keep() -> u32 {
+    5
+}
+fn default_projector_protocol() -> crate::message::Protocol {
+    crate::message::Protocol::Raw
+}
+fn default_projector_port() -> u16 {
+    4352
+}
+fn default_projector_connect_timeout_ms() -> u64 {
+    2000
+}
+fn default_projector_io_timeout_ms() -> u64 {
+    3000
+}
+fn default_projector_terminator() -> String {
+    "\r".into()
+}
+
+/// Serde builds section defaults from the same field defaults as a present but empty section.
+fn from_empty_object<T: for<'de> Deserialize<'de>>() -> T {
+    serde_json::from_str("{}").expect("every field of this section has a default")
+}
+
+impl Default for Download {
+    fn default() -> Self {
+        from_empty_object()
+    }
+}
+impl Default for Log {
+    fn default() -> Self {
+        from_empty_object()
+    }
+}
+impl Default for Projector {
+    fn default() -> Self {
+        from_empty_object()
+    }
+}
+
+/// A config that cannot be used: which file, which key, what is wrong.
+#[derive(Debug)]
+pub struct ConfigError {
+    /// The config file.
+    pub file: PathBuf,
+    /// Dotted key path (`mqtt.port`), or empty when the file as a whole is wrong.
+    pub key: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "config error in {}: {}", self.file.display(), self.message)
+        } else {
+            write!(
+                f,
+                "config error in {}: key `{}`: {}",
+                self.file.display(),
+                self.key,
+                self.message
+            )
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The config file used when `--config` is not given: `config.json` next to the executable.
+pub fn default_path() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("holosync"));
+    // canonicalize resolves a symlinked exe to the folder it really lives in.
+    let exe = exe.canonicalize().unwrap_or(exe);
+    exe.parent()
+        .unwrap_or_else(|| Path::new("."))
+        .join("config.json")
+}
+
+impl Config {
+    /// Reads, parses, resolves and validates a config file.
+    pub fn load(file: &Path) -> Result<Config, ConfigError> {
+        let err = |key: &str, message: String| ConfigError {
+            file: file.to_path_buf(),
+            key: key.to_string(),
+            message,
+        };
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| err("", format!("cannot read the file: {e}")))?;
+        let mut config = Config::parse(&text).map_err(|(key, message)| err(&key, message))?;
+        let base = file
+            .parent()
+            .map(absolute)
+            .unwrap_or_else(|| absolute(Path::new(".")));
+        config.resolve_paths(&base);
+        config
+            .validate()
+            .map_err(|(key, message)| err(key, message))?;
+        Ok(config)
+    }
+
+    /// Parses JSON text; on error returns the dotted key and the reason.
+    pub fn parse(text: &str) -> Result<Config, (String, String)> {
+        let mut de = serde_json::Deserializer::from_str(text);
+        serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            let key = e.path().to_string();
+            let key = if key == "." { String::new() } else { key };
+            (key, e.inner().to_string())
+        })
+    }
+
+    /// Makes every relative path relative to `base` (the config file's folder).
+    pub fn resolve_paths(&mut self, base: &Path) {
+        for p in [&mut self.cache_dir, &mut self.database, &mut self.log.file] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+    }
+
+    /// Checks values serde cannot: ranges, relations between keys, folders that must exist.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        let m = &self.mqtt;
+        let d = &self.download;
+        if m.host.trim().is_empty() {
+            return Err(("mqtt.host", "must not be empty".into()));
+        }
+        if m.port == 0 {
+            return Err(("mqtt.port", "must be 1-65535".into()));
+        }
+        if !(5..=65_535).contains(&m.keep_alive_secs) {
+            return Err(("mqtt.keep_alive_secs", "must be 5-65535".into()));
+        }
+        if let Some(id) = &m.client_id {
+            if id.is_empty() || id.len() > 256 {
+                return Err(("mqtt.client_id", "must be 1-256 characters".into()));
+            }
+        }
+        if m.sync_topics.is_empty() {
+            return Err(("mqtt.sync_topics", "must name at least one topic".into()));
+        }
+        for t in m.sync_topics.iter().chain([&m.projector_topic]) {
+            if t.is_empty() || t.contains('\0') || t.len() > 65_535 {
+                return Err((
+                    if *t == m.projector_topic {
+                        "mqtt.projector_topic"
+                    } else {
+                        "mqtt.sync_topics"
+                    },
+                    format!("{t:?} is not a valid topic"),
+                ));
+            }
+        }
+        if m.max_payload_bytes == 0 || m.max_payload_bytes > crate::agent::MAX_PACKET_BYTES {
+            return Err((
+                "mqtt.max_payload_bytes",
+                format!("must be 1-{}", crate::agent::MAX_PACKET_BYTES),
+            ));
+        }
+        if d.timeout_secs == 0 {
+            return Err(("download.timeout_secs", "must be at least 1".into()));
+        }
+        if d.timeout_secs * 2 > m.keep_alive_secs {
+            return Err((
+                "download.timeout_secs",
+                format!(
+                    "must be at most half of mqtt.keep_alive_secs ({}), or a slow download drops the MQTT connection",
+                    m.keep_alive_secs
+                ),
+            ));
+        }
+        if d.max_bytes == 0 {
+            return Err(("download.max_bytes", "must be at least 1".into()));
+        }
+        if d.max_attempts == 0 {
+            return Err(("download.max_attempts", "must be at least 1".into()));
+        }
+        if d.retry_base_ms == 0 {
+            return Err(("download.retry_base_ms", "must be at least 1".into()));
+        }
+        if d.retry_max_ms < d.retry_base_ms {
+            return Err((
+                "download.retry_max_ms",
+                "must be at least download.retry_base_ms".into(),
+            ));
+        }
+        if let Some(q) = d.reencode_jpeg_quality {
+            if !(1..=100).contains(&q) {
+                return Err(("download.reencode_jpeg_quality", "must be 1-100".into()));
+            }
+        }
+        if self.log.level.parse::<log::LevelFilter>().is_err() {
+            return Err((
+                "log.level",
+                format!(
+                    "{:?} is not one of off, error, warn, info, debug, trace",
+                    self.log.level
+                ),
+            ));
+        }
+        if self.log.max_bytes < 4096 {
+            return Err(("log.max_bytes", "must be at least 4096".into()));
+        }
+        if self.log.keep > 100 {
+            return Err(("log.keep", "must be 0-100".into()));
+        }
+        let p = &self.projector;
+        if p.connect_timeout_ms == 0 || p.io_timeout_ms == 0 {
+            return Err((
+                "projector.connect_timeout_ms",
+                "timeouts must be at least 1 ms".into(),
+            ));
+        }
+        if (p.connect_timeout_ms + p.io_timeout_ms) * 2 > m.keep_alive_secs * 1000 {
+            return Err((
+                "projector.io_timeout_ms",
+                format!(
+                    "connect_timeout_ms + io_timeout_ms must be at most half of mqtt.keep_alive_secs ({} s)",
+                    m.keep_alive_secs
+                ),
+            ));
+        }
+        if p.port == 0 {
+            return Err(("projector.port", "must be 1-65535".into()));
+        }
+        if p.terminator.is_empty() || p.terminator.len() > 4 {
+            return Err(("projector.terminator", "must be 1-4 characters".into()));
+        }
+        if let Some(t) = &p.result_topic {
+            if t.is_empty() || t.contains(['#', '+', '\0']) {
+                return Err(("projector.result_topic", format!("{t:?} is not a topic to publish to")));
+            }
+        }
+        for (key, path) in [
+            ("cache_dir", &self.cache_dir),
+            ("database", &self.database),
+            ("log.file", &self.log.file),
+        ] {
+            match path.parent() {
+                Some(parent) if parent.is_dir() => {}
+                _ => {
+                    return Err((
+                        key,
+                        format!(
+                            "the folder that should hold {} does not exist",
+                            path.display()
+                        ),
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An absolute form of `p` without requiring it to exist (and without `\\?\` on Windows).
+fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"{"mqtt": {"host": "broker"}}"#;
+
+    #[test]
+    fn minimal_config_takes_every_default() {
+        let c = Config::parse(MINIMAL).unwrap();
+        assert_eq!(c.mqtt.port, 1883);
+        assert_eq!(c.mqtt.sync_topics.len(), 3);
+        assert_eq!(c.download.interval_ms, 10_000);
+        assert_eq!(c.log.keep, 5);
+        assert_eq!(c.cache_dir, PathBuf::from("images"));
+        assert_eq!(c.projector.terminator, "\r");
+    }
+
+    #[test]
+    fn old_holo_image_url_key_is_an_alias_of_cache_dir() {
+        let c = Config::parse(r#"{"mqtt": {}, "holoImageUrl": "D:/holo"}"#).unwrap();
+        assert_eq!(c.cache_dir, PathBuf::from("D:/holo"));
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let (key, msg) = Config::parse(r#"{"mqtt": {"hots": "x"}}"#).unwrap_err();
+        assert_eq!(key, "mqtt.hots");
+        assert!(msg.contains("unknown field"), "{msg}");
+    }
+
+    #[test]
+    fn wrong_type_names_the_key() {
+        let (key, _) = Config::parse(r#"{"mqtt": {"port": "1883"}}"#).unwrap_err();
+        assert_eq!(key, "mqtt.port");
+        let (key, _) = Config::parse(r#"{"mqtt": {}, "download": {"max_bytes": -1}}"#).unwrap_err();
+        assert_eq!(key, "download.max_bytes");
+    }
+
+    #[test]
+    fn validation_names_the_key() {
+        let mut c = Config::parse(r#"{"mqtt": {"port": 0}}"#).unwrap();
+        c.resolve_paths(&std::env::temp_dir());
+        assert_eq!(c.validate().unwrap_err().0, "mqtt.port");
+        let mut c = Config::parse(r#"{"mqtt": {"keep_alive_secs": 20}}"#).unwrap();
+        c.resolve_paths(&std::env::temp_dir());
+        assert_eq!(c.validate().unwrap_err().0, "download.timeout_secs");
+        let mut c = Config::parse(r#"{"mqtt": {}, "cache_dir": "no/such/parent/images"}"#).unwrap();
+        c.resolve_paths(&std::env::temp_dir());
+        assert_eq!(c.validate().unwrap_err().0, "cache_dir");
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_config_folder() {
+        let mut c = Config::parse(MINIMAL).unwrap();
+        c.resolve_paths(Path::new("/kiosk"));
+        assert_eq!(c.cache_dir, PathBuf::from("/kiosk/images"));
+        assert_eq!(c.database, PathBuf::from("/kiosk/holosync.db"));
+        assert_eq!(c.log.file, PathBuf::from("/kiosk/holosync.log"));
+    }
+
+    #[test]
+    fn password_is_masked_in_debug_output() {
+        let c = Config::parse(r#"{"mqtt": {"password": "YTc4Mj"}}"#).unwrap();
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("YTc4Mj"), "{shown}");
+        assert_eq!(c.mqtt.password.unwrap().expose(), "YTc4Mj");
+    }
+}

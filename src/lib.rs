@@ -1,0 +1,18 @@
+//! holosync: keeps a verified local copy of a kiosk's pictures, synced over
+//! MQTT through a durable SQLite queue, and forwards projector commands.
+//!
+//! See ARCHITECTURE.md for the loop, the modules and the invariants.
+
+#![forbid(unsafe_code)]
+
+pub mod agent;
+pub mod cache;
+pub mod cli;
+pub mod config;
+pub mod download;
+pub mod error;
+pub mod logger;
+pub mod message;
+pub mod projector;
+pub mod queue;
+pub mod verify;

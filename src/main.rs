@@ -1,0 +1,5 @@
+//! The holosync executable: everything happens in `holosync::cli::main`.
+
+fn main() -> std::process::ExitCode {
+    holosync::cli::main()
+}

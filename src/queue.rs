@@ -1,0 +1,439 @@
+//! The durable queue: one SQLite row per URL and the state changes it goes
+//! through. Every statement is parameterised.
+//!
+//! ```text
+//! enqueue ─> pending ──ok──> done ──synced again──> pending
+//!              │ └─permanent─> failed ──synced again──> pending
+//!              └─transient─> retry (attempts, next_attempt) ─> ... ─> failed
+//! ```
+
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::error::{Context, Result};
+use crate::message::Entry;
+
+/// How long a statement waits for a lock held by another process (a
+/// technician's `sqlite3` shell, `holosync enqueue`) before giving up.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS queue (
+    id            INTEGER PRIMARY KEY,
+    url           TEXT NOT NULL UNIQUE,
+    state         TEXT NOT NULL CHECK (state IN ('pending', 'retry', 'done', 'failed')),
+    attempts      INTEGER NOT NULL DEFAULT 0,
+    next_attempt  INTEGER NOT NULL,
+    last_error    TEXT,
+    updated       INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS queue_due ON queue (next_attempt, id)
+    WHERE state IN ('pending', 'retry');
+CREATE INDEX IF NOT EXISTS queue_state ON queue (state, updated);
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+";
+
+/// The queue database.
+pub struct Queue {
+    /// The SQLite connection (WAL mode).
+    conn: Connection,
+}
+
+/// One URL to download now.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Job {
+    /// Row id.
+    pub id: i64,
+    /// The URL as queued.
+    pub url: String,
+    /// Attempts made before this one.
+    pub attempts: u32,
+}
+
+/// Counts per state and the most recent failures, for `holosync status`.
+#[derive(Debug, Default, PartialEq)]
+pub struct Status {
+    /// Queued, never tried.
+    pub pending: u64,
+    /// Failed transiently, waiting for the next attempt.
+    pub retry: u64,
+    /// In the cache.
+    pub done: u64,
+    /// Given up on.
+    pub failed: u64,
+    /// The last failures, newest first: failed rows, then retry rows.
+    pub failures: Vec<FailureRow>,
+}
+
+/// A row that failed, for `holosync status`.
+#[derive(Debug, PartialEq)]
+pub struct FailureRow {
+    /// The URL.
+    pub url: String,
+    /// Current state: failed or retry.
+    pub state: String,
+    /// Attempts made.
+    pub attempts: u32,
+    /// The last error.
+    pub error: String,
+}
+
+/// What `enqueue` did with one message's URLs.
+#[derive(Debug, Default, PartialEq)]
+pub struct Enqueued {
+    /// New rows, or done/failed rows put back to pending.
+    pub queued: usize,
+    /// Already pending or retrying: left as they are.
+    pub duplicates: usize,
+    /// Rejected at once (their local path would be unsafe): stored as failed.
+    pub rejected: usize,
+}
+
+
+impl Queue {
+    /// Opens (creating if needed) the queue database at `path`.
+    pub fn open(path: &Path) -> Result<Queue> {
+        let conn = Connection::open(path)
+            .context(|| format!("could not open queue database {}", path.display()))?;
+        Queue::init(conn)
+            .context(|| format!("could not set up queue database {}", path.display()))
+    }
+
+    /// An in-memory queue, for tests.
+    pub fn in_memory() -> Queue {
+        Queue::init(Connection::open_in_memory().expect("in-memory SQLite always opens"))
+            .expect("schema applies to an empty database")
+    }
+
+    fn init(conn: Connection) -> rusqlite::Result<Queue> {
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        // WAL: readers (`holosync status`) never block the agent; NORMAL keeps
+        // commits durable across a process crash, fsyncing only at checkpoints.
+        let _: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+        conn.execute_batch("PRAGMA synchronous = NORMAL;")?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Queue { conn })
+    }
+
+    /// Commits one message's URLs in one transaction. New URLs and URLs that
+    /// were done or failed become pending; pending or retrying ones are left
+    /// alone (redelivery is harmless). Entries with a rejection reason are
+    /// stored as failed with that reason.
+    pub fn enqueue(&mut self, entries: &[Entry], now_ms: i64) -> Result<Enqueued> {
+        let tx = self
+            .conn
+            .transaction()
+            .context(|| "could not start a queue transaction")?;
+        let mut out = Enqueued::default();
+        {
+            let mut ok = tx
+                .prepare_cached(
+                    "INSERT INTO queue (url, state, attempts, next_attempt, updated)
+                     VALUES (?1, 'pending', 0, ?2, ?2)
+                     ON CONFLICT (url) DO UPDATE SET
+                         state = 'pending', attempts = 0, next_attempt = excluded.next_attempt,
+                         last_error = NULL, updated = excluded.updated
+                     WHERE state IN ('done', 'failed')",
+                )
+                .context(|| "could not prepare the enqueue statement")?;
+            let mut bad = tx
+                .prepare_cached(
+                    "INSERT INTO queue (url, state, attempts, next_attempt, last_error, updated)
+                     VALUES (?1, 'failed', 0, ?2, ?3, ?2)
+                     ON CONFLICT (url) DO UPDATE SET
+                         state = 'failed', last_error = excluded.last_error, updated = excluded.updated",
+                )
+                .context(|| "could not prepare the enqueue statement")?;
+            for Entry { url, rejected } in entries {
+                match rejected {
+                    None => {
+                        let changed = ok
+                            .execute(params![url, now_ms])
+                            .context(|| format!("could not queue {url}"))?;
+                        if changed == 1 {
+                            out.queued += 1;
+                        } else {
+                            out.duplicates += 1;
+                        }
+                    }
+                    Some(reason) => {
+                        bad.execute(params![url, now_ms, reason])
+                            .context(|| format!("could not record rejected URL {url}"))?;
+                        out.rejected += 1;
+                    }
+                }
+            }
+        }
+        tx.commit()
+            .context(|| "could not commit queued URLs")?;
+        Ok(out)
+    }
+
+    /// The row to download now, oldest due first, or None.
+    pub fn next_due(&self, now_ms: i64) -> Result<Option<Job>> {
+        self.conn
+            .prepare_cached(
+                "SELECT id, url, attempts FROM queue
+                 WHERE state IN ('pending', 'retry') AND next_attempt <= ?1
+                 ORDER BY next_attempt, id LIMIT 1",
+            )
+            .and_then(|mut s| {
+                s.query_row([now_ms], |r| {
+                    Ok(Job {
+                        id: r.get(0)?,
+                        url: r.get(1)?,
+                        attempts: r.get(2)?,
+                    })
+                })
+                .optional()
+            })
+            .context(|| "could not read the queue")
+    }
+
+    /// When the next pending or retry row becomes due, if there is one.
+    pub fn next_due_time(&self) -> Result<Option<i64>> {
+        self.conn
+            .query_row(
+                "SELECT MIN(next_attempt) FROM queue WHERE state IN ('pending', 'retry')",
+                [],
+                |r| r.get(0),
+            )
+            .context(|| "could not read the queue")
+    }
+
+    /// The download succeeded and the file is in place.
+    pub fn mark_done(&self, job: &Job, now_ms: i64) -> Result<()> {
+        self.update(
+            "UPDATE queue SET state = 'done', attempts = ?2, last_error = NULL, updated = ?3
+             WHERE id = ?1",
+            params![job.id, job.attempts + 1, now_ms],
+            &job.url,
+        )
+    }
+
+    /// Gives up on the URL, keeping the reason.
+    pub fn mark_failed(&self, job: &Job, error: &str, now_ms: i64) -> Result<()> {
+        self.update(
+            "UPDATE queue SET state = 'failed', attempts = ?2, last_error = ?3, updated = ?4
+             WHERE id = ?1",
+            params![job.id, job.attempts + 1, error, now_ms],
+            &job.url,
+        )
+    }
+
+    /// Schedules another attempt at `next_ms`.
+    pub fn mark_retry(&self, job: &Job, error: &str, next_ms: i64, now_ms: i64) -> Result<()> {
+        self.update(
+            "UPDATE queue SET state = 'retry', attempts = ?2, last_error = ?3,
+                 next_attempt = ?4, updated = ?5
+             WHERE id = ?1",
+            params![job.id, job.attempts + 1, error, next_ms, now_ms],
+            &job.url,
+        )
+    }
+
+    fn update(&self, sql: &str, params: impl rusqlite::Params, url: &str) -> Result<()> {
+        self.conn
+            .prepare_cached(sql)
+            .and_then(|mut s| s.execute(params))
+            .map(drop)
+            .context(|| format!("could not update the queue row of {url}"))
+    }
+
+    /// Counts per state and the last `limit` failures.
+    pub fn status(&self, limit: usize) -> Result<Status> {
+        let read = || -> rusqlite::Result<Status> {
+            let mut st = Status::default();
+            let mut s = self
+                .conn
+                .prepare("SELECT state, COUNT(*) FROM queue GROUP BY state")?;
+            let mut rows = s.query([])?;
+            while let Some(r) = rows.next()? {
+                let n: u64 = r.get(1)?;
+                match r.get_ref(0)?.as_str()? {
+                    "pending" => st.pending = n,
+                    "retry" => st.retry = n,
+                    "done" => st.done = n,
+                    _ => st.failed = n,
+                }
+            }
+            let mut s = self.conn.prepare(
+                "SELECT url, state, attempts, COALESCE(last_error, '') FROM queue
+                 WHERE state IN ('failed', 'retry')
+                 ORDER BY state = 'failed' DESC, updated DESC, id DESC LIMIT ?1",
+            )?;
+            st.failures = s
+                .query_map([limit as i64], |r| {
+                    Ok(FailureRow {
+                        url: r.get(0)?,
+                        state: r.get(1)?,
+                        attempts: r.get(2)?,
+                        error: r.get(3)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            Ok(st)
+        };
+        read().context(|| "could not read the queue status")
+    }
+
+    /// A value kept across restarts (the generated client id).
+    pub fn meta(&self, key: &str) -> Result<Option<String>> {
+        self.conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()
+            .context(|| format!("could not read {key} from the queue database"))
+    }
+
+    /// Stores a value kept across restarts.
+    pub fn set_meta(&self, key: &str, value: &str) -> Result<()> {
+        self.conn
+            .execute(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                [key, value],
+            )
+            .map(drop)
+            .context(|| format!("could not store {key} in the queue database"))
+    }
+}
+
+/// Delay before attempt `attempts + 1`, after `attempts` failures: base,
+/// doubling, capped; a server's Retry-After wins when longer (still capped).
+pub fn retry_delay(
+    attempts: u32,
+    base_ms: u64,
+    max_ms: u64,
+    retry_after: Option<Duration>,
+) -> Duration {
+    let exp = attempts.saturating_sub(1).min(40);
+    let backoff = base_ms.saturating_mul(1u64 << exp).min(max_ms);
+    let server = retry_after.map_or(0, |d| d.as_millis() as u64).min(max_ms);
+    Duration::from_millis(backoff.max(server))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(urls: &[&str]) -> Vec<Entry> {
+        urls.iter()
+            .map(|u| Entry { url: u.to_string(), rejected: None })
+            .collect()
+    }
+
+    fn urls(q: &Queue) -> Vec<(String, String)> {
+        let mut s = q
+            .conn
+            .prepare("SELECT url, state FROM queue ORDER BY id")
+            .unwrap();
+        s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    }
+
+    #[test]
+    fn enqueue_deduplicates_by_url() {
+        let mut q = Queue::in_memory();
+        let r = q.enqueue(&ok(&["http://h/a.jpg", "http://h/a.jpg"]), 1).unwrap();
+        assert_eq!(r, Enqueued { queued: 1, duplicates: 1, rejected: 0 });
+        assert_eq!(q.status(20).unwrap().pending, 1);
+    }
+
+    #[test]
+    fn quotes_and_semicolons_are_stored_verbatim() {
+        let mut q = Queue::in_memory();
+        let url = "http://h/it's'; DROP TABLE queue; --.jpg";
+        q.enqueue(&ok(&[url]), 1).unwrap();
+        assert_eq!(q.next_due(1).unwrap().unwrap().url, url);
+    }
+
+    #[test]
+    fn oldest_due_first_and_retry_waits_its_turn() {
+        let mut q = Queue::in_memory();
+        q.enqueue(&ok(&["http://h/1", "http://h/2"]), 10).unwrap();
+        let first = q.next_due(10).unwrap().unwrap();
+        assert_eq!(first.url, "http://h/1");
+        q.mark_retry(&first, "HTTP 500", 1000, 10).unwrap();
+        // The failing URL does not block the next one.
+        assert_eq!(q.next_due(10).unwrap().unwrap().url, "http://h/2");
+        let second = q.next_due(10).unwrap().unwrap();
+        q.mark_done(&second, 11).unwrap();
+        assert_eq!(q.next_due(500).unwrap(), None);
+        assert_eq!(q.next_due_time().unwrap(), Some(1000));
+        let again = q.next_due(1000).unwrap().unwrap();
+        assert_eq!((again.url.as_str(), again.attempts), ("http://h/1", 1));
+    }
+
+    #[test]
+    fn synced_again_after_done_or_failed_goes_back_to_pending() {
+        let mut q = Queue::in_memory();
+        q.enqueue(&ok(&["http://h/a", "http://h/b"]), 1).unwrap();
+        let a = q.next_due(1).unwrap().unwrap();
+        q.mark_done(&a, 2).unwrap();
+        let b = q.next_due(2).unwrap().unwrap();
+        q.mark_failed(&b, "HTTP 404", 3).unwrap();
+        let r = q.enqueue(&ok(&["http://h/a", "http://h/b"]), 4).unwrap();
+        assert_eq!(r.queued, 2);
+        let st = q.status(20).unwrap();
+        assert_eq!((st.pending, st.done, st.failed), (2, 0, 0));
+    }
+
+    #[test]
+    fn rejected_entries_are_failed_with_their_reason() {
+        let mut q = Queue::in_memory();
+        let bad = Entry {
+            url: "http://h/../x".into(),
+            rejected: Some("path segment \"..\" would leave its folder".into()),
+        };
+        q.enqueue(&[bad], 1)
+            .unwrap();
+        let st = q.status(20).unwrap();
+        assert_eq!(st.failed, 1);
+        assert_eq!(st.failures[0].url, "http://h/../x");
+        assert!(st.failures[0].error.contains("leave"));
+        assert_eq!(q.next_due(i64::MAX).unwrap(), None);
+        assert_eq!(urls(&q).len(), 1);
+    }
+
+    #[test]
+    fn status_lists_failures_newest_first() {
+        let mut q = Queue::in_memory();
+        q.enqueue(&ok(&["http://h/1", "http://h/2"]), 1).unwrap();
+        let j1 = q.next_due(1).unwrap().unwrap();
+        q.mark_failed(&j1, "HTTP 404", 5).unwrap();
+        let j2 = q.next_due(1).unwrap().unwrap();
+        q.mark_failed(&j2, "HTTP 410", 6).unwrap();
+        let st = q.status(1).unwrap();
+        assert_eq!(st.failed, 2);
+        assert_eq!(st.failures.len(), 1);
+        assert_eq!(st.failures[0].url, "http://h/2");
+        assert_eq!(st.failures[0].attempts, 1);
+    }
+
+    #[test]
+    fn meta_values_persist() {
+        let q = Queue::in_memory();
+        assert_eq!(q.meta("client_id").unwrap(), None);
+        q.set_meta("client_id", "holosync-x-1").unwrap();
+        assert_eq!(q.meta("client_id").unwrap().as_deref(), Some("holosync-x-1"));
+    }
+
+    #[test]
+    fn retry_delay_doubles_and_is_capped() {
+        let d = |n, ra| retry_delay(n, 1000, 10_000, ra).as_millis();
+        assert_eq!(d(1, None), 1000);
+        assert_eq!(d(2, None), 2000);
+        assert_eq!(d(4, None), 8000);
+        assert_eq!(d(5, None), 10_000);
+        assert_eq!(d(60, None), 10_000);
+        assert_eq!(d(1, Some(Duration::from_secs(5))), 5000);
+        assert_eq!(d(1, Some(Duration::from_secs(500))), 10_000);
+    }
+}
