@@ -115,7 +115,10 @@ impl Agent {
             config.database.display()
         );
         std::fs::create_dir_all(&config.cache_dir).context(|| {
-            format!("could not create cache folder {}", config.cache_dir.display())
+            format!(
+                "could not create cache folder {}",
+                config.cache_dir.display()
+            )
         })?;
         cache::remove_temp_files(&config.cache_dir);
 
@@ -279,7 +282,7 @@ impl Agent {
 
     fn handle_publish(&mut self, publish: Publish) {
         let m = &self.config.mqtt;
-        if m.sync_topics.iter().any(|t| *t == publish.topic) {
+        if m.sync_topics.contains(&publish.topic) {
             if publish.payload.len() > m.max_payload_bytes {
                 log::error!(
                     "dropped a sync message on {} of {} bytes: over mqtt.max_payload_bytes ({}); acknowledged so the broker does not send it again",
@@ -326,7 +329,10 @@ impl Agent {
             Ok(r) => {
                 for e in &parsed.entries {
                     if let Some(reason) = &e.rejected {
-                        log::warn!("rejected {}: {reason} (stored as failed, nothing written)", e.url);
+                        log::warn!(
+                            "rejected {}: {reason} (stored as failed, nothing written)",
+                            e.url
+                        );
                     }
                 }
                 log::info!(
@@ -412,14 +418,21 @@ impl Agent {
         let d = &self.config.download;
         let recorded = match result {
             Ok((path, kind, len)) => {
-                log::info!("cached {} -> {} ({kind}, {len} bytes, {ms} ms)", job.url, path.display());
+                log::info!(
+                    "cached {} -> {} ({kind}, {len} bytes, {ms} ms)",
+                    job.url,
+                    path.display()
+                );
                 self.queue.mark_done(&job, now)
             }
             Err(Failure::Permanent(reason)) => {
                 log::warn!("failed {}: {reason} (not retried)", job.url);
                 self.queue.mark_failed(&job, &reason, now)
             }
-            Err(Failure::Transient { reason, retry_after }) => {
+            Err(Failure::Transient {
+                reason,
+                retry_after,
+            }) => {
                 let attempt = job.attempts + 1;
                 if attempt >= d.max_attempts {
                     let reason = format!("gave up after {attempt} attempts: {reason}");
@@ -459,7 +472,10 @@ impl Agent {
         };
         cache::write_atomic(&path, &bytes).map_err(|e| {
             Failure::transient(if e.kind() == std::io::ErrorKind::StorageFull {
-                format!("no space left on the cache disk writing {}: {e}", path.display())
+                format!(
+                    "no space left on the cache disk writing {}: {e}",
+                    path.display()
+                )
             } else {
                 format!("could not write {}: {e}", path.display())
             })
@@ -505,7 +521,12 @@ fn hostname() -> String {
 fn random_u32() -> u32 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos());
+    h.write_u128(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
     h.write_u32(std::process::id());
     h.finish() as u32
 }

@@ -75,7 +75,10 @@ pub fn check_segment(s: &str) -> Result<(), &'static str> {
 fn is_reserved_name(s: &str) -> bool {
     let stem = s.split('.').next().unwrap_or(s).trim_end_matches(' ');
     let upper = stem.to_uppercase();
-    if matches!(upper.as_str(), "CON" | "PRN" | "AUX" | "NUL" | "CONIN$" | "CONOUT$") {
+    if matches!(
+        upper.as_str(),
+        "CON" | "PRN" | "AUX" | "NUL" | "CONIN$" | "CONOUT$"
+    ) {
         return true;
     }
     let mut chars = upper.chars();
@@ -103,7 +106,10 @@ pub fn local_path(root: &Path, url: &str) -> Result<PathBuf, String> {
 fn temp_path(final_path: &Path) -> PathBuf {
     // FNV-1a of the final name: short (long names stay under 255 chars), and
     // stable, so a retry of the same URL reuses the name of a crashed attempt.
-    let name = final_path.file_name().unwrap_or_default().as_encoded_bytes();
+    let name = final_path
+        .file_name()
+        .unwrap_or_default()
+        .as_encoded_bytes();
     let hash = name.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| {
         (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
     });
@@ -199,7 +205,10 @@ mod tests {
 
     #[test]
     fn a_url_without_a_bang_keeps_its_last_character() {
-        assert_eq!(segs("http://h.com/a/photo.jpg").unwrap(), ["a", "photo.jpg"]);
+        assert_eq!(
+            segs("http://h.com/a/photo.jpg").unwrap(),
+            ["a", "photo.jpg"]
+        );
     }
 
     #[test]
@@ -246,7 +255,11 @@ mod tests {
 
     #[test]
     fn names_that_only_look_reserved_are_fine() {
-        for url in ["http://h.com/console.jpg", "http://h.com/COM10.jpg", "http://h.com/auxx"] {
+        for url in [
+            "http://h.com/console.jpg",
+            "http://h.com/COM10.jpg",
+            "http://h.com/auxx",
+        ] {
             assert!(segs(url).is_ok(), "{url} should be accepted");
         }
     }

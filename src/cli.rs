@@ -88,7 +88,9 @@ pub fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Args, Stri
                     _ => Command::Run,
                 })
             }
-            other if matches!(command, Some(Command::Enqueue { .. })) && !other.starts_with('-') => {
+            other
+                if matches!(command, Some(Command::Enqueue { .. })) && !other.starts_with('-') =>
+            {
                 urls.push(other.to_string())
             }
             other => return Err(format!("unexpected argument {other:?} (see --help)")),
@@ -174,8 +176,13 @@ fn run(config: Config, config_path: PathBuf) -> Result<()> {
         .level
         .parse()
         .expect("validated in Config::validate");
-    FileLogger::install(&config.log.file, level, config.log.max_bytes, config.log.keep)
-        .context(|| format!("could not open log file {}", config.log.file.display()))?;
+    FileLogger::install(
+        &config.log.file,
+        level,
+        config.log.max_bytes,
+        config.log.keep,
+    )
+    .context(|| format!("could not open log file {}", config.log.file.display()))?;
     let _lock = single_instance(&config.database)?;
     Agent::new(config, config_path)?.run()
 }
@@ -292,7 +299,13 @@ mod tests {
 
     #[test]
     fn no_arguments_runs_the_agent_with_the_default_config() {
-        assert_eq!(parse(&[]).unwrap(), Args { command: Command::Run, config: None });
+        assert_eq!(
+            parse(&[]).unwrap(),
+            Args {
+                command: Command::Run,
+                config: None
+            }
+        );
     }
 
     #[test]
@@ -300,10 +313,19 @@ mod tests {
         let a = parse(&["--config", "c.json", "status", "--json"]).unwrap();
         assert_eq!(a.command, Command::Status { json: true });
         assert_eq!(a.config, Some(PathBuf::from("c.json")));
-        let a = parse(&["enqueue", "http://a/1.jpg", "--config", "x", "http://a/2.jpg"]).unwrap();
+        let a = parse(&[
+            "enqueue",
+            "http://a/1.jpg",
+            "--config",
+            "x",
+            "http://a/2.jpg",
+        ])
+        .unwrap();
         assert_eq!(
             a.command,
-            Command::Enqueue { urls: vec!["http://a/1.jpg".into(), "http://a/2.jpg".into()] }
+            Command::Enqueue {
+                urls: vec!["http://a/1.jpg".into(), "http://a/2.jpg".into()]
+            }
         );
     }
 

@@ -260,7 +260,12 @@ pub struct ConfigError {
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.key.is_empty() {
-            write!(f, "config error in {}: {}", self.file.display(), self.message)
+            write!(
+                f,
+                "config error in {}: {}",
+                self.file.display(),
+                self.message
+            )
         } else {
             write!(
                 f,
@@ -436,7 +441,10 @@ impl Config {
         }
         if let Some(t) = &p.result_topic {
             if t.is_empty() || t.contains(['#', '+', '\0']) {
-                return Err(("projector.result_topic", format!("{t:?} is not a topic to publish to")));
+                return Err((
+                    "projector.result_topic",
+                    format!("{t:?} is not a topic to publish to"),
+                ));
             }
         }
         for (key, path) in [

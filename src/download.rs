@@ -74,8 +74,7 @@ pub fn fetch(url: &str, limits: &Limits) -> Result<Fetched, Failure> {
             .map(|(_, v)| v.trim().to_string())
     };
     let content_type = header("content-type");
-    if let Some(failure) = status_failure(response.status_code, header("retry-after").as_deref())
-    {
+    if let Some(failure) = status_failure(response.status_code, header("retry-after").as_deref()) {
         return Err(failure);
     }
     let declared = match header("content-length") {
@@ -110,7 +109,9 @@ pub fn fetch(url: &str, limits: &Limits) -> Result<Fetched, Failure> {
 }
 
 fn too_large(max: u64) -> Failure {
-    Failure::Permanent(format!("too large: body over download.max_bytes ({max} bytes)"))
+    Failure::Permanent(format!(
+        "too large: body over download.max_bytes ({max} bytes)"
+    ))
 }
 
 /// What a status code means for the queue; None for success.
@@ -165,14 +166,20 @@ mod tests {
     #[test]
     fn gone_and_forbidden_are_permanent() {
         for code in [400, 401, 403, 404, 410, 451] {
-            assert!(matches!(status_failure(code, None), Some(Failure::Permanent(_))), "{code}");
+            assert!(
+                matches!(status_failure(code, None), Some(Failure::Permanent(_))),
+                "{code}"
+            );
         }
     }
 
     #[test]
     fn server_trouble_is_transient_and_keeps_retry_after() {
         for code in [408, 429, 500, 502, 503, 504] {
-            assert!(matches!(status_failure(code, None), Some(Failure::Transient { .. })), "{code}");
+            assert!(
+                matches!(status_failure(code, None), Some(Failure::Transient { .. })),
+                "{code}"
+            );
         }
         assert_eq!(
             status_failure(429, Some("7")),
@@ -182,6 +189,8 @@ mod tests {
             })
         );
         let capped = status_failure(503, Some("99999999"));
-        assert!(matches!(capped, Some(Failure::Transient { retry_after: Some(d), .. }) if d == MAX_RETRY_AFTER));
+        assert!(
+            matches!(capped, Some(Failure::Transient { retry_after: Some(d), .. }) if d == MAX_RETRY_AFTER)
+        );
     }
 }

@@ -99,7 +99,8 @@ mod tests {
     #[test]
     fn splits_trims_and_skips_empty_entries() {
         let p = parse_sync(b" http://a.com/1.jpg ,,https://b.com/x/2.png!preview,\n");
-        assert_eq!(urls(&p),
+        assert_eq!(
+            urls(&p),
             ["http://a.com/1.jpg", "https://b.com/x/2.png!preview"]
         );
         assert!(p.skipped.is_empty());
@@ -120,7 +121,9 @@ mod tests {
 
     #[test]
     fn bad_entries_are_skipped_and_the_rest_kept() {
-        let p = parse_sync(b"ftp://x/y,\xff\xfe,http://ok.com/a.jpg,http:///nohost.jpg,javascript:alert(1)");
+        let p = parse_sync(
+            b"ftp://x/y,\xff\xfe,http://ok.com/a.jpg,http:///nohost.jpg,javascript:alert(1)",
+        );
         assert_eq!(urls(&p), ["http://ok.com/a.jpg"]);
         let reasons: Vec<_> = p.skipped.iter().map(|s| s.reason).collect();
         assert_eq!(
@@ -136,7 +139,10 @@ mod tests {
 
     #[test]
     fn scheme_is_case_insensitive_and_lowercased() {
-        assert_eq!(check_url("HTTPS://h.com/A.JPG").unwrap(), "https://h.com/A.JPG");
+        assert_eq!(
+            check_url("HTTPS://h.com/A.JPG").unwrap(),
+            "https://h.com/A.JPG"
+        );
     }
 
     #[test]
@@ -214,8 +220,7 @@ pub fn parse_projector(
     defaults: &crate::config::Projector,
 ) -> Result<ProjectorRequest, String> {
     use serde_json::Value;
-    let v: Value =
-        serde_json::from_slice(payload).map_err(|e| format!("not valid JSON: {e}"))?;
+    let v: Value = serde_json::from_slice(payload).map_err(|e| format!("not valid JSON: {e}"))?;
     let obj = v.as_object().ok_or("not a JSON object")?;
     let command = match obj.get("command") {
         Some(Value::String(c)) if !c.is_empty() => c.clone(),
@@ -224,7 +229,9 @@ pub fn parse_projector(
         None => return Err("`command` is missing".into()),
     };
     if command.len() > MAX_COMMAND_BYTES {
-        return Err(format!("`command` is longer than {MAX_COMMAND_BYTES} bytes"));
+        return Err(format!(
+            "`command` is longer than {MAX_COMMAND_BYTES} bytes"
+        ));
     }
     let items: Vec<Value> = match obj.get("projectors") {
         Some(Value::Array(a)) => a.clone(),
@@ -339,9 +346,11 @@ fn split_host_port(s: &str) -> Result<(String, Option<u16>), String> {
     };
     let is_name = !host.is_empty()
         && host.len() <= 253
-        && host
-            .split('.')
-            .all(|l| !l.is_empty() && l.len() <= 63 && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'));
+        && host.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        });
     if !(is_name || host.parse::<std::net::Ipv6Addr>().is_ok()) {
         return Err(format!("{host:?} is not a host name or address"));
     }
@@ -370,7 +379,13 @@ mod projector_tests {
         let addrs: Vec<String> = r.targets.iter().map(Target::address).collect();
         assert_eq!(
             addrs,
-            ["10.0.0.5:4352", "proj-2:4000", "[::1]:4352", "[fe80::1]:4352", "p4:23"]
+            [
+                "10.0.0.5:4352",
+                "proj-2:4000",
+                "[::1]:4352",
+                "[fe80::1]:4352",
+                "p4:23"
+            ]
         );
         assert_eq!(r.targets[4].protocol, Protocol::Pjlink);
         assert_eq!(r.targets[4].password.as_ref().unwrap().expose(), "x");
@@ -398,9 +413,18 @@ mod projector_tests {
             (r#"{"command":"on","projectors":["a:0"]}"#, "port"),
             (r#"{"command":"on","projectors":["a:99999"]}"#, "port"),
             (r#"{"command":"on","projectors":["::1"]}"#, "brackets"),
-            (r#"{"command":"on","projectors":[{"host":"a","port":"x"}]}"#, "port"),
-            (r#"{"command":"on","projectors":[{"host":"a","protocol":"telnet"}]}"#, "protocol"),
-            (r#"{"command":"on","projectors":[{"host":"a","colour":1}]}"#, "unknown key"),
+            (
+                r#"{"command":"on","projectors":[{"host":"a","port":"x"}]}"#,
+                "port",
+            ),
+            (
+                r#"{"command":"on","projectors":[{"host":"a","protocol":"telnet"}]}"#,
+                "protocol",
+            ),
+            (
+                r#"{"command":"on","projectors":[{"host":"a","colour":1}]}"#,
+                "unknown key",
+            ),
             (too_many.as_str(), "at most 64"),
         ] {
             let err = parse(json).unwrap_err();

@@ -121,7 +121,11 @@ fn send(target: &Target, command: &str, defaults: &config::Projector) -> Outcome
     }
 }
 
-fn exchange(target: &Target, command: &str, defaults: &config::Projector) -> Result<String, String> {
+fn exchange(
+    target: &Target,
+    command: &str,
+    defaults: &config::Projector,
+) -> Result<String, String> {
     // Build the bytes first: a bad command is an error without touching the network.
     let raw = match target.protocol {
         Protocol::Raw => Some(raw_payload(command, &defaults.terminator)?),
@@ -172,7 +176,10 @@ impl Deadlined<'_> {
     fn remaining(&self) -> io::Result<Duration> {
         let left = self.until.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            Err(io::Error::new(io::ErrorKind::TimedOut, "projector I/O timed out"))
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "projector I/O timed out",
+            ))
         } else {
             Ok(left)
         }
@@ -210,7 +217,7 @@ fn timeout_kind(e: io::Error) -> io::Error {
 pub fn raw_payload(command: &str, terminator: &str) -> Result<Vec<u8>, String> {
     if let Some(hex) = command.strip_prefix("hex:") {
         let digits: String = hex.chars().filter(|c| !c.is_ascii_whitespace()).collect();
-        if digits.is_empty() || digits.len() % 2 != 0 {
+        if digits.is_empty() || !digits.len().is_multiple_of(2) {
             return Err("hex command needs an even number of hex digits".into());
         }
         return (0..digits.len())
@@ -293,7 +300,9 @@ pub fn pjlink_line(command: &str) -> Result<String, String> {
         && line.as_bytes()[6] == b' '
         && !line.contains(['\r', '\n']);
     if !valid {
-        return Err(format!("{line:?} is not a PJLink class 1 line (%1XXXX param)"));
+        return Err(format!(
+            "{line:?} is not a PJLink class 1 line (%1XXXX param)"
+        ));
     }
     Ok(line)
 }
@@ -319,7 +328,12 @@ pub fn pjlink_exchange<S: Read + Write>(
             pjlink_digest(random, password)
         }
         ["PJLINK", "ERRA"] => return Err("ERRA: wrong password".into()),
-        _ => return Err(format!("not a PJLink greeting: {:?}", escape(greeting.as_bytes()))),
+        _ => {
+            return Err(format!(
+                "not a PJLink greeting: {:?}",
+                escape(greeting.as_bytes())
+            ))
+        }
     };
     s.write_all(format!("{prefix}{line}\r").as_bytes())
         .map_err(|e| format!("sending failed: {e}"))?;
@@ -523,7 +537,9 @@ mod tests {
     #[test]
     fn pjlink_auth_without_password_sends_nothing() {
         let mut p = Peer::new(b"PJLINK 1 498e4a67\r");
-        assert!(pjlink_exchange(&mut p, "%1POWR 1", None).unwrap_err().contains("password"));
+        assert!(pjlink_exchange(&mut p, "%1POWR 1", None)
+            .unwrap_err()
+            .contains("password"));
         assert!(p.output.is_empty());
     }
 
@@ -536,10 +552,18 @@ mod tests {
             ("%1POWR=ERR4", "projector failure"),
             ("PJLINK ERRA", "wrong password"),
         ] {
-            assert!(describe_reply("%1POWR 1", reply).unwrap_err().contains(words), "{reply}");
+            assert!(
+                describe_reply("%1POWR 1", reply)
+                    .unwrap_err()
+                    .contains(words),
+                "{reply}"
+            );
         }
         assert_eq!(describe_reply("%1POWR ?", "%1POWR=1").unwrap(), "power: on");
-        assert_eq!(describe_reply("%1POWR ?", "%1POWR=3").unwrap(), "power: warming up");
+        assert_eq!(
+            describe_reply("%1POWR ?", "%1POWR=3").unwrap(),
+            "power: warming up"
+        );
         assert_eq!(describe_reply("%1INPT ?", "%1INPT=31").unwrap(), "INPT: 31");
         assert!(describe_reply("%1POWR ?", "%1LAMP=1").is_err());
         assert!(describe_reply("%1POWR ?", "garbage").is_err());
@@ -550,7 +574,9 @@ mod tests {
         let mut p = Peer::new(&vec![b'x'; 10_000]);
         assert!(pjlink_exchange(&mut p, "%1POWR 1", None).is_err());
         let mut p = Peer::new(b"PJLINK 0\r%1PO");
-        assert!(pjlink_exchange(&mut p, "%1POWR 1", None).unwrap_err().contains("closed"));
+        assert!(pjlink_exchange(&mut p, "%1POWR 1", None)
+            .unwrap_err()
+            .contains("closed"));
     }
 
     #[test]

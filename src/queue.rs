@@ -94,14 +94,12 @@ pub struct Enqueued {
     pub rejected: usize,
 }
 
-
 impl Queue {
     /// Opens (creating if needed) the queue database at `path`.
     pub fn open(path: &Path) -> Result<Queue> {
         let conn = Connection::open(path)
             .context(|| format!("could not open queue database {}", path.display()))?;
-        Queue::init(conn)
-            .context(|| format!("could not set up queue database {}", path.display()))
+        Queue::init(conn).context(|| format!("could not set up queue database {}", path.display()))
     }
 
     /// An in-memory queue, for tests.
@@ -169,8 +167,7 @@ impl Queue {
                 }
             }
         }
-        tx.commit()
-            .context(|| "could not commit queued URLs")?;
+        tx.commit().context(|| "could not commit queued URLs")?;
         Ok(out)
     }
 
@@ -323,7 +320,10 @@ mod tests {
 
     fn ok(urls: &[&str]) -> Vec<Entry> {
         urls.iter()
-            .map(|u| Entry { url: u.to_string(), rejected: None })
+            .map(|u| Entry {
+                url: u.to_string(),
+                rejected: None,
+            })
             .collect()
     }
 
@@ -341,8 +341,17 @@ mod tests {
     #[test]
     fn enqueue_deduplicates_by_url() {
         let mut q = Queue::in_memory();
-        let r = q.enqueue(&ok(&["http://h/a.jpg", "http://h/a.jpg"]), 1).unwrap();
-        assert_eq!(r, Enqueued { queued: 1, duplicates: 1, rejected: 0 });
+        let r = q
+            .enqueue(&ok(&["http://h/a.jpg", "http://h/a.jpg"]), 1)
+            .unwrap();
+        assert_eq!(
+            r,
+            Enqueued {
+                queued: 1,
+                duplicates: 1,
+                rejected: 0
+            }
+        );
         assert_eq!(q.status(20).unwrap().pending, 1);
     }
 
@@ -392,8 +401,7 @@ mod tests {
             url: "http://h/../x".into(),
             rejected: Some("path segment \"..\" would leave its folder".into()),
         };
-        q.enqueue(&[bad], 1)
-            .unwrap();
+        q.enqueue(&[bad], 1).unwrap();
         let st = q.status(20).unwrap();
         assert_eq!(st.failed, 1);
         assert_eq!(st.failures[0].url, "http://h/../x");
@@ -422,7 +430,10 @@ mod tests {
         let q = Queue::in_memory();
         assert_eq!(q.meta("client_id").unwrap(), None);
         q.set_meta("client_id", "holosync-x-1").unwrap();
-        assert_eq!(q.meta("client_id").unwrap().as_deref(), Some("holosync-x-1"));
+        assert_eq!(
+            q.meta("client_id").unwrap().as_deref(),
+            Some("holosync-x-1")
+        );
     }
 
     #[test]

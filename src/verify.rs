@@ -96,9 +96,7 @@ fn verify_jpeg(bytes: &[u8]) -> Result<Kind, String> {
     let info = decoder.info().ok_or("broken JPEG: no frame header")?;
     let (width, height) = (u32::from(info.width), u32::from(info.height));
     check_pixels(width, height)?;
-    decoder
-        .decode()
-        .map_err(|e| format!("broken JPEG: {e}"))?;
+    decoder.decode().map_err(|e| format!("broken JPEG: {e}"))?;
     Ok(Kind::Jpeg { width, height })
 }
 
@@ -189,11 +187,17 @@ mod tests {
     fn good_jpeg_and_png_verify() {
         assert_eq!(
             verify(&jpeg(64, 48), "http://h/a.jpg!preview", None),
-            Ok(Kind::Jpeg { width: 64, height: 48 })
+            Ok(Kind::Jpeg {
+                width: 64,
+                height: 48
+            })
         );
         assert_eq!(
             verify(&png(10, 20), "http://h/a.png", Some("image/png")),
-            Ok(Kind::Png { width: 10, height: 20 })
+            Ok(Kind::Png {
+                width: 10,
+                height: 20
+            })
         );
     }
 
@@ -209,7 +213,10 @@ mod tests {
     fn truncated_jpeg_fails() {
         let j = jpeg(128, 128);
         for cut in [j.len() / 2, j.len() - 2, 200] {
-            assert!(verify(&j[..cut], "http://h/a.jpg", None).is_err(), "cut at {cut}");
+            assert!(
+                verify(&j[..cut], "http://h/a.jpg", None).is_err(),
+                "cut at {cut}"
+            );
         }
     }
 
@@ -226,17 +233,31 @@ mod tests {
     #[test]
     fn html_error_page_is_not_an_image() {
         let html = b"  <!DOCTYPE html><html><body>Not found</body></html>";
-        assert!(verify(html, "http://h/a.jpg", None).unwrap_err().contains("HTML"));
+        assert!(verify(html, "http://h/a.jpg", None)
+            .unwrap_err()
+            .contains("HTML"));
         assert!(verify(b"oops", "http://h/a.gif", Some("text/html; charset=utf-8")).is_err());
     }
 
     #[test]
     fn other_files_only_need_bytes() {
-        assert_eq!(verify(b"GIF89a....", "http://h/a.gif", None), Ok(Kind::Other));
-        assert_eq!(verify(b"GIF89a....", "http://h/a.jpg", None), Ok(Kind::Other));
-        assert_eq!(verify(b"plain", "http://h/readme.txt", None), Ok(Kind::Other));
+        assert_eq!(
+            verify(b"GIF89a....", "http://h/a.gif", None),
+            Ok(Kind::Other)
+        );
+        assert_eq!(
+            verify(b"GIF89a....", "http://h/a.jpg", None),
+            Ok(Kind::Other)
+        );
+        assert_eq!(
+            verify(b"plain", "http://h/readme.txt", None),
+            Ok(Kind::Other)
+        );
         assert!(verify(b"plain", "http://h/a.JPG!x", None).is_err());
-        assert_eq!(verify(b"", "http://h/a.txt", None), Err("empty body".into()));
+        assert_eq!(
+            verify(b"", "http://h/a.txt", None),
+            Err("empty body".into())
+        );
     }
 
     #[test]
@@ -266,7 +287,10 @@ mod tests {
     #[test]
     fn reencode_gives_a_valid_jpeg() {
         let out = reencode_jpeg(&jpeg(32, 32), 50).unwrap();
-        assert!(matches!(verify(&out, "http://h/a.jpg", None), Ok(Kind::Jpeg { .. })));
+        assert!(matches!(
+            verify(&out, "http://h/a.jpg", None),
+            Ok(Kind::Jpeg { .. })
+        ));
     }
 
     fn crc32(data: &[u8]) -> u32 {
@@ -274,7 +298,11 @@ mod tests {
         for &b in data {
             crc ^= u32::from(b);
             for _ in 0..8 {
-                crc = if crc & 1 != 0 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
+                crc = if crc & 1 != 0 {
+                    (crc >> 1) ^ 0xedb8_8320
+                } else {
+                    crc >> 1
+                };
             }
         }
         !crc

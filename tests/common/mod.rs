@@ -1,0 +1,1440 @@
+//! Shared helpers for holosync's end-to-end tests.
+//!
+//! Everything here uses real processes and real sockets on 127.0.0.1: a real
+//! `mosquitto` broker ([`Mosquitto`]), a small real HTTP/1.1 server with
+//! scripted misbehaviour ([`HttpServer`], [`Route`]), a TCP recorder standing
+//! in for a projector ([`TcpSink`]) and the real holosync binary ([`Agent`]).
+//! Every wait is bounded by a deadline and polls every [`POLL`]; nothing
+//! sleeps a fixed time to wait for a condition.
+//!
+//! Set `HOLOSYNC_KEEP_TEST_DIRS=1` to keep the temporary directories for
+//! inspection. Set `HOLOSYNC_EXE=/path/to/holosync.exe` to run every agent
+//! command under `wine64` instead of the native binary (see [`command`]).
+#![allow(dead_code)]
+
+use std::collections::{HashMap, HashSet};
+use std::fs;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::{json, Value};
+
+/// How often every wait in this module re-checks its condition.
+pub const POLL: Duration = Duration::from_millis(20);
+
+/// Counter shared by everything that needs a process-unique name.
+static UNIQUE: AtomicU64 = AtomicU64::new(0);
+
+/// Returns a string unique within this test process run (pid + counter).
+pub fn unique() -> String {
+    format!(
+        "{}-{}",
+        std::process::id(),
+        UNIQUE.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Locks a mutex, ignoring poisoning (a panicking test must not wedge helpers).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Returns at most the last `n` bytes of `s`, cut at a char boundary.
+pub fn tail(s: &str, n: usize) -> &str {
+    if s.len() <= n {
+        return s;
+    }
+    let mut start = s.len() - n;
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    &s[start..]
+}
+
+// ---------------------------------------------------------------------------
+// Temporary directories, ports, waiting
+// ---------------------------------------------------------------------------
+
+/// A unique directory under [`std::env::temp_dir`], removed recursively on
+/// drop unless `HOLOSYNC_KEEP_TEST_DIRS` is set.
+#[derive(Debug)]
+pub struct TempDir {
+    /// Absolute path of the directory.
+    path: PathBuf,
+}
+
+impl TempDir {
+    /// Creates `<tmp>/<prefix>-<pid>-<counter>-<nanos>`.
+    pub fn new(prefix: &str) -> TempDir {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let path = std::env::temp_dir().join(format!("{prefix}-{}-{nanos}", unique()));
+        fs::create_dir_all(&path)
+            .unwrap_or_else(|e| panic!("cannot create temp dir {}: {e}", path.display()));
+        TempDir { path }
+    }
+
+    /// The directory's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for TempDir {
+    /// Removes the directory tree unless `HOLOSYNC_KEEP_TEST_DIRS` is set.
+    fn drop(&mut self) {
+        if std::env::var_os("HOLOSYNC_KEEP_TEST_DIRS").is_some() {
+            eprintln!("keeping test dir {}", self.path.display());
+        } else {
+            let _ = fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// Returns a TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    listener.local_addr().expect("local_addr").port()
+}
+
+/// Polls `cond` every [`POLL`] until it is true or `timeout` passes; returns
+/// whether it became true. `cond` is always evaluated at least once and once
+/// more at the deadline.
+pub fn poll_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return false;
+        }
+        thread::sleep(POLL.min(deadline - now));
+    }
+}
+
+/// Polls `cond` until true; panics with
+/// `timed out after {timeout:?} waiting for {what}` otherwise.
+pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    if !poll_until(timeout, &mut cond) {
+        panic!("timed out after {timeout:?} waiting for {what}");
+    }
+}
+
+/// Recursively lists the regular files under `dir` (symlinks are not
+/// followed and not listed), sorted; empty if `dir` does not exist.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+        let Ok(entries) = fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            match fs::symlink_metadata(&path) {
+                Ok(meta) if meta.is_dir() => walk(&path, out),
+                Ok(meta) if meta.is_file() => out.push(path),
+                _ => {}
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, &mut out);
+    out.sort();
+    out
+}
+
+// ---------------------------------------------------------------------------
+// Child processes
+// ---------------------------------------------------------------------------
+
+/// Finds an executable by name on `PATH`, then in the sbin directories
+/// (mosquitto lives in /usr/sbin, which is often not on a user's PATH).
+pub fn find_program(name: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let extra = ["/usr/sbin", "/usr/local/sbin", "/sbin", "/usr/bin", "/bin"];
+    std::env::split_paths(&path)
+        .chain(extra.iter().map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("`{name}` not found on PATH or in /usr/sbin"))
+}
+
+/// Bytes read from a pipe so far, and whether it reached EOF.
+#[derive(Default)]
+struct PipeData {
+    /// Bytes read so far.
+    bytes: Vec<u8>,
+    /// Whether the pipe reached EOF (or failed).
+    eof: bool,
+}
+
+/// Accumulates everything read from a pipe on a background thread.
+struct Collector {
+    /// Shared with the reader thread; the condvar signals EOF.
+    state: Arc<(Mutex<PipeData>, Condvar)>,
+}
+
+impl Collector {
+    /// Starts reading `pipe` until EOF on a new thread.
+    fn start(mut pipe: impl Read + Send + 'static) -> Collector {
+        let state = Arc::new((Mutex::new(PipeData::default()), Condvar::new()));
+        let shared = state.clone();
+        thread::spawn(move || {
+            let mut buf = [0u8; 65536];
+            loop {
+                let n = pipe.read(&mut buf).unwrap_or(0);
+                let mut guard = lock(&shared.0);
+                if n == 0 {
+                    guard.eof = true;
+                    shared.1.notify_all();
+                    return;
+                }
+                guard.bytes.extend_from_slice(&buf[..n]);
+            }
+        });
+        Collector { state }
+    }
+
+    /// Waits (at most `timeout`) for EOF and returns what was read. A
+    /// grandchild holding the pipe open (wineserver) cannot hang us.
+    fn finish(self, timeout: Duration) -> Vec<u8> {
+        let deadline = Instant::now() + timeout;
+        let mut guard = lock(&self.state.0);
+        while !guard.eof {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            guard = self
+                .state
+                .1
+                .wait_timeout(guard, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        guard.bytes.clone()
+    }
+}
+
+/// Runs `cmd` to completion with `stdin` fed in (or stdin null), capturing
+/// stdout and stderr; kills it and panics if it takes longer than `timeout`.
+pub fn run_bounded(mut cmd: Command, stdin: Option<Vec<u8>>, timeout: Duration) -> Output {
+    let what = format!("{cmd:?}");
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot spawn {what}: {e}"));
+    if let (Some(data), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        // Detached: it ends with EPIPE at the latest when the child exits.
+        thread::spawn(move || {
+            let _ = pipe.write_all(&data);
+        });
+    }
+    let out = Collector::start(child.stdout.take().expect("stdout pipe"));
+    let err = Collector::start(child.stderr.take().expect("stderr pipe"));
+    let mut status = None;
+    let finished = poll_until(timeout, || {
+        status = child.try_wait().expect("try_wait");
+        status.is_some()
+    });
+    if !finished {
+        let _ = child.kill();
+        let _ = child.wait();
+        let stdout = out.finish(Duration::from_secs(2));
+        let stderr = err.finish(Duration::from_secs(2));
+        panic!(
+            "timed out after {timeout:?} waiting for {what} to exit\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            String::from_utf8_lossy(&stdout),
+            String::from_utf8_lossy(&stderr)
+        );
+    }
+    Output {
+        status: status.expect("exit status"),
+        stdout: out.finish(Duration::from_secs(5)),
+        stderr: err.finish(Duration::from_secs(5)),
+    }
+}
+
+/// Sends a signal (`"TERM"`, `"KILL"`, ...) to `pid` with the `kill` command
+/// (std has no signal API); returns whether `kill` succeeded.
+pub fn send_signal(pid: u32, signal: &str) -> bool {
+    let mut cmd = Command::new("kill");
+    cmd.arg(format!("-{signal}")).arg(pid.to_string());
+    run_bounded(cmd, None, Duration::from_secs(10))
+        .status
+        .success()
+}
+
+/// Sends SIGTERM to `child` and waits up to `timeout` for it to exit, then
+/// SIGKILLs it; returns its exit status.
+fn terminate_child(child: &mut Child, timeout: Duration) -> ExitStatus {
+    if let Ok(Some(status)) = child.try_wait() {
+        return status;
+    }
+    send_signal(child.id(), "TERM");
+    let mut status = None;
+    poll_until(timeout, || {
+        status = child.try_wait().ok().flatten();
+        status.is_some()
+    });
+    match status {
+        Some(status) => status,
+        None => {
+            let _ = child.kill();
+            child.wait().expect("wait after SIGKILL")
+        }
+    }
+}
+
+/// Opens `path` for appending (creating it), for child stdout/stderr.
+fn append_file(path: &Path) -> fs::File {
+    fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("cannot open {}: {e}", path.display()))
+}
+
+/// Reads a file as (lossy) UTF-8; empty string if it does not exist.
+pub fn read_lossy(path: &Path) -> String {
+    fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}
+
+// ---------------------------------------------------------------------------
+// Mosquitto
+// ---------------------------------------------------------------------------
+
+/// A real `mosquitto` broker on 127.0.0.1 with persistence in its own
+/// [`TempDir`]; stopped (SIGTERM, so it saves its db) on drop.
+pub struct Mosquitto {
+    /// The port the broker listens on (stable across [`Mosquitto::restart`]).
+    pub port: u16,
+    /// Holds the config, `mosquitto.db`, `mosquitto.log`, `mosquitto.out`.
+    dir: TempDir,
+    /// The running broker, if any.
+    child: Option<Child>,
+}
+
+impl Mosquitto {
+    /// Starts a broker with the default test configuration.
+    pub fn start() -> Mosquitto {
+        Mosquitto::start_with("")
+    }
+
+    /// Starts a broker whose config has `extra_conf` lines appended (e.g.
+    /// `"message_size_limit 1000\n"`). Retries on a fresh port if the chosen
+    /// one was grabbed by someone else in the meantime.
+    pub fn start_with(extra_conf: &str) -> Mosquitto {
+        let dir = TempDir::new("holosync-mosquitto");
+        let mut last_error = String::new();
+        for _ in 0..3 {
+            let port = free_port();
+            let d = dir.path().display();
+            let conf = format!(
+                "listener {port} 127.0.0.1\n\
+                 allow_anonymous true\n\
+                 persistence true\n\
+                 persistence_location {d}/\n\
+                 autosave_interval 1\n\
+                 user root\n\
+                 log_dest file {d}/mosquitto.log\n\
+                 log_type all\n\
+                 max_queued_messages 100000\n\
+                 {extra_conf}\n"
+            );
+            fs::write(dir.path().join("mosquitto.conf"), conf).expect("write mosquitto.conf");
+            match launch_broker(dir.path(), port) {
+                Ok(child) => {
+                    return Mosquitto {
+                        port,
+                        dir,
+                        child: Some(child),
+                    }
+                }
+                Err(e) => last_error = e,
+            }
+        }
+        panic!("mosquitto did not start: {last_error}");
+    }
+
+    /// The broker's directory (config, persistence db, log).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The broker's log so far (all restarts appended).
+    pub fn log(&self) -> String {
+        read_lossy(&self.dir.path().join("mosquitto.log"))
+    }
+
+    /// Whether the broker process is alive.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// SIGTERM (mosquitto then writes its persistence db) and wait up to
+    /// 10 s, then SIGKILL. No-op if already stopped.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            terminate_child(&mut child, Duration::from_secs(10));
+        }
+    }
+
+    /// SIGKILL, simulating a crash: anything not yet autosaved is lost.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops the broker (if running) and starts it again with the same port,
+    /// config and persistence dir, waiting until it accepts connections.
+    pub fn restart(&mut self) {
+        self.stop();
+        let child = launch_broker(self.dir.path(), self.port)
+            .unwrap_or_else(|e| panic!("mosquitto did not restart on {}: {e}", self.port));
+        self.child = Some(child);
+    }
+
+    /// Publishes `payload` (any bytes, any size, may be empty) to `topic`
+    /// with `mosquitto_pub`, asserting it succeeded.
+    pub fn publish(&self, topic: &str, payload: &[u8], qos: u8) {
+        self.publish_with(topic, payload, qos, &[]);
+    }
+
+    /// Like [`Mosquitto::publish`] with extra `mosquitto_pub` arguments
+    /// (e.g. `&["-r"]` to retain).
+    pub fn publish_with(&self, topic: &str, payload: &[u8], qos: u8, extra_args: &[&str]) {
+        let mut cmd = Command::new(find_program("mosquitto_pub"));
+        cmd.args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(["-i", &format!("hspub-{}", unique())])
+            .args(["-t", topic, "-q", &qos.to_string()])
+            .args(extra_args);
+        // `-s` refuses empty input ("Zero length input"); `-n` sends a null message.
+        let stdin = if payload.is_empty() {
+            cmd.arg("-n");
+            None
+        } else {
+            cmd.arg("-s");
+            Some(payload.to_vec())
+        };
+        let out = run_bounded(cmd, stdin, Duration::from_secs(30));
+        assert!(
+            out.status.success(),
+            "mosquitto_pub to {topic} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Subscribes to `topic` (QoS 1) with `mosquitto_sub -v`; returns once
+    /// the subscription is live. Output lines are `"<topic> <payload>"`.
+    pub fn subscribe(&self, topic: &str) -> Subscriber {
+        self.subscribe_with(topic, &[])
+    }
+
+    /// Like [`Mosquitto::subscribe`] with extra `mosquitto_sub` arguments
+    /// (e.g. `&["-c", "-i", "fixed-id"]` for a persistent session).
+    pub fn subscribe_with(&self, topic: &str, extra_args: &[&str]) -> Subscriber {
+        let dir = TempDir::new("holosync-sub");
+        let out_path = dir.path().join("out.txt");
+        let probe = format!("holosync-test/probe/{}", unique());
+        let mut cmd = Command::new(find_program("mosquitto_sub"));
+        cmd.args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(["-q", "1", "-v", "-t", topic, "-t", &probe])
+            .args(extra_args)
+            .stdin(Stdio::null())
+            .stdout(append_file(&out_path))
+            .stderr(append_file(&dir.path().join("err.txt")));
+        let child = cmd.spawn().expect("spawn mosquitto_sub");
+        let sub = Subscriber {
+            child,
+            out_path,
+            probe,
+            dir,
+        };
+        // There is no "subscribed" signal without -d, so publish to a private
+        // probe topic until the subscriber echoes it.
+        let probe_prefix = format!("{} ", sub.probe);
+        let seen = poll_until(Duration::from_secs(10), || {
+            self.publish(&sub.probe, b"probe", 0);
+            poll_until(Duration::from_millis(200), || {
+                read_lossy(&sub.out_path)
+                    .lines()
+                    .any(|l| l.starts_with(&probe_prefix))
+            })
+        });
+        assert!(
+            seen,
+            "mosquitto_sub on {topic} never became ready; stderr: {}",
+            read_lossy(&sub.dir.path().join("err.txt"))
+        );
+        sub
+    }
+}
+
+impl Drop for Mosquitto {
+    /// Stops the broker (SIGTERM, bounded wait, then SIGKILL).
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Counts completed broker start-ups recorded in a mosquitto log.
+fn broker_runs(dir: &Path) -> usize {
+    read_lossy(&dir.join("mosquitto.log"))
+        .matches(" running")
+        .count()
+}
+
+/// Spawns mosquitto with `dir/mosquitto.conf` and waits (10 s) until this
+/// very process logged that it is running and the port accepts connections.
+fn launch_broker(dir: &Path, port: u16) -> Result<Child, String> {
+    let runs_before = broker_runs(dir);
+    let mut child = Command::new(find_program("mosquitto"))
+        .arg("-c")
+        .arg(dir.join("mosquitto.conf"))
+        .stdin(Stdio::null())
+        .stdout(append_file(&dir.join("mosquitto.out")))
+        .stderr(append_file(&dir.join("mosquitto.out")))
+        .spawn()
+        .map_err(|e| format!("cannot spawn mosquitto: {e}"))?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut exited = None;
+    let up = poll_until(Duration::from_secs(10), || {
+        exited = child.try_wait().ok().flatten();
+        exited.is_none()
+            && broker_runs(dir) > runs_before
+            && TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+    });
+    if up {
+        return Ok(child);
+    }
+    if exited.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    Err(format!(
+        "port {port}, exit {exited:?}\n--- mosquitto.out ---\n{}\n--- mosquitto.log ---\n{}",
+        read_lossy(&dir.join("mosquitto.out")),
+        tail(&read_lossy(&dir.join("mosquitto.log")), 3000)
+    ))
+}
+
+/// A running `mosquitto_sub -v` writing to a file; killed on drop.
+pub struct Subscriber {
+    /// The `mosquitto_sub` process.
+    child: Child,
+    /// Where its stdout goes.
+    out_path: PathBuf,
+    /// Private topic used to detect that the subscription is live.
+    probe: String,
+    /// Holds the output files.
+    dir: TempDir,
+}
+
+impl Subscriber {
+    /// All output lines so far (`"<topic> <payload>"`; a payload containing
+    /// newlines spans several lines), without the readiness probes.
+    pub fn lines(&self) -> Vec<String> {
+        let probe_prefix = format!("{} ", self.probe);
+        read_lossy(&self.out_path)
+            .lines()
+            .filter(|l| !l.starts_with(&probe_prefix))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// The raw bytes `mosquitto_sub` printed so far (probes included).
+    pub fn raw(&self) -> Vec<u8> {
+        fs::read(&self.out_path).unwrap_or_default()
+    }
+
+    /// Returns the first output line matching `pred`, waiting up to
+    /// `timeout`; panics with all lines received so far otherwise.
+    pub fn wait_for(&self, pred: impl Fn(&str) -> bool, timeout: Duration) -> String {
+        let mut found = None;
+        let ok = poll_until(timeout, || {
+            found = self.lines().into_iter().find(|l| pred(l));
+            found.is_some()
+        });
+        if !ok {
+            panic!(
+                "timed out after {timeout:?} waiting for a matching mosquitto_sub line; got:\n{}",
+                self.lines().join("\n")
+            );
+        }
+        found.expect("found line")
+    }
+}
+
+impl Drop for Subscriber {
+    /// Kills `mosquitto_sub` and reaps it.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// HTTP server
+// ---------------------------------------------------------------------------
+
+/// What [`HttpServer`] answers for one request target.
+#[derive(Clone, Debug)]
+pub enum Route {
+    /// 200 with this body; Content-Type guessed from magic bytes (image/jpeg,
+    /// image/png, else application/octet-stream).
+    Ok(Vec<u8>),
+    /// This status with this body (application/octet-stream).
+    Status(u16, Vec<u8>),
+    /// 200 `text/html; charset=utf-8` with this body.
+    Html(String),
+    /// Content-Length of the whole body, but only the first N bytes are sent
+    /// before the connection is closed (FIN).
+    ShortBody(Vec<u8>, usize),
+    /// Headers and the first half of the body, then a pause of the duration
+    /// (cut short if the server is dropped), then the rest.
+    Slow(Vec<u8>, Duration),
+    /// Content-Length of the whole body, the first half sent, then the
+    /// connection is reset (RST, see `respond`); the client gets at most half.
+    Reset(Vec<u8>),
+    /// The n-th request (since the last `set`) gets the n-th route; after the
+    /// last one the last one repeats. Empty → 500. Do not nest.
+    Sequence(Vec<Route>),
+    /// This status (429 or 503) with `Retry-After: <secs>` and a short text body.
+    RetryAfter(u16, u64),
+    /// No answer until [`HttpServer::release`] for this target (or the server
+    /// drops, or a 120 s safety cap), then like [`Route::Ok`].
+    Hold(Vec<u8>),
+    /// 302 with `Location: <the string>` (absolute URL or path) and an empty body.
+    Redirect(String),
+    /// These exact bytes as the whole response (status line, headers, body),
+    /// then close: for chunked encoding, missing Content-Length, and so on.
+    Raw(Vec<u8>),
+}
+
+/// Safety cap for [`Route::Hold`] so a forgotten release cannot leak a thread.
+const HOLD_CAP: Duration = Duration::from_secs(120);
+
+/// A route plus how many requests it has served since it was set.
+struct Slot {
+    /// The configured route.
+    route: Route,
+    /// Requests served since `set` (indexes [`Route::Sequence`]).
+    served: usize,
+}
+
+/// Server state behind one mutex so waits can use one condvar.
+#[derive(Default)]
+struct ServerState {
+    /// Set on drop; wakes Slow/Hold and stops accepting.
+    stopping: bool,
+    /// Routes by raw request target.
+    routes: HashMap<String, Slot>,
+    /// Requests received per raw target.
+    hits: HashMap<String, usize>,
+    /// All raw targets in arrival order.
+    requests: Vec<String>,
+    /// Targets whose Hold has been released (until the next `set`).
+    released: HashSet<String>,
+}
+
+/// State shared by the server handle and its threads.
+#[derive(Default)]
+struct ServerShared {
+    /// The state.
+    state: Mutex<ServerState>,
+    /// Signalled on release and on stop.
+    cond: Condvar,
+}
+
+impl ServerShared {
+    /// Waits until `done(state)` or stopping or `timeout`; returns whether
+    /// the server is stopping.
+    fn wait(&self, timeout: Duration, done: impl Fn(&ServerState) -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut st = lock(&self.state);
+        loop {
+            if st.stopping || done(&st) {
+                return st.stopping;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            st = self
+                .cond
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
+/// A real HTTP/1.1 server on 127.0.0.1 (one thread per connection,
+/// `Connection: close` on every response) serving scripted [`Route`]s keyed by
+/// the raw request target (path plus query, undecoded). Stops accepting on drop.
+pub struct HttpServer {
+    /// Listening address.
+    addr: SocketAddr,
+    /// State shared with the threads.
+    shared: Arc<ServerShared>,
+    /// The accept loop.
+    accept: Option<JoinHandle<()>>,
+}
+
+impl HttpServer {
+    /// Binds 127.0.0.1:0 and starts accepting with no routes (all 404).
+    pub fn start() -> HttpServer {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind http server");
+        let addr = listener.local_addr().expect("local_addr");
+        let shared = Arc::new(ServerShared::default());
+        let s = shared.clone();
+        let accept = thread::spawn(move || {
+            for conn in listener.incoming() {
+                if lock(&s.state).stopping {
+                    break;
+                }
+                if let Ok(stream) = conn {
+                    let s = s.clone();
+                    thread::spawn(move || handle_http(stream, &s));
+                }
+            }
+        });
+        HttpServer {
+            addr,
+            shared,
+            accept: Some(accept),
+        }
+    }
+
+    /// The listening port.
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// `http://127.0.0.1:<port><path>`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.addr.port())
+    }
+
+    /// Sets (or replaces) the route for a raw target; resets its Sequence
+    /// position and its Hold release.
+    pub fn set(&self, path: &str, route: Route) {
+        let mut st = lock(&self.shared.state);
+        st.routes.insert(path.to_owned(), Slot { route, served: 0 });
+        st.released.remove(path);
+    }
+
+    /// Lets held requests for `path` answer, now and (until the next `set`)
+    /// later ones too.
+    pub fn release(&self, path: &str) {
+        lock(&self.shared.state).released.insert(path.to_owned());
+        self.shared.cond.notify_all();
+    }
+
+    /// How many requests arrived for this exact raw target.
+    pub fn hits(&self, path: &str) -> usize {
+        lock(&self.shared.state)
+            .hits
+            .get(path)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Waits until [`HttpServer::hits`] for `path` reaches `n`.
+    pub fn wait_hits(&self, path: &str, n: usize, timeout: Duration) {
+        wait_until(&format!("{n} request(s) for {path}"), timeout, || {
+            self.hits(path) >= n
+        });
+    }
+
+    /// All raw targets received, in order.
+    pub fn requests(&self) -> Vec<String> {
+        lock(&self.shared.state).requests.clone()
+    }
+}
+
+impl Drop for HttpServer {
+    /// Stops accepting, wakes Slow/Hold responders, joins the accept loop.
+    fn drop(&mut self) {
+        lock(&self.shared.state).stopping = true;
+        self.shared.cond.notify_all();
+        // Unblock accept(); a loopback connect to a live listener succeeds.
+        if TcpStream::connect_timeout(&self.addr, Duration::from_secs(2)).is_ok() {
+            if let Some(h) = self.accept.take() {
+                let _ = h.join();
+            }
+        }
+    }
+}
+
+/// A parsed request head.
+struct RequestHead {
+    /// Method, e.g. `GET`.
+    method: String,
+    /// Raw request target.
+    target: String,
+    /// Length of the head including the blank line.
+    head_len: usize,
+    /// Declared request body length.
+    body_len: usize,
+}
+
+/// Reads the request head with `peek` (leaving it in the socket so that
+/// [`Route::Reset`] can close with unread data, which makes Linux send RST).
+/// Bounded by a 5 s deadline and a 64 KiB head limit.
+fn peek_request(stream: &TcpStream) -> io::Result<RequestHead> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut buf = vec![0u8; 65536];
+    let mut last = 0;
+    loop {
+        let n = stream.peek(&mut buf)?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        if let Some(pos) = buf[..n].windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..pos]).into_owned();
+            let mut lines = head.split("\r\n");
+            let mut parts = lines.next().unwrap_or("").split(' ');
+            let method = parts.next().unwrap_or("").to_owned();
+            let target = parts.next().unwrap_or("").to_owned();
+            let body_len = lines
+                .filter_map(|l| l.split_once(':'))
+                .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+                .and_then(|(_, v)| v.trim().parse().ok())
+                .unwrap_or(0);
+            return Ok(RequestHead {
+                method,
+                target,
+                head_len: pos + 4,
+                body_len,
+            });
+        }
+        if n == buf.len() || Instant::now() >= deadline {
+            return Err(io::ErrorKind::InvalidData.into());
+        }
+        if n == last {
+            // Partial head and no new data yet: peek would return at once.
+            thread::sleep(Duration::from_millis(5));
+        }
+        last = n;
+    }
+}
+
+/// Consumes the request head and body from the socket (bounded by the 5 s
+/// read timeout).
+fn consume_request(mut stream: &TcpStream, head: &RequestHead) {
+    let mut rest = head.head_len + head.body_len;
+    let mut buf = [0u8; 8192];
+    while rest > 0 {
+        match stream.read(&mut buf[..rest.min(8192)]) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => rest -= n,
+        }
+    }
+}
+
+/// Guesses a Content-Type from magic bytes.
+fn content_type(body: &[u8]) -> &'static str {
+    if body.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        "image/jpeg"
+    } else if body.starts_with(b"\x89PNG\r\n\x1a\n") {
+        "image/png"
+    } else {
+        "application/octet-stream"
+    }
+}
+
+/// Reason phrase for common status codes.
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        204 => "No Content",
+        206 => "Partial Content",
+        301 => "Moved Permanently",
+        302 => "Found",
+        304 => "Not Modified",
+        400 => "Bad Request",
+        403 => "Forbidden",
+        404 => "Not Found",
+        408 => "Request Timeout",
+        410 => "Gone",
+        429 => "Too Many Requests",
+        500 => "Internal Server Error",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        _ => "Status",
+    }
+}
+
+/// Builds a response head with `Connection: close`.
+fn response_head(status: u16, ctype: &str, len: usize, extra: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 {status} {}\r\nContent-Type: {ctype}\r\nContent-Length: {len}\r\nConnection: close\r\n{extra}\r\n",
+        reason(status)
+    )
+    .into_bytes()
+}
+
+/// Serves one connection: one request, one response, close.
+fn handle_http(stream: TcpStream, shared: &ServerShared) {
+    let _ = stream.set_nodelay(true);
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(30)));
+    let Ok(head) = peek_request(&stream) else {
+        return;
+    };
+    let route = {
+        let mut st = lock(&shared.state);
+        *st.hits.entry(head.target.clone()).or_insert(0) += 1;
+        st.requests.push(head.target.clone());
+        st.routes.get_mut(&head.target).map(|slot| {
+            let n = slot.served;
+            slot.served += 1;
+            match &slot.route {
+                Route::Sequence(seq) if seq.is_empty() => {
+                    Route::Status(500, b"empty Route::Sequence\n".to_vec())
+                }
+                Route::Sequence(seq) => seq[n.min(seq.len() - 1)].clone(),
+                other => other.clone(),
+            }
+        })
+    };
+    if !matches!(route, Some(Route::Reset(_))) {
+        consume_request(&stream, &head);
+    }
+    let head_only = head.method.eq_ignore_ascii_case("HEAD");
+    let _ = respond(&stream, route, &head.target, head_only, shared);
+}
+
+/// Writes the response for `route` (None → 404).
+fn respond(
+    mut stream: &TcpStream,
+    route: Option<Route>,
+    target: &str,
+    head_only: bool,
+    shared: &ServerShared,
+) -> io::Result<()> {
+    let mut send = |head: Vec<u8>, body: &[u8]| -> io::Result<()> {
+        stream.write_all(&head)?;
+        if !head_only {
+            stream.write_all(body)?;
+        }
+        stream.flush()
+    };
+    match route {
+        None => send(response_head(404, "text/plain", 10, ""), b"not found\n"),
+        Some(Route::Ok(body)) => send(
+            response_head(200, content_type(&body), body.len(), ""),
+            &body,
+        ),
+        Some(Route::Status(code, body)) => send(
+            response_head(code, "application/octet-stream", body.len(), ""),
+            &body,
+        ),
+        Some(Route::Html(body)) => send(
+            response_head(200, "text/html; charset=utf-8", body.len(), ""),
+            body.as_bytes(),
+        ),
+        Some(Route::ShortBody(body, n)) => send(
+            response_head(200, content_type(&body), body.len(), ""),
+            &body[..n.min(body.len())],
+        ),
+        Some(Route::Slow(body, pause)) => {
+            let half = body.len() / 2;
+            send(
+                response_head(200, content_type(&body), body.len(), ""),
+                &body[..half],
+            )?;
+            shared.wait(pause, |_| false);
+            if !head_only {
+                stream.write_all(&body[half..])?;
+            }
+            stream.flush()
+        }
+        Some(Route::Reset(body)) => {
+            send(
+                response_head(200, content_type(&body), body.len(), ""),
+                &body[..body.len() / 2],
+            )?;
+            // The request is still unread (peeked only): dropping the socket
+            // now makes the kernel send RST instead of FIN. Data still in our
+            // send queue is discarded, so the client may see less than half.
+            Ok(())
+        }
+        Some(Route::RetryAfter(code, secs)) => send(
+            response_head(code, "text/plain", 12, &format!("Retry-After: {secs}\r\n")),
+            b"retry later\n",
+        ),
+        Some(Route::Hold(body)) => {
+            shared.wait(HOLD_CAP, |st| st.released.contains(target));
+            send(
+                response_head(200, content_type(&body), body.len(), ""),
+                &body,
+            )
+        }
+        Some(Route::Redirect(location)) => send(
+            response_head(302, "text/plain", 0, &format!("Location: {location}\r\n")),
+            b"",
+        ),
+        Some(Route::Raw(bytes)) => {
+            stream.write_all(&bytes)?;
+            stream.flush()
+        }
+        Some(Route::Sequence(_)) => send(
+            response_head(500, "text/plain", 25, ""),
+            b"nested Route::Sequence!\r\n",
+        ),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// TCP sink (fake projector)
+// ---------------------------------------------------------------------------
+
+/// A TCP listener on 127.0.0.1 that records every byte any client sends
+/// (e.g. a stand-in projector). Never replies. Stops on drop.
+pub struct TcpSink {
+    /// The listening port.
+    pub port: u16,
+    /// Received bytes (all connections, arrival order) and connection count.
+    state: Arc<Mutex<(Vec<u8>, usize)>>,
+    /// Set on drop.
+    stopping: Arc<AtomicBool>,
+    /// The accept loop.
+    accept: Option<JoinHandle<()>>,
+}
+
+impl TcpSink {
+    /// Binds 127.0.0.1:0 and starts recording.
+    pub fn start() -> TcpSink {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind tcp sink");
+        let port = listener.local_addr().expect("local_addr").port();
+        let state = Arc::new(Mutex::new((Vec::new(), 0)));
+        let stopping = Arc::new(AtomicBool::new(false));
+        let (st, stop) = (state.clone(), stopping.clone());
+        let accept = thread::spawn(move || {
+            for conn in listener.incoming() {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(mut stream) = conn else { continue };
+                lock(&st).1 += 1;
+                let (st, stop) = (st.clone(), stop.clone());
+                thread::spawn(move || {
+                    let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
+                    let mut buf = [0u8; 8192];
+                    while !stop.load(Ordering::SeqCst) {
+                        match stream.read(&mut buf) {
+                            Ok(0) => return,
+                            Ok(n) => lock(&st).0.extend_from_slice(&buf[..n]),
+                            Err(e)
+                                if matches!(
+                                    e.kind(),
+                                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                                ) => {}
+                            Err(_) => return,
+                        }
+                    }
+                });
+            }
+        });
+        TcpSink {
+            port,
+            state,
+            stopping,
+            accept: Some(accept),
+        }
+    }
+
+    /// All bytes received so far.
+    pub fn received(&self) -> Vec<u8> {
+        lock(&self.state).0.clone()
+    }
+
+    /// All bytes received so far, as lossy UTF-8.
+    pub fn received_string(&self) -> String {
+        String::from_utf8_lossy(&self.received()).into_owned()
+    }
+
+    /// How many connections were accepted.
+    pub fn connections(&self) -> usize {
+        lock(&self.state).1
+    }
+
+    /// Waits until the received text satisfies `pred`; returns it.
+    pub fn wait_for(&self, pred: impl Fn(&str) -> bool, timeout: Duration) -> String {
+        let ok = poll_until(timeout, || pred(&self.received_string()));
+        let text = self.received_string();
+        assert!(
+            ok,
+            "timed out after {timeout:?} waiting for TcpSink data; got {text:?}"
+        );
+        text
+    }
+}
+
+impl Drop for TcpSink {
+    /// Stops accepting and reading.
+    fn drop(&mut self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+        if TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_ok() {
+            if let Some(h) = self.accept.take() {
+                let _ = h.join();
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Images
+// ---------------------------------------------------------------------------
+
+/// Deterministic RGB8 pixels: gradients plus seeded noise.
+fn pixels(width: usize, height: usize, seed: u32) -> Vec<u8> {
+    let mut state = u64::from(seed).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
+    let mut next = move || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    let phase = (seed as usize).wrapping_mul(37);
+    let mut data = Vec::with_capacity(width * height * 3);
+    for y in 0..height {
+        for x in 0..width {
+            let z = next();
+            let r = x * 255 / width.max(1) + phase + (z & 0x3f) as usize;
+            let g = y * 255 / height.max(1) + phase / 3 + ((z >> 8) & 0x3f) as usize;
+            let b = (x + y) * 255 / (width + height).max(1) + ((z >> 16) & 0x7f) as usize;
+            data.extend_from_slice(&[r as u8, g as u8, b as u8]);
+        }
+    }
+    data
+}
+
+/// A deterministic baseline JPEG (RGB, quality 85); different seeds give
+/// different bytes.
+pub fn jpeg(width: u16, height: u16, seed: u32) -> Vec<u8> {
+    let data = pixels(usize::from(width), usize::from(height), seed);
+    let mut out = Vec::new();
+    jpeg_encoder::Encoder::new(&mut out, 85)
+        .encode(&data, width, height, jpeg_encoder::ColorType::Rgb)
+        .expect("encode jpeg");
+    out
+}
+
+/// A deterministic RGB8 PNG; different seeds give different bytes.
+pub fn png(width: u32, height: u32, seed: u32) -> Vec<u8> {
+    let data = pixels(width as usize, height as usize, seed);
+    let mut out = Vec::new();
+    let mut encoder = png::Encoder::new(&mut out, width, height);
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    let mut writer = encoder.write_header().expect("png header");
+    writer.write_image_data(&data).expect("png data");
+    writer.finish().expect("png finish");
+    out
+}
+
+// ---------------------------------------------------------------------------
+// The agent
+// ---------------------------------------------------------------------------
+
+/// The native holosync binary built by cargo for these tests.
+pub fn holosync_exe() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_holosync"))
+}
+
+/// The one place that knows how to run holosync: the native binary with
+/// `args`, or, if `HOLOSYNC_EXE` names a Windows exe, `wine64 <exe> args...`
+/// with `WINEDEBUG=-all` (and `WINEPREFIX` inherited from the environment or
+/// Wine's default). Under Wine, arguments that are absolute Unix paths are
+/// rewritten to `Z:\...`.
+pub fn command(args: &[&str]) -> Command {
+    match std::env::var_os("HOLOSYNC_EXE") {
+        Some(exe) => {
+            let mut cmd = Command::new("wine64");
+            cmd.arg(exe).env("WINEDEBUG", "-all");
+            if let Some(prefix) = std::env::var_os("WINEPREFIX") {
+                cmd.env("WINEPREFIX", prefix);
+            }
+            for arg in args {
+                if arg.starts_with('/') {
+                    cmd.arg(format!("Z:{}", arg.replace('/', "\\")));
+                } else {
+                    cmd.arg(arg);
+                }
+            }
+            cmd
+        }
+        None => {
+            let mut cmd = Command::new(holosync_exe());
+            cmd.args(args);
+            cmd
+        }
+    }
+}
+
+/// The real holosync binary, configured by `<dir>/config.json`, with
+/// stdout/stderr appended to `<dir>/stdout.txt` / `<dir>/stderr.txt`.
+/// Killed on drop.
+pub struct Agent {
+    /// Working directory holding config, db, cache and logs.
+    dir: PathBuf,
+    /// The config as written.
+    config: Value,
+    /// The running daemon, if any.
+    child: Option<Child>,
+}
+
+impl Agent {
+    /// Creates `dir` if needed and writes `config` to `dir/config.json` (pretty).
+    pub fn new(dir: &Path, config: Value) -> Agent {
+        fs::create_dir_all(dir).expect("create agent dir");
+        let text = serde_json::to_string_pretty(&config).expect("serialize config");
+        fs::write(dir.join("config.json"), text).expect("write config.json");
+        Agent {
+            dir: dir.to_owned(),
+            config,
+            child: None,
+        }
+    }
+
+    /// The default test config for a broker on `mqtt_port` (unique client id,
+    /// fast download timings, debug log at `holosync.log`).
+    pub fn default_config(mqtt_port: u16) -> Value {
+        json!({
+            "mqtt": {
+                "host": "127.0.0.1",
+                "port": mqtt_port,
+                "client_id": format!("test-{}", unique()),
+                "keep_alive_secs": 10,
+                "sync_topics": ["sync", "sync-single-work", "holo-file-sync"],
+                "projector_topic": "projector-remote-control"
+            },
+            "cache_dir": "images",
+            "database": "holosync.db",
+            "download": {
+                "interval_ms": 100,
+                "timeout_secs": 3,
+                "max_bytes": 10485760,
+                "max_attempts": 5,
+                "retry_base_ms": 200,
+                "retry_max_ms": 2000
+            },
+            "log": {
+                "file": "holosync.log",
+                "level": "debug",
+                "max_bytes": 10485760,
+                "keep": 2
+            }
+        })
+    }
+
+    /// The agent's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// `<dir>/config.json`.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("config.json")
+    }
+
+    /// The config as written by [`Agent::new`].
+    pub fn config(&self) -> &Value {
+        &self.config
+    }
+
+    /// Resolves a config path value against the agent dir.
+    fn config_file(&self, value: &Value, default: &str) -> PathBuf {
+        self.dir.join(value.as_str().unwrap_or(default))
+    }
+
+    /// Spawns the daemon (`holosync --config <dir>/config.json`); panics if
+    /// it is already running.
+    pub fn start(&mut self) {
+        assert!(!self.is_running(), "agent already running");
+        let config = self.config_path();
+        let mut cmd = command(&["--config", config.to_str().expect("utf-8 path")]);
+        cmd.stdin(Stdio::null())
+            .stdout(append_file(&self.dir.join("stdout.txt")))
+            .stderr(append_file(&self.dir.join("stderr.txt")));
+        self.child = Some(cmd.spawn().expect("spawn holosync"));
+    }
+
+    /// SIGKILL and reap (a crash, as far as the agent can tell). No-op if not running.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, wait up to 10 s (then SIGKILL); returns the exit status, or
+    /// None if it was not started.
+    pub fn terminate(&mut self) -> Option<ExitStatus> {
+        let mut child = self.child.take()?;
+        Some(terminate_child(&mut child, Duration::from_secs(10)))
+    }
+
+    /// Waits up to `timeout` for the daemon to exit on its own; panics (with
+    /// the log tail) if it does not.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let child = self.child.as_mut().expect("agent was not started");
+        let mut status = None;
+        poll_until(timeout, || {
+            status = child.try_wait().expect("try_wait");
+            status.is_some()
+        });
+        match status {
+            Some(s) => s,
+            None => panic!(
+                "agent still running after {timeout:?}\n{}",
+                self.diagnostics()
+            ),
+        }
+    }
+
+    /// Whether the daemon process is alive.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// The log file (`log.file`, default `holosync.log`) so far; "" if missing.
+    pub fn log(&self) -> String {
+        read_lossy(&self.config_file(&self.config["log"]["file"], "holosync.log"))
+    }
+
+    /// The daemon's stdout so far.
+    pub fn stdout(&self) -> String {
+        read_lossy(&self.dir.join("stdout.txt"))
+    }
+
+    /// The daemon's stderr so far.
+    pub fn stderr(&self) -> String {
+        read_lossy(&self.dir.join("stderr.txt"))
+    }
+
+    /// Log tail and stderr tail, for panic messages.
+    pub fn diagnostics(&self) -> String {
+        format!(
+            "--- holosync.log (tail) ---\n{}\n--- stderr (tail) ---\n{}",
+            tail(&self.log(), 3000),
+            tail(&self.stderr(), 1500)
+        )
+    }
+
+    /// Waits until the log contains `needle` and returns the log; panics with
+    /// the last 3000 chars of the log otherwise.
+    pub fn wait_log(&self, needle: &str, timeout: Duration) -> String {
+        let mut log = String::new();
+        if poll_until(timeout, || {
+            log = self.log();
+            log.contains(needle)
+        }) {
+            return log;
+        }
+        panic!(
+            "timed out after {timeout:?} waiting for log line {needle:?}\n{}",
+            self.diagnostics()
+        );
+    }
+
+    /// Runs the binary with `args` plus `--config <dir>/config.json` (bounded: 60 s).
+    pub fn run(&self, args: &[&str]) -> Output {
+        let config = self.config_path();
+        let mut all = args.to_vec();
+        all.extend(["--config", config.to_str().expect("utf-8 path")]);
+        run_bounded(command(&all), None, Duration::from_secs(60))
+    }
+
+    /// `holosync status --json`, asserting success; the parsed JSON.
+    pub fn status(&self) -> Value {
+        let out = self.run(&["status", "--json"]);
+        assert!(
+            out.status.success(),
+            "status failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "status output is not JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    /// The cache dir (`cache_dir`, default `images`, under the agent dir).
+    pub fn cache(&self) -> PathBuf {
+        self.config_file(&self.config["cache_dir"], "images")
+    }
+
+    /// Polls `status` until its top-level `done` is at least `n`; returns
+    /// that status. A failing status command just counts as "not yet".
+    pub fn wait_done(&self, n: u64, timeout: Duration) -> Value {
+        let mut last = String::from("(no status yet)");
+        let mut found = None;
+        poll_until(timeout, || {
+            let out = self.run(&["status", "--json"]);
+            if !out.status.success() {
+                last = format!("status failed: {}", String::from_utf8_lossy(&out.stderr));
+                return false;
+            }
+            match serde_json::from_slice::<Value>(&out.stdout) {
+                Ok(v) if v["done"].as_u64().is_some_and(|d| d >= n) => {
+                    found = Some(v);
+                    true
+                }
+                Ok(v) => {
+                    last = v.to_string();
+                    false
+                }
+                Err(e) => {
+                    last = format!("bad status JSON ({e})");
+                    false
+                }
+            }
+        });
+        found.unwrap_or_else(|| {
+            panic!(
+                "timed out after {timeout:?} waiting for done >= {n}; last status: {last}\n{}",
+                self.diagnostics()
+            )
+        })
+    }
+}
+
+impl Drop for Agent {
+    /// Kills the daemon if it is still running.
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
