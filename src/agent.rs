@@ -103,7 +103,7 @@ pub fn unix_ms() -> i64 {
 impl Agent {
     /// Opens the queue, settles the client id and prepares the MQTT client.
     pub fn new(config: Config, config_path: PathBuf) -> Result<Agent> {
-        let queue = Queue::open(&config.database)?;
+        let queue = Queue::open_or_recover(&config.database)?;
         let client_id = client_id(&config, &queue)?;
         log::info!(
             "holosync {} starting: config {}, client id {client_id}, broker {}:{}, cache {}, database {}",

@@ -24,6 +24,17 @@ impl Error {
         }
     }
 
+    /// An error with context and the cause it came from.
+    pub fn new(
+        context: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Error {
+        Error {
+            context: context.into(),
+            source: Some(Box::new(source)),
+        }
+    }
+
     /// The message and all causes, joined with ": " (for one log line).
     pub fn chain(&self) -> String {
         let mut out = self.context.clone();
@@ -62,10 +73,7 @@ where
     E: std::error::Error + Send + Sync + 'static,
 {
     fn context<C: Into<String>>(self, f: impl FnOnce() -> C) -> Result<T> {
-        self.map_err(|e| Error {
-            context: f().into(),
-            source: Some(Box::new(e)),
-        })
+        self.map_err(|e| Error::new(f(), e))
     }
 }
 

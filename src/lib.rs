@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod download;
 pub mod error;
+pub mod fuzz_checks;
 pub mod logger;
 pub mod message;
 pub mod projector;

@@ -7,12 +7,12 @@
 //!              └─transient─> retry (attempts, next_attempt) ─> ... ─> failed
 //! ```
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::error::{Context, Result};
+use crate::error::{Context, Error, Result};
 use crate::message::Entry;
 
 /// How long a statement waits for a lock held by another process (a
@@ -37,6 +37,71 @@ CREATE TABLE IF NOT EXISTS meta (
     value TEXT NOT NULL
 );
 ";
+
+const QUEUE_COLUMNS: &[&str] = &[
+    "id",
+    "url",
+    "state",
+    "attempts",
+    "next_attempt",
+    "last_error",
+    "updated",
+];
+const META_COLUMNS: &[&str] = &["key", "value"];
+
+/// Why a database could not be set up.
+enum InitError {
+    /// SQLite said no.
+    Sqlite(rusqlite::Error),
+    /// It is SQLite, but not a healthy holosync queue.
+    Foreign(String),
+}
+
+impl From<rusqlite::Error> for InitError {
+    fn from(e: rusqlite::Error) -> Self {
+        InitError::Sqlite(e)
+    }
+}
+
+/// Why a database could not be opened, split by whether moving it aside helps.
+enum Unusable {
+    /// Corrupt, not a database, or another program's: move aside, start fresh.
+    Broken(String),
+    /// Anything else (permissions, locks, I/O): report, do not touch the file.
+    Other(Error),
+}
+
+fn is_corruption(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt)
+    )
+}
+
+/// Renames the database (and its WAL and shared-memory files) to
+/// `<name>.corrupt-<UTC time>`; returns the new name of the database.
+fn move_aside(path: &Path) -> Result<PathBuf> {
+    let stamp = crate::logger::utc_timestamp(std::time::SystemTime::now()).replace([':', '.'], "-");
+    let with = |suffix: &str| {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        PathBuf::from(p)
+    };
+    let aside = with(&format!(".corrupt-{stamp}"));
+    std::fs::rename(path, &aside).context(|| {
+        format!(
+            "could not move unusable queue database {} aside",
+            path.display()
+        )
+    })?;
+    for side in ["-wal", "-shm"] {
+        let from = with(side);
+        if from.exists() {
+            let _ = std::fs::rename(&from, with(&format!(".corrupt-{stamp}{side}")));
+        }
+    }
+    Ok(aside)
+}
 
 /// The queue database.
 pub struct Queue {
@@ -97,24 +162,84 @@ pub struct Enqueued {
 impl Queue {
     /// Opens (creating if needed) the queue database at `path`.
     pub fn open(path: &Path) -> Result<Queue> {
+        match Queue::try_open(path) {
+            Ok(q) => Ok(q),
+            Err(Unusable::Broken(why)) => Err(Error::msg(format!(
+                "queue database {} is not usable: {why}",
+                path.display()
+            ))),
+            Err(Unusable::Other(e)) => Err(e),
+        }
+    }
+
+    /// Opens the queue for the agent. A database that is corrupt, not SQLite,
+    /// or another program's is moved aside as `<name>.corrupt-<time>` and a
+    /// fresh queue is started: a kiosk must keep running. Other errors
+    /// (permissions, a lock held too long) are returned, never "repaired".
+    pub fn open_or_recover(path: &Path) -> Result<Queue> {
+        match Queue::try_open(path) {
+            Ok(q) => Ok(q),
+            Err(Unusable::Other(e)) => Err(e),
+            Err(Unusable::Broken(why)) => {
+                let aside = move_aside(path)?;
+                log::error!(
+                    "queue database {} is unusable ({why}); moved it to {} and started an empty queue. \
+                     URLs queued before are not in the new queue: sync them again if needed",
+                    path.display(),
+                    aside.display()
+                );
+                Queue::open(path)
+            }
+        }
+    }
+
+    fn try_open(path: &Path) -> Result<Queue, Unusable> {
         let conn = Connection::open(path)
-            .context(|| format!("could not open queue database {}", path.display()))?;
-        Queue::init(conn).context(|| format!("could not set up queue database {}", path.display()))
+            .context(|| format!("could not open queue database {}", path.display()))
+            .map_err(Unusable::Other)?;
+        Queue::init(conn).map_err(|e| match e {
+            InitError::Sqlite(e) if is_corruption(&e) => Unusable::Broken(e.to_string()),
+            InitError::Sqlite(e) => Unusable::Other(Error::new(
+                format!("could not set up queue database {}", path.display()),
+                e,
+            )),
+            InitError::Foreign(why) => Unusable::Broken(why),
+        })
     }
 
     /// An in-memory queue, for tests.
     pub fn in_memory() -> Queue {
-        Queue::init(Connection::open_in_memory().expect("in-memory SQLite always opens"))
-            .expect("schema applies to an empty database")
+        let conn = Connection::open_in_memory().expect("in-memory SQLite always opens");
+        match Queue::init(conn) {
+            Ok(q) => q,
+            Err(_) => unreachable!("the schema applies to an empty database"),
+        }
     }
 
-    fn init(conn: Connection) -> rusqlite::Result<Queue> {
+    fn init(conn: Connection) -> Result<Queue, InitError> {
         conn.busy_timeout(BUSY_TIMEOUT)?;
         // WAL: readers (`holosync status`) never block the agent; NORMAL keeps
         // commits durable across a process crash, fsyncing only at checkpoints.
         let _: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
         conn.execute_batch("PRAGMA synchronous = NORMAL;")?;
+        for (table, want) in [("queue", QUEUE_COLUMNS), ("meta", META_COLUMNS)] {
+            let mut s = conn.prepare("SELECT name FROM pragma_table_info(?1) ORDER BY cid")?;
+            let have: Vec<String> = s
+                .query_map([table], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            if !have.is_empty() && have != want {
+                return Err(InitError::Foreign(format!(
+                    "its `{table}` table has columns {have:?}: it belongs to another program"
+                )));
+            }
+        }
         conn.execute_batch(SCHEMA)?;
+        let check: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
+        if check != "ok" {
+            return Err(InitError::Foreign(format!(
+                "integrity check failed: {check}"
+            )));
+        }
         Ok(Queue { conn })
     }
 

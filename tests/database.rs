@@ -1,0 +1,129 @@
+//! End-to-end tests of database trouble: a corrupt, empty or foreign queue
+//! file at start-up, and a database locked by another process for a while.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::{png, Agent, HttpServer, Mosquitto, Route, TempDir};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Starts an agent over whatever `holosync.db` the test left in `dir` and
+/// checks it still caches a file from a fresh sync message.
+fn agent_still_syncs(dir: &Path, broker: &Mosquitto, http: &HttpServer) -> Agent {
+    let mut agent = Agent::new(dir, Agent::default_config(broker.port));
+    agent.start();
+    agent.wait_log("subscribed to", WAIT);
+    let bytes = png(6, 6, 42);
+    http.set("/db/after.png", Route::Ok(bytes.clone()));
+    broker.publish("sync", http.url("/db/after.png").as_bytes(), 1);
+    agent.wait_done(1, WAIT);
+    assert_eq!(
+        std::fs::read(agent.cache().join("db/after.png")).unwrap(),
+        bytes
+    );
+    agent
+}
+
+fn moved_aside(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with("holosync.db.corrupt-"))
+        .collect()
+}
+
+/// Garbage bytes where the database should be: moved aside, loudly logged,
+/// and the agent runs on with a fresh queue.
+#[test]
+fn garbage_database_is_moved_aside_and_the_agent_runs() {
+    let (broker, http, dir) = (
+        Mosquitto::start(),
+        HttpServer::start(),
+        TempDir::new("db-garbage"),
+    );
+    let garbage: Vec<u8> = (0..10_000u32).map(|i| (i * 7919 % 251) as u8).collect();
+    std::fs::write(dir.path().join("holosync.db"), &garbage).unwrap();
+    let agent = agent_still_syncs(dir.path(), &broker, &http);
+    let aside = moved_aside(dir.path());
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    assert_eq!(std::fs::read(dir.path().join(&aside[0])).unwrap(), garbage);
+    let log = agent.log();
+    assert!(
+        log.contains("ERROR") && log.contains("is unusable"),
+        "{log}"
+    );
+}
+
+/// A zero-length file is a valid empty SQLite database: used as is.
+#[test]
+fn empty_database_file_is_used_as_a_fresh_queue() {
+    let (broker, http, dir) = (
+        Mosquitto::start(),
+        HttpServer::start(),
+        TempDir::new("db-empty"),
+    );
+    std::fs::write(dir.path().join("holosync.db"), b"").unwrap();
+    agent_still_syncs(dir.path(), &broker, &http);
+    assert!(moved_aside(dir.path()).is_empty());
+}
+
+/// Another program's SQLite file (a `queue` table of another shape) is not
+/// written into: moved aside, fresh queue.
+#[test]
+fn another_programs_database_is_moved_aside() {
+    let (broker, http, dir) = (
+        Mosquitto::start(),
+        HttpServer::start(),
+        TempDir::new("db-foreign"),
+    );
+    let db = rusqlite::Connection::open(dir.path().join("holosync.db")).unwrap();
+    db.execute_batch(
+        "CREATE TABLE queue (job TEXT, owner TEXT); INSERT INTO queue VALUES ('x', 'y');",
+    )
+    .unwrap();
+    drop(db);
+    let agent = agent_still_syncs(dir.path(), &broker, &http);
+    assert_eq!(moved_aside(dir.path()).len(), 1);
+    assert!(
+        agent.log().contains("belongs to another program"),
+        "{}",
+        agent.log()
+    );
+}
+
+/// A technician's shell holds the database locked for a few seconds: the
+/// agent waits (busy timeout) and commits the message once the lock is gone.
+#[test]
+fn database_locked_for_a_few_seconds_delays_but_loses_nothing() {
+    let (broker, http, dir) = (
+        Mosquitto::start(),
+        HttpServer::start(),
+        TempDir::new("db-locked"),
+    );
+    let mut agent = Agent::new(dir.path(), Agent::default_config(broker.port));
+    agent.start();
+    agent.wait_log("subscribed to", WAIT);
+    let bytes = png(5, 5, 7);
+    http.set("/db/locked.png", Route::Ok(bytes.clone()));
+    let db = rusqlite::Connection::open(dir.path().join("holosync.db")).unwrap();
+    db.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    broker.publish("sync", http.url("/db/locked.png").as_bytes(), 1);
+    // Hold the lock for 3 s (under the agent's 10 s busy timeout).
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        http.hits("/db/locked.png"),
+        0,
+        "nothing can be queued while locked"
+    );
+    db.execute_batch("COMMIT").unwrap();
+    drop(db);
+    agent.wait_done(1, WAIT);
+    assert_eq!(
+        std::fs::read(agent.cache().join("db/locked.png")).unwrap(),
+        bytes
+    );
+    assert!(!agent.log().contains("could not commit"), "{}", agent.log());
+}
