@@ -1438,3 +1438,313 @@ impl Drop for Agent {
         self.kill();
     }
 }
+
+// ---------------------------------------------------------------------------
+// Fault-injecting HTTP server (soak tests)
+// ---------------------------------------------------------------------------
+
+/// A fault [`FlakyServer`] can answer with instead of the file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Fault {
+    /// Full Content-Length, the first half of the body, then RST (like [`Route::Reset`]).
+    Reset,
+    /// 500 with a short body.
+    Status500,
+    /// 503 with a short body and no Retry-After.
+    Status503,
+    /// 429 with `Retry-After: <retry_after_secs>` (like [`Route::RetryAfter`]).
+    TooManyRequests,
+    /// Headers and half the body, then a pause of `slow_pause` (cut short
+    /// when the server drops), then the rest (like [`Route::Slow`]).
+    Slow,
+    /// Full Content-Length, a third of the body, then FIN (like [`Route::ShortBody`]).
+    ShortBody,
+}
+
+impl Fault {
+    /// Every fault with its relative weight when one is picked.
+    pub const WEIGHTED: [(Fault, u64); 6] = [
+        (Fault::Reset, 2),
+        (Fault::Status500, 2),
+        (Fault::Status503, 2),
+        (Fault::TooManyRequests, 2),
+        (Fault::Slow, 1),
+        (Fault::ShortBody, 2),
+    ];
+}
+
+/// How a [`FlakyServer`] misbehaves.
+#[derive(Clone, Debug)]
+pub struct FaultPlan {
+    /// Seed of the per-request choice.
+    pub seed: u64,
+    /// Share of requests (0-100) that get a fault.
+    pub rate_percent: u64,
+    /// Pause inside the body for [`Fault::Slow`]; make it longer than the
+    /// client's timeout.
+    pub slow_pause: Duration,
+    /// `Retry-After` seconds sent with [`Fault::TooManyRequests`].
+    pub retry_after_secs: u64,
+}
+
+/// State shared by a [`FlakyServer`] and its threads.
+#[derive(Default)]
+struct FlakyState {
+    /// Set on drop; wakes slow responders and stops accepting.
+    stopping: bool,
+    /// Bodies by raw request target.
+    bodies: HashMap<String, Arc<Vec<u8>>>,
+    /// Requests received per raw target (indexes the fault choice).
+    hits: HashMap<String, u64>,
+    /// Current fault share (0-100).
+    rate_percent: u64,
+    /// Faults injected so far, per kind.
+    faults: HashMap<Fault, u64>,
+    /// Complete 200 answers started.
+    ok: u64,
+}
+
+/// State plus a condvar (wakes [`Fault::Slow`] responders on drop).
+#[derive(Default)]
+struct FlakyShared {
+    /// The state.
+    state: Mutex<FlakyState>,
+    /// Signalled on stop.
+    cond: Condvar,
+}
+
+/// A real HTTP/1.1 server on 127.0.0.1 (thread per connection,
+/// `Connection: close`) serving files by raw request target, where a
+/// deterministic share of requests gets a [`Fault`] instead. The choice for
+/// the n-th request of a target is a pure function of (seed, target, n), so a
+/// seed replays the same faults per URL and attempt. Unknown targets get 404
+/// and are never faulted. Stops accepting on drop.
+pub struct FlakyServer {
+    /// Listening address.
+    addr: SocketAddr,
+    /// The fixed part of the plan (seed, pause, Retry-After).
+    plan: FaultPlan,
+    /// State shared with the threads.
+    shared: Arc<FlakyShared>,
+    /// The accept loop.
+    accept: Option<JoinHandle<()>>,
+}
+
+/// SplitMix64 finaliser: a well-mixed 64-bit hash of `x`.
+pub fn mix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// The fault (or None) for the `n`-th request (0-based) of `target`.
+fn pick_fault(seed: u64, rate_percent: u64, target: &str, n: u64) -> Option<Fault> {
+    let name = target.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    let h = mix64(seed ^ mix64(name ^ mix64(n)));
+    if h % 100 >= rate_percent {
+        return None;
+    }
+    let total: u64 = Fault::WEIGHTED.iter().map(|(_, w)| w).sum();
+    let mut roll = (h >> 32) % total;
+    for (fault, weight) in Fault::WEIGHTED {
+        if roll < weight {
+            return Some(fault);
+        }
+        roll -= weight;
+    }
+    unreachable!("roll is below the total weight")
+}
+
+impl FlakyServer {
+    /// Binds 127.0.0.1:0 and starts serving with `plan` (no files yet: all 404).
+    pub fn start(plan: FaultPlan) -> FlakyServer {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind flaky http server");
+        let addr = listener.local_addr().expect("local_addr");
+        let shared = Arc::new(FlakyShared::default());
+        lock(&shared.state).rate_percent = plan.rate_percent;
+        let (s, p) = (shared.clone(), plan.clone());
+        let accept = thread::spawn(move || {
+            for conn in listener.incoming() {
+                if lock(&s.state).stopping {
+                    break;
+                }
+                if let Ok(stream) = conn {
+                    let (s, p) = (s.clone(), p.clone());
+                    thread::spawn(move || handle_flaky(stream, &s, &p));
+                }
+            }
+        });
+        FlakyServer {
+            addr,
+            plan,
+            shared,
+            accept: Some(accept),
+        }
+    }
+
+    /// The plan the server was started with (its rate may have changed since).
+    pub fn plan(&self) -> &FaultPlan {
+        &self.plan
+    }
+
+    /// `http://127.0.0.1:<port><path>`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.addr.port())
+    }
+
+    /// Serves `body` (200, Content-Type from magic bytes) for the raw target `path`.
+    pub fn set(&self, path: &str, body: Vec<u8>) {
+        lock(&self.shared.state)
+            .bodies
+            .insert(path.to_owned(), Arc::new(body));
+    }
+
+    /// Changes the fault share (0 switches faults off) for requests from now on.
+    pub fn set_fault_rate(&self, percent: u64) {
+        lock(&self.shared.state).rate_percent = percent.min(100);
+    }
+
+    /// Faults injected so far, all kinds.
+    pub fn faults(&self) -> u64 {
+        lock(&self.shared.state).faults.values().sum()
+    }
+
+    /// Faults injected so far, per kind, sorted by kind.
+    pub fn fault_counts(&self) -> Vec<(Fault, u64)> {
+        let mut v: Vec<_> = lock(&self.shared.state)
+            .faults
+            .iter()
+            .map(|(f, n)| (*f, *n))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Requests that got the whole file with 200 (sending started, at least).
+    pub fn ok_responses(&self) -> u64 {
+        lock(&self.shared.state).ok
+    }
+
+    /// Requests received, all targets.
+    pub fn requests(&self) -> u64 {
+        lock(&self.shared.state).hits.values().sum()
+    }
+
+    /// Requests received for this raw target.
+    pub fn hits(&self, path: &str) -> u64 {
+        lock(&self.shared.state)
+            .hits
+            .get(path)
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for FlakyServer {
+    /// Stops accepting, wakes slow responders, joins the accept loop.
+    fn drop(&mut self) {
+        lock(&self.shared.state).stopping = true;
+        self.shared.cond.notify_all();
+        if TcpStream::connect_timeout(&self.addr, Duration::from_secs(2)).is_ok() {
+            if let Some(h) = self.accept.take() {
+                let _ = h.join();
+            }
+        }
+    }
+}
+
+/// Serves one connection of a [`FlakyServer`]: one request, one answer, close.
+fn handle_flaky(stream: TcpStream, shared: &FlakyShared, plan: &FaultPlan) {
+    let _ = stream.set_nodelay(true);
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(30)));
+    let Ok(head) = peek_request(&stream) else {
+        return;
+    };
+    let (body, fault) = {
+        let mut st = lock(&shared.state);
+        let n = {
+            let hits = st.hits.entry(head.target.clone()).or_insert(0);
+            *hits += 1;
+            *hits - 1
+        };
+        let body = st.bodies.get(&head.target).cloned();
+        let fault = body
+            .as_ref()
+            .and_then(|_| pick_fault(plan.seed, st.rate_percent, &head.target, n));
+        match fault {
+            Some(f) => *st.faults.entry(f).or_insert(0) += 1,
+            None if body.is_some() => st.ok += 1,
+            None => {}
+        }
+        (body, fault)
+    };
+    if fault != Some(Fault::Reset) {
+        consume_request(&stream, &head);
+    }
+    let _ = flaky_respond(&stream, body.as_deref().map(Vec::as_slice), fault, shared, plan);
+}
+
+/// Writes the answer for one request of a [`FlakyServer`].
+fn flaky_respond(
+    mut stream: &TcpStream,
+    body: Option<&[u8]>,
+    fault: Option<Fault>,
+    shared: &FlakyShared,
+    plan: &FaultPlan,
+) -> io::Result<()> {
+    let Some(body) = body else {
+        stream.write_all(&response_head(404, "text/plain", 10, ""))?;
+        stream.write_all(b"not found\n")?;
+        return stream.flush();
+    };
+    let ok_head = response_head(200, content_type(body), body.len(), "");
+    match fault {
+        None => {
+            stream.write_all(&ok_head)?;
+            stream.write_all(body)?;
+        }
+        Some(Fault::Reset) => {
+            stream.write_all(&ok_head)?;
+            stream.write_all(&body[..body.len() / 2])?;
+            // The request is unread (peeked only): dropping the socket sends RST.
+        }
+        Some(Fault::Status500) => {
+            stream.write_all(&response_head(500, "text/plain", 5, ""))?;
+            stream.write_all(b"oops\n")?;
+        }
+        Some(Fault::Status503) => {
+            stream.write_all(&response_head(503, "text/plain", 5, ""))?;
+            stream.write_all(b"busy\n")?;
+        }
+        Some(Fault::TooManyRequests) => {
+            let extra = format!("Retry-After: {}\r\n", plan.retry_after_secs);
+            stream.write_all(&response_head(429, "text/plain", 12, &extra))?;
+            stream.write_all(b"retry later\n")?;
+        }
+        Some(Fault::Slow) => {
+            stream.write_all(&ok_head)?;
+            stream.write_all(&body[..body.len() / 2])?;
+            stream.flush()?;
+            let deadline = Instant::now() + plan.slow_pause;
+            let mut st = lock(&shared.state);
+            while !st.stopping && Instant::now() < deadline {
+                st = shared
+                    .cond
+                    .wait_timeout(st, deadline.saturating_duration_since(Instant::now()))
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
+            drop(st);
+            stream.write_all(&body[body.len() / 2..])?;
+        }
+        Some(Fault::ShortBody) => {
+            stream.write_all(&ok_head)?;
+            stream.write_all(&body[..body.len() / 3])?;
+        }
+    }
+    stream.flush()
+}
