@@ -471,13 +471,16 @@ impl Agent {
             _ => fetched.body,
         };
         cache::write_atomic(&path, &bytes).map_err(|e| {
-            Failure::transient(if e.kind() == std::io::ErrorKind::StorageFull {
-                format!(
-                    "no space left on the cache disk writing {}: {e}",
-                    path.display()
-                )
-            } else {
-                format!("could not write {}: {e}", path.display())
+            let p = path.display();
+            Failure::transient(match (e.kind(), e.raw_os_error()) {
+                (std::io::ErrorKind::StorageFull, _) => {
+                    format!("no space left on the cache disk writing {p}: {e}")
+                }
+                // ERROR_ACCESS_DENIED, ERROR_SHARING_VIOLATION: the display program has it open.
+                (_, Some(5 | 32)) if cfg!(windows) => {
+                    format!("{p} is in use (kept the old file, will retry): {e}")
+                }
+                _ => format!("could not write {p}: {e}"),
             })
         })?;
         Ok((path, kind, bytes.len()))

@@ -110,7 +110,17 @@ pub fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Args, Stri
 
 /// Entry point: parse, dispatch, print the error chain, return the exit code.
 pub fn main() -> ExitCode {
-    let args = match parse_args(std::env::args_os().skip(1)) {
+    let parsed = parse_args(std::env::args_os().skip(1));
+    if !matches!(
+        parsed,
+        Ok(Args {
+            command: Command::Run,
+            ..
+        })
+    ) {
+        crate::console::attach_parent_console();
+    }
+    let args = match parsed {
         Ok(a) => a,
         Err(e) => {
             eprintln!("holosync: {e}");
