@@ -283,7 +283,9 @@ impl std::error::Error for ConfigError {}
 /// The config file used when `--config` is not given: `config.json` next to the executable.
 pub fn default_path() -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("holosync"));
-    // canonicalize resolves a symlinked exe to the folder it really lives in.
+    // On Unix, resolve a symlinked exe to the folder it really lives in. Not on
+    // Windows: canonicalize returns `\\?\C:\...` paths, confusing in the log.
+    #[cfg(unix)]
     let exe = exe.canonicalize().unwrap_or(exe);
     exe.parent()
         .unwrap_or_else(|| Path::new("."))

@@ -56,7 +56,10 @@ pub fn sync_payload(data: &[u8]) {
         }
     }
     for skipped in &parsed.skipped {
-        assert!(skipped.entry.chars().count() <= 200, "skipped entry not cut");
+        assert!(
+            skipped.entry.chars().count() <= 200,
+            "skipped entry not cut"
+        );
         assert!(!skipped.reason.is_empty());
     }
 }
@@ -126,7 +129,10 @@ pub fn projector_message(data: &[u8]) {
 /// terminator.
 pub fn pjlink_reply(data: &[u8]) {
     let (command, peer_bytes) = match data.iter().position(|&b| b == b'\n') {
-        Some(i) => (String::from_utf8_lossy(&data[..i]).into_owned(), &data[i + 1..]),
+        Some(i) => (
+            String::from_utf8_lossy(&data[..i]).into_owned(),
+            &data[i + 1..],
+        ),
         None => ("%1POWR ?".to_string(), data),
     };
     let line = match projector::pjlink_line(&command) {
@@ -285,6 +291,9 @@ fn check_local_path(url: &str) {
         if let Err(why) = windows_file_name(segment) {
             panic!("{url:?}: segment {segment:?} is not a valid Windows file name: {why}");
         }
+        if let Err(why) = unix_file_name(segment) {
+            panic!("{url:?}: segment {segment:?} is not a valid Unix file name: {why}");
+        }
         assert!(!segment.contains('#'), "fragment kept in {segment:?}");
     }
 }
@@ -327,16 +336,33 @@ pub fn windows_file_name(name: &str) -> Result<(), &'static str> {
         return Err("a reserved device name");
     }
     let numbered = |prefix: &str| {
-        base.get(..3).is_some_and(|p| p.eq_ignore_ascii_case(prefix)) && {
-            let mut tail = base[3..].chars();
-            matches!(
-                (tail.next(), tail.next()),
-                (Some('0'..='9' | '\u{b9}' | '\u{b2}' | '\u{b3}'), None)
-            )
-        }
+        base.get(..3)
+            .is_some_and(|p| p.eq_ignore_ascii_case(prefix))
+            && {
+                let mut tail = base[3..].chars();
+                matches!(
+                    (tail.next(), tail.next()),
+                    (Some('0'..='9' | '\u{b9}' | '\u{b2}' | '\u{b3}'), None)
+                )
+            }
     };
     if numbered("COM") || numbered("LPT") {
         return Err("a reserved device name (COMn/LPTn)");
+    }
+    Ok(())
+}
+
+/// Whether `name` is usable as one file or folder name on Linux and the BSDs
+/// (`NAME_MAX` is 255 bytes on ext4, XFS, btrfs, APFS, tmpfs).
+pub fn unix_file_name(name: &str) -> Result<(), &'static str> {
+    if name.is_empty() || name == "." || name == ".." {
+        return Err("empty or a relative path component");
+    }
+    if name.contains(['/', '\0']) {
+        return Err("a slash or NUL byte");
+    }
+    if name.len() > 255 {
+        return Err("longer than 255 bytes (NAME_MAX)");
     }
     Ok(())
 }
@@ -379,14 +405,39 @@ mod tests {
     #[test]
     fn windows_rules_written_here_reject_the_documented_names() {
         for bad in [
-            "", ".", "..", "CON", "con.txt", "Nul .tar.gz", "COM1", "lpt\u{b9}.jpg", "conin$",
-            "a:b", "a\\b", "a*b", "a?b", "a\"b", "a<b", "a>b", "a|b", "a\u{1f}b", "a.", "a ",
+            "",
+            ".",
+            "..",
+            "CON",
+            "con.txt",
+            "Nul .tar.gz",
+            "COM1",
+            "lpt\u{b9}.jpg",
+            "conin$",
+            "a:b",
+            "a\\b",
+            "a*b",
+            "a?b",
+            "a\"b",
+            "a<b",
+            "a>b",
+            "a|b",
+            "a\u{1f}b",
+            "a.",
+            "a ",
         ] {
             assert!(windows_file_name(bad).is_err(), "{bad:?}");
         }
         let emoji_name = "\u{1f600}".repeat(128);
         assert!(windows_file_name(&emoji_name).is_err());
-        for good in ["console.jpg", "COM10", "a.jpg!preview", "%2e%2e", "CONX", "é.png"] {
+        for good in [
+            "console.jpg",
+            "COM10",
+            "a.jpg!preview",
+            "%2e%2e",
+            "CONX",
+            "é.png",
+        ] {
             assert_eq!(windows_file_name(good), Ok(()), "{good:?}");
         }
     }

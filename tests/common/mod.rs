@@ -1685,7 +1685,13 @@ fn handle_flaky(stream: TcpStream, shared: &FlakyShared, plan: &FaultPlan) {
     if fault != Some(Fault::Reset) {
         consume_request(&stream, &head);
     }
-    let _ = flaky_respond(&stream, body.as_deref().map(Vec::as_slice), fault, shared, plan);
+    let _ = flaky_respond(
+        &stream,
+        body.as_deref().map(Vec::as_slice),
+        fault,
+        shared,
+        plan,
+    );
 }
 
 /// Writes the answer for one request of a [`FlakyServer`].
