@@ -93,7 +93,13 @@ pub fn fetch(url: &str, limits: &Limits) -> Result<Fetched, Failure> {
     response
         .take(limits.max_bytes + 1)
         .read_to_end(&mut body)
-        .map_err(|e| Failure::transient(format!("reading the body failed: {e}")))?;
+        .map_err(|e| {
+            Failure::transient(if e.kind() == std::io::ErrorKind::TimedOut {
+                format!("timed out reading the body: {e}")
+            } else {
+                format!("reading the body failed: {e}")
+            })
+        })?;
     if body.len() as u64 > limits.max_bytes {
         return Err(too_large(limits.max_bytes));
     }

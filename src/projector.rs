@@ -203,9 +203,13 @@ impl Write for Deadlined<'_> {
     }
 }
 
-/// Socket timeouts show up as WouldBlock on Unix and TimedOut on Windows: make them one kind.
+/// Socket timeouts show up as WouldBlock on Unix and TimedOut on Windows
+/// (whose message text may be missing): make them one error that says so.
 fn timeout_kind(e: io::Error) -> io::Error {
-    if e.kind() == io::ErrorKind::WouldBlock {
+    if matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    ) {
         io::Error::new(io::ErrorKind::TimedOut, "projector I/O timed out")
     } else {
         e

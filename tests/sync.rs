@@ -443,12 +443,17 @@ fn oversized_message_is_dropped_once_and_a_1mib_message_works() {
 fn config_is_found_next_to_the_binary_and_errors_name_the_key() {
     let broker = Mosquitto::start();
     let dir = TempDir::new("e2e-exe-dir");
-    let exe = dir.path().join("holosync");
-    std::fs::copy(common::holosync_exe(), &exe).unwrap();
+    let name = if common::under_wine() {
+        "holosync.exe"
+    } else {
+        "holosync"
+    };
+    let exe = dir.path().join(name);
+    std::fs::copy(common::exe_under_test(), &exe).unwrap();
     let mut config = Agent::default_config(broker.port);
     std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
     let elsewhere = TempDir::new("e2e-cwd");
-    let mut child = std::process::Command::new(&exe)
+    let mut child = common::command_for(&exe, &[])
         .current_dir(elsewhere.path())
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
@@ -462,19 +467,19 @@ fn config_is_found_next_to_the_binary_and_errors_name_the_key() {
     child.kill().unwrap();
     child.wait().unwrap();
     let log = std::fs::read_to_string(&log_path).unwrap();
-    assert!(
-        log.contains(&format!(
-            "config {}",
-            dir.path().join("config.json").display()
-        )),
-        "{log}"
-    );
+    let config_path = dir.path().join("config.json").display().to_string();
+    let shown = if common::under_wine() {
+        format!("Z:{}", config_path.replace('/', "\\"))
+    } else {
+        config_path
+    };
+    assert!(log.contains(&format!("config {shown}")), "{log}");
     assert!(dir.path().join("holosync.db").exists());
     assert!(!elsewhere.path().join("holosync.db").exists());
 
     config["mqtt"]["port"] = json!("1883");
     std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
-    let out = std::process::Command::new(&exe)
+    let out = common::command_for(&exe, &[])
         .current_dir(elsewhere.path())
         .output()
         .unwrap();
@@ -489,10 +494,7 @@ fn config_is_found_next_to_the_binary_and_errors_name_the_key() {
 
     config["mqtt"]["port"] = json!(0);
     std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
-    let out = std::process::Command::new(&exe)
-        .arg("check")
-        .output()
-        .unwrap();
+    let out = common::command_for(&exe, &["check"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("mqtt.port"));
 }
@@ -530,4 +532,27 @@ fn second_instance_exits_with_already_running() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("already running"));
     assert!(agent.log().contains("already running"));
+}
+
+/// A cache path over 260 characters (Windows' old MAX_PATH) is written and
+/// read back; under Wine this runs the Windows long-path handling.
+#[test]
+fn cache_path_longer_than_260_characters_works() {
+    let broker = Mosquitto::start();
+    let http = HttpServer::start();
+    let dir = TempDir::new("e2e-longpath");
+    let path = format!(
+        "/{}/{}/{}.png",
+        "a".repeat(120),
+        "b".repeat(120),
+        "c".repeat(60)
+    );
+    let bytes = png(3, 3, 11);
+    http.set(&path, Route::Ok(bytes.clone()));
+    let agent = agent_with(dir.path(), &broker, json!({}));
+    broker.publish("sync", http.url(&path).as_bytes(), 1);
+    agent.wait_done(1, WAIT);
+    let local = agent.cache().join(path.trim_start_matches('/'));
+    assert!(local.display().to_string().len() > 260);
+    assert_eq!(std::fs::read(local).unwrap(), bytes);
 }

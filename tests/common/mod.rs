@@ -1176,28 +1176,49 @@ pub fn holosync_exe() -> PathBuf {
 /// Wine's default). Under Wine, arguments that are absolute Unix paths are
 /// rewritten to `Z:\...`.
 pub fn command(args: &[&str]) -> Command {
-    match std::env::var_os("HOLOSYNC_EXE") {
-        Some(exe) => {
-            let mut cmd = Command::new("wine64");
-            cmd.arg(exe).env("WINEDEBUG", "-all");
-            if let Some(prefix) = std::env::var_os("WINEPREFIX") {
-                cmd.env("WINEPREFIX", prefix);
-            }
-            for arg in args {
-                if arg.starts_with('/') {
-                    cmd.arg(format!("Z:{}", arg.replace('/', "\\")));
-                } else {
-                    cmd.arg(arg);
-                }
-            }
-            cmd
-        }
-        None => {
-            let mut cmd = Command::new(holosync_exe());
-            cmd.args(args);
-            cmd
+    command_for(&exe_under_test(), args)
+}
+
+/// The executable under test: the Windows exe named by `HOLOSYNC_EXE`, else
+/// the native binary cargo built.
+pub fn exe_under_test() -> PathBuf {
+    std::env::var_os("HOLOSYNC_EXE")
+        .map(PathBuf::from)
+        .unwrap_or_else(holosync_exe)
+}
+
+/// True when the tests drive the Windows exe under Wine.
+pub fn under_wine() -> bool {
+    std::env::var_os("HOLOSYNC_EXE").is_some()
+}
+
+/// Runs `exe` (a copy of [`exe_under_test`], say) with `args`, under Wine
+/// when `HOLOSYNC_EXE` is set.
+pub fn command_for(exe: &Path, args: &[&str]) -> Command {
+    if !under_wine() {
+        let mut cmd = Command::new(exe);
+        cmd.args(args);
+        return cmd;
+    }
+    // Debian's wine64 package puts the loader outside PATH.
+    let wine = Path::new("/usr/lib/wine/wine64");
+    let mut cmd = Command::new(if wine.exists() {
+        wine
+    } else {
+        Path::new("wine64")
+    });
+    cmd.arg(exe).env("WINEDEBUG", "-all");
+    if let Some(prefix) = std::env::var_os("WINEPREFIX") {
+        cmd.env("WINEPREFIX", prefix);
+    }
+    for arg in args {
+        if arg.starts_with('/') {
+            cmd.arg(format!("Z:{}", arg.replace('/', "\\")));
+        } else {
+            cmd.arg(arg);
         }
     }
+    cmd
 }
 
 /// The real holosync binary, configured by `<dir>/config.json`, with
