@@ -556,3 +556,74 @@ fn cache_path_longer_than_260_characters_works() {
     assert!(local.display().to_string().len() > 260);
     assert_eq!(std::fs::read(local).unwrap(), bytes);
 }
+
+/// HTTPS is compiled in and checks certificates: a local TLS server with a
+/// self-signed certificate (openssl s_server) is refused at the certificate,
+/// as a transient failure with a readable reason. (A full HTTPS download needs
+/// a server whose certificate chains to the bundled public roots, which a
+/// machine without internet access cannot reach.)
+#[test]
+fn https_checks_the_server_certificate() {
+    if std::process::Command::new("openssl")
+        .arg("version")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped: no openssl command to play the TLS server");
+        return;
+    }
+    let broker = Mosquitto::start();
+    let dir = TempDir::new("e2e-tls");
+    let (key, cert) = (dir.path().join("key.pem"), dir.path().join("cert.pem"));
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    let port = common::free_port();
+    let mut server = std::process::Command::new("openssl")
+        .args(["s_server", "-quiet", "-www", "-accept"])
+        .arg(port.to_string())
+        .arg("-key")
+        .arg(&key)
+        .arg("-cert")
+        .arg(&cert)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("the TLS server to listen", WAIT, || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    let agent = agent_with(
+        dir.path(),
+        &broker,
+        json!({"download": {"max_attempts": 1}}),
+    );
+    let url = format!("https://127.0.0.1:{port}/works/tls.jpg");
+    broker.publish("sync", url.as_bytes(), 1);
+    wait_until("the https URL to fail", WAIT, || {
+        agent.status()["failed"] == 1
+    });
+    let _ = server.kill();
+    let _ = server.wait();
+    let (state, error) = db_state(dir.path(), &url).unwrap();
+    assert_eq!(state, "failed");
+    assert!(error.to_lowercase().contains("certificate"), "{error}");
+    assert!(!agent.cache().join("works/tls.jpg").exists());
+}
