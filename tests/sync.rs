@@ -627,3 +627,36 @@ fn https_checks_the_server_certificate() {
     assert!(error.to_lowercase().contains("certificate"), "{error}");
     assert!(!agent.cache().join("works/tls.jpg").exists());
 }
+
+/// Redirects are followed up to five times; a longer chain fails permanently.
+#[test]
+fn redirects_are_followed_at_most_five_times() {
+    let broker = Mosquitto::start();
+    let http = HttpServer::start();
+    let dir = TempDir::new("e2e-redirect");
+    let bytes = jpeg(24, 24, 12);
+    http.set("/r/target.jpg", Route::Ok(bytes.clone()));
+    http.set("/r/once.jpg", Route::Redirect(http.url("/r/target.jpg")));
+    for i in 0..6 {
+        http.set(
+            &format!("/r/chain{i}.jpg"),
+            Route::Redirect(http.url(&format!("/r/chain{}.jpg", i + 1))),
+        );
+    }
+    http.set("/r/chain6.jpg", Route::Ok(bytes.clone()));
+    let agent = agent_with(dir.path(), &broker, json!({}));
+    let (once, chain) = (http.url("/r/once.jpg"), http.url("/r/chain0.jpg"));
+    broker.publish("sync", format!("{once},{chain}").as_bytes(), 1);
+    wait_until("both URLs to settle", WAIT, || {
+        let s = agent.status();
+        s["done"] == 1 && s["failed"] == 1
+    });
+    assert_eq!(
+        std::fs::read(agent.cache().join("r/once.jpg")).unwrap(),
+        bytes
+    );
+    let (state, error) = db_state(dir.path(), &chain).unwrap();
+    assert_eq!(state, "failed");
+    assert!(error.contains("redirect"), "{error}");
+    assert!(!agent.cache().join("r/chain0.jpg").exists());
+}
