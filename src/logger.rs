@@ -4,7 +4,7 @@
 //! line is better than stopping a kiosk. The file is reopened on the next line.
 
 use std::fs::{File, OpenOptions};
-use std::io::{IsTerminal, Write};
+use std::io::{IsTerminal, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -30,6 +30,9 @@ struct State {
     file: Option<File>,
     /// Bytes in the current file.
     size: u64,
+    /// The file ends in a partial line (a write failed, e.g. on a full disk):
+    /// start the next line on a fresh line.
+    needs_newline: bool,
 }
 
 impl FileLogger {
@@ -46,6 +49,7 @@ impl FileLogger {
             keep,
             file: None,
             size: 0,
+            needs_newline: false,
         };
         state.open()?;
         let logger = FileLogger {
@@ -62,11 +66,20 @@ impl FileLogger {
 
 impl State {
     fn open(&mut self) -> std::io::Result<()> {
-        let file = OpenOptions::new()
+        let mut file = OpenOptions::new()
             .create(true)
+            .read(true)
             .append(true)
             .open(&self.path)?;
         self.size = file.metadata().map(|m| m.len()).unwrap_or(0);
+        if self.size > 0 {
+            let mut last = [0u8; 1];
+            let ends_mid_line = file
+                .seek(SeekFrom::End(-1))
+                .and_then(|_| file.read_exact(&mut last))
+                .map_or(true, |()| last[0] != b'\n');
+            self.needs_newline |= ends_mid_line;
+        }
         self.file = Some(file);
         Ok(())
     }
@@ -102,10 +115,23 @@ impl State {
         let Some(file) = self.file.as_mut() else {
             return;
         };
-        match file.write_all(line) {
-            Ok(()) => self.size += line.len() as u64,
-            // Drop the handle; the next line tries a fresh open (the disk may have room again).
-            Err(_) => self.file = None,
+        let result = if self.needs_newline {
+            file.write_all(b"\n").and_then(|()| file.write_all(line))
+        } else {
+            file.write_all(line)
+        };
+        match result {
+            Ok(()) => {
+                self.size += line.len() as u64 + u64::from(self.needs_newline);
+                self.needs_newline = false;
+            }
+            // A part of the line may be in the file. Drop the handle; the next
+            // line tries a fresh open (the disk may have room again) and starts
+            // on a new line.
+            Err(_) => {
+                self.file = None;
+                self.needs_newline = true;
+            }
         }
     }
 }
@@ -206,6 +232,25 @@ mod tests {
     }
 
     #[test]
+    fn a_partial_last_line_is_ended_before_the_next_one() {
+        let path =
+            std::env::temp_dir().join(format!("holosync-partial-{}.log", std::process::id()));
+        std::fs::write(&path, b"2026-01-01T00:00:00.000Z INFO  cut sho").unwrap();
+        let mut st = State {
+            path: path.clone(),
+            max_bytes: 1 << 20,
+            keep: 1,
+            file: None,
+            size: 0,
+            needs_newline: false,
+        };
+        st.write_line(b"next line\n");
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text, "2026-01-01T00:00:00.000Z INFO  cut sho\nnext line\n");
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
     fn rotation_keeps_at_most_keep_files_under_max_bytes() {
         let dir = std::env::temp_dir().join(format!("holosync-logtest-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -217,6 +262,7 @@ mod tests {
             keep: 2,
             file: None,
             size: 0,
+            needs_newline: false,
         };
         for _ in 0..50 {
             st.write_line(&[b'x'; 30]);
