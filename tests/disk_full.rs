@@ -399,4 +399,13 @@ fn full_log_disk_does_not_stop_the_agent() {
     agent.wait_log("queued 1 URLs from sync", WAIT);
     wait_done(&mut agent, &db, sent as u64 + 1);
     assert!(agent.is_running(), "{}", agent.diagnostics());
+    // The line cut by the full disk is ended: every later line starts with its timestamp.
+    let log = agent.log();
+    let resumed = log.find("queued 1 URLs from sync").unwrap();
+    let line_start = log[..resumed].rfind('\n').map_or(0, |i| i + 1);
+    assert!(
+        log[line_start..].starts_with("20"),
+        "a log line was glued onto a cut one: {:?}",
+        &log[line_start..resumed + 30]
+    );
 }
