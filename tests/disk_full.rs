@@ -9,9 +9,10 @@ use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::{
-    files_under, jpeg, png, run_bounded, wait_until, Agent, HttpServer, Mosquitto, Route, TempDir,
+    agent_with, files_under, jpeg, png, run_bounded, wait_until, Agent, HttpServer, Mosquitto,
+    Route, TempDir,
 };
-use serde_json::{json, Value};
+use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -88,29 +89,6 @@ fn is_root() -> bool {
                 .and_then(|l| l.split_whitespace().nth(2).map(|euid| euid == "0"))
         })
         .unwrap_or(false)
-}
-
-/// Applies a JSON merge patch.
-fn merge(base: &mut Value, patch: Value) {
-    match (base, patch) {
-        (Value::Object(b), Value::Object(p)) => {
-            for (k, v) in p {
-                merge(b.entry(k).or_insert(Value::Null), v);
-            }
-        }
-        (b, p) => *b = p,
-    }
-}
-
-/// Starts an agent in `dir` with the test defaults changed by `patch`, and
-/// waits for its subscription.
-fn agent_with(dir: &Path, broker: &Mosquitto, patch: Value) -> Agent {
-    let mut config = Agent::default_config(broker.port);
-    merge(&mut config, patch);
-    let mut agent = Agent::new(dir, config);
-    agent.start();
-    agent.wait_log("subscribed to", WAIT);
-    agent
 }
 
 /// Milliseconds since the Unix epoch (the queue's clock).

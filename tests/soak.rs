@@ -26,10 +26,10 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::{
-    files_under, jpeg, mix64, png, poll_until, tail, Agent, Fault, FaultPlan, FlakyServer,
+    files_under, jpeg, merge, mix64, png, poll_until, tail, Agent, Fault, FaultPlan, FlakyServer,
     Mosquitto, TempDir,
 };
-use serde_json::{json, Value};
+use serde_json::json;
 
 /// The sync topics messages are spread over (the default config's).
 const TOPICS: [&str; 3] = ["sync", "sync-single-work", "holo-file-sync"];
@@ -124,18 +124,6 @@ fn images(n: u64) -> Vec<(String, Vec<u8>)> {
     });
     out.sort_by_key(|(i, _, _)| *i);
     out.into_iter().map(|(_, p, b)| (p, b)).collect()
-}
-
-/// Applies a JSON merge patch.
-fn merge(base: &mut Value, patch: Value) {
-    match (base, patch) {
-        (Value::Object(b), Value::Object(p)) => {
-            for (k, v) in p {
-                merge(b.entry(k).or_insert(Value::Null), v);
-            }
-        }
-        (b, p) => *b = p,
-    }
 }
 
 /// Every row's state by URL, read from the queue database.

@@ -6,31 +6,12 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{files_under, jpeg, png, wait_until, Agent, HttpServer, Mosquitto, Route, TempDir};
+use common::{
+    agent_with, files_under, jpeg, png, wait_until, Agent, HttpServer, Mosquitto, Route, TempDir,
+};
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(30);
-
-/// Starts an agent with the test defaults, changed by `patch` (a JSON merge).
-fn agent_with(dir: &Path, broker: &Mosquitto, patch: serde_json::Value) -> Agent {
-    let mut config = Agent::default_config(broker.port);
-    merge(&mut config, patch);
-    let mut agent = Agent::new(dir, config);
-    agent.start();
-    agent.wait_log("subscribed to", WAIT);
-    agent
-}
-
-fn merge(base: &mut serde_json::Value, patch: serde_json::Value) {
-    match (base, patch) {
-        (serde_json::Value::Object(b), serde_json::Value::Object(p)) => {
-            for (k, v) in p {
-                merge(b.entry(k).or_insert(serde_json::Value::Null), v);
-            }
-        }
-        (b, p) => *b = p,
-    }
-}
 
 /// State and error of one URL, read from the queue database directly.
 fn db_state(dir: &Path, url: &str) -> Option<(String, String)> {

@@ -1775,3 +1775,26 @@ fn flaky_respond(
     }
     stream.flush()
 }
+
+/// Applies a JSON merge patch: objects merge key by key, anything else replaces.
+pub fn merge(base: &mut Value, patch: Value) {
+    match (base, patch) {
+        (Value::Object(b), Value::Object(p)) => {
+            for (k, v) in p {
+                merge(b.entry(k).or_insert(Value::Null), v);
+            }
+        }
+        (b, p) => *b = p,
+    }
+}
+
+/// Starts an agent in `dir` with [`Agent::default_config`] changed by
+/// `patch`, and waits (30 s at most) for its subscription.
+pub fn agent_with(dir: &Path, broker: &Mosquitto, patch: Value) -> Agent {
+    let mut config = Agent::default_config(broker.port);
+    merge(&mut config, patch);
+    let mut agent = Agent::new(dir, config);
+    agent.start();
+    agent.wait_log("subscribed to", Duration::from_secs(30));
+    agent
+}
