@@ -12,8 +12,9 @@ use std::path::{Path, PathBuf};
 /// Temporary files start with this, so a sweep at start-up can find and remove them.
 pub const TEMP_PREFIX: &str = ".holosync-tmp-";
 
-/// Longest file name Windows accepts for one path component.
-const MAX_SEGMENT_CHARS: usize = 255;
+/// Longest name for one path component: 255 UTF-8 bytes is Unix's NAME_MAX,
+/// and it also keeps the name under Windows' 255 UTF-16 code units.
+const MAX_SEGMENT_BYTES: usize = 255;
 
 /// The path segments of `url` after the host, each checked to be a safe
 /// Windows and Unix file name. Errors say which segment is wrong and why.
@@ -44,8 +45,8 @@ pub fn check_segment(s: &str) -> Result<(), &'static str> {
     if s == "." || s == ".." {
         return Err("would leave its folder");
     }
-    if s.chars().count() > MAX_SEGMENT_CHARS {
-        return Err("is longer than 255 characters");
+    if s.len() > MAX_SEGMENT_BYTES {
+        return Err("is longer than 255 bytes");
     }
     if let Some(c) = s
         .chars()

@@ -224,6 +224,10 @@ pub fn raw_payload(command: &str, terminator: &str) -> Result<Vec<u8>, String> {
         if digits.is_empty() || !digits.len().is_multiple_of(2) {
             return Err("hex command needs an even number of hex digits".into());
         }
+        // from_str_radix would accept a sign ("+1"); only hex digits are bytes.
+        if let Some(c) = digits.chars().find(|c| !c.is_ascii_hexdigit()) {
+            return Err(format!("{c:?} is not a hex digit"));
+        }
         return (0..digits.len())
             .step_by(2)
             .map(|i| {
@@ -300,7 +304,8 @@ pub fn pjlink_line(command: &str) -> Result<String, String> {
     let valid = line.len() >= 7
         && line.len() <= 136
         && line.starts_with("%1")
-        && line[2..6].chars().all(|c| c.is_ascii_alphanumeric())
+        // Bytes, not a str slice: a multi-byte character there must not panic.
+        && line.as_bytes()[2..6].iter().all(u8::is_ascii_alphanumeric)
         && line.as_bytes()[6] == b' '
         && !line.contains(['\r', '\n']);
     if !valid {
@@ -382,14 +387,16 @@ pub fn describe_reply(sent: &str, reply: &str) -> Result<String, String> {
     let (head, value) = reply
         .split_once('=')
         .ok_or_else(|| format!("not a PJLink reply: {:?}", escape(reply.as_bytes())))?;
-    if !head.eq_ignore_ascii_case(&sent[..6]) {
+    // `sent` comes from `pjlink_line`, so its first six bytes are ASCII; `get`
+    // keeps a stray caller from panicking all the same.
+    let command = sent.get(..6).ok_or("not a PJLink command line")?;
+    if !head.eq_ignore_ascii_case(command) {
         return Err(format!(
-            "reply {:?} does not answer {}",
+            "reply {:?} does not answer {command}",
             escape(reply.as_bytes()),
-            &sent[..6]
         ));
     }
-    let body = &sent[2..6].to_ascii_uppercase();
+    let body = &command[2..].to_ascii_uppercase();
     match value {
         "OK" => Ok("OK".into()),
         "ERR1" => Err("ERR1: undefined command".into()),
@@ -474,6 +481,7 @@ mod tests {
         );
         assert!(raw_payload("hex:0", "\r").is_err());
         assert!(raw_payload("hex:zz", "\r").is_err());
+        assert!(raw_payload("hex:+1", "\r").is_err());
     }
 
     #[test]
@@ -521,6 +529,7 @@ mod tests {
         assert!(pjlink_line("reboot").is_err());
         assert!(pjlink_line("%1POWR").is_err());
         assert!(pjlink_line("input ../").is_err());
+        assert!(pjlink_line("%1PÖWR 1").is_err());
     }
 
     #[test]

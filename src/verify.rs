@@ -10,6 +10,9 @@ use std::fmt;
 /// Largest picture accepted; a tiny file claiming more is a decompression bomb.
 pub const MAX_PIXELS: u64 = 100_000_000;
 
+/// Most memory a JPEG decode may need for buffers that cannot be scaled down.
+pub const MAX_JPEG_DECODE_BYTES: u64 = 128 << 20;
+
 /// What the bytes turned out to be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -96,6 +99,30 @@ fn verify_jpeg(bytes: &[u8]) -> Result<Kind, String> {
     let info = decoder.info().ok_or("broken JPEG: no frame header")?;
     let (width, height) = (u32::from(info.width), u32::from(info.height));
     check_pixels(width, height)?;
+    // jpeg-decoder keeps whole-picture buffers. Progressive and lossless files
+    // need some at full size (16-bit coefficients or samples), so bound those;
+    // everything is decoded at 1/8 scale, which still reads and checks every
+    // entropy-coded bit but needs 1/64 of the pixel memory (and IDCT time).
+    let components: u64 = match info.pixel_format {
+        jpeg_decoder::PixelFormat::L8 | jpeg_decoder::PixelFormat::L16 => 1,
+        jpeg_decoder::PixelFormat::RGB24 => 3,
+        jpeg_decoder::PixelFormat::CMYK32 => 4,
+    };
+    let full_size_bytes_per_sample = match info.coding_process {
+        jpeg_decoder::CodingProcess::DctSequential => 0,
+        jpeg_decoder::CodingProcess::DctProgressive => 2,
+        jpeg_decoder::CodingProcess::Lossless => 4,
+    };
+    let needed = u64::from(width) * u64::from(height) * components * full_size_bytes_per_sample;
+    if needed > MAX_JPEG_DECODE_BYTES {
+        return Err(format!(
+            "image too large: decoding this {width}x{height} JPEG needs over {} MiB",
+            MAX_JPEG_DECODE_BYTES >> 20
+        ));
+    }
+    decoder
+        .scale(1, 1)
+        .map_err(|e| format!("broken JPEG: {e}"))?;
     decoder.decode().map_err(|e| format!("broken JPEG: {e}"))?;
     Ok(Kind::Jpeg { width, height })
 }
