@@ -1,0 +1,284 @@
+//! Benchmark helper for `bench/run` (`harness = false`).
+//!
+//! - `cargo bench --bench verify` (or the binary with `verify [RUNS]`):
+//!   measures `holosync::verify::verify` on a 1920x1080 JPEG, a 4000x3000
+//!   JPEG and a 1920x1080 PNG. Each figure is the median of RUNS calls
+//!   (default 15) of the process's CPU time, all threads
+//!   (`clock_gettime(CLOCK_PROCESS_CPUTIME_ID)`; jpeg-decoder decodes on
+//!   worker threads), with the calling thread's share and the wall-clock
+//!   median beside it. With `--json` one JSON object is printed instead of a table.
+//! - `gen DIR JPEGS PNGS`: writes the deterministic images `bench/run`
+//!   serves: `DIR/drain/jNNNN.jpg` (1920x1080), `DIR/drain/pNNNN.png`
+//!   (1920x1080) and `DIR/big/photo-4000x3000.jpg`, then prints one line
+//!   per file group with the byte counts.
+//!
+//! The images are a pure function of their seed: smooth colour fields with
+//! a little per-pixel noise, so a 1080p JPEG at quality 85 is 300-500 KB,
+//! like a photo.
+
+use std::fs;
+use std::path::Path;
+use std::time::Instant;
+
+/// `struct timespec` on 64-bit Linux.
+#[cfg(target_os = "linux")]
+#[repr(C)]
+struct Timespec {
+    tv_sec: i64,
+    tv_nsec: i64,
+}
+
+#[cfg(target_os = "linux")]
+extern "C" {
+    fn clock_gettime(clock: i32, ts: *mut Timespec) -> i32;
+}
+
+/// `CLOCK_PROCESS_CPUTIME_ID`: all threads of this process, including
+/// threads that already exited (jpeg-decoder without rayon decodes each
+/// colour component on a thread of its own, so the calling thread's clock
+/// alone would miss most of the work).
+const PROCESS: i32 = 2;
+/// `CLOCK_THREAD_CPUTIME_ID`: the calling thread only.
+const THREAD: i32 = 3;
+
+/// CPU time of `clock` in nanoseconds.
+#[cfg(target_os = "linux")]
+fn cpu_ns(clock: i32) -> u64 {
+    let mut ts = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; both clock ids are
+    // constants every Linux kernel supports.
+    let rc = unsafe { clock_gettime(clock, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime({clock}) failed");
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Elsewhere there is no CPU clock without a dependency: wall time instead.
+#[cfg(not(target_os = "linux"))]
+fn cpu_ns(_clock: i32) -> u64 {
+    use std::sync::OnceLock;
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
+/// SplitMix64 step.
+fn mix(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Deterministic RGB8 pixels: a few seeded smooth colour waves plus noise of
+/// `noise` levels per channel.
+fn pixels(width: usize, height: usize, seed: u64, noise: u8) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0xA076_1D64_78BD_642F) ^ 0xE703_7ED1_A0B4_28DB;
+    let mut waves = [[0f32; 4]; 3];
+    for wave in &mut waves {
+        for (i, v) in wave.iter_mut().enumerate() {
+            let r = (mix(&mut state) >> 11) as f32 / (1u64 << 53) as f32;
+            *v = if i < 2 {
+                1.0 + r * 9.0
+            } else {
+                r * std::f32::consts::TAU
+            };
+        }
+    }
+    let (w, h) = (width as f32, height as f32);
+    let mut data = Vec::with_capacity(width * height * 3);
+    for y in 0..height {
+        let fy = y as f32 / h;
+        for x in 0..width {
+            let fx = x as f32 / w;
+            let z = mix(&mut state);
+            for (c, wave) in waves.iter().enumerate() {
+                let a = (fx * wave[0] + wave[2]).sin();
+                let b = (fy * wave[1] + wave[3] + fx * 2.0).cos();
+                let base = 128.0 + 60.0 * a + 50.0 * b;
+                let n = ((z >> (c * 8)) & 0xff) as u32 * u32::from(noise) / 256;
+                let v = base as i32 + n as i32 - i32::from(noise / 2);
+                data.push(v.clamp(0, 255) as u8);
+            }
+        }
+    }
+    data
+}
+
+/// A deterministic baseline JPEG, quality 85.
+fn jpeg(width: u16, height: u16, seed: u64) -> Vec<u8> {
+    let data = pixels(usize::from(width), usize::from(height), seed, 28);
+    let mut out = Vec::new();
+    jpeg_encoder::Encoder::new(&mut out, 85)
+        .encode(&data, width, height, jpeg_encoder::ColorType::Rgb)
+        .expect("encode jpeg");
+    out
+}
+
+/// A deterministic RGB8 PNG (default compression).
+fn png(width: u32, height: u32, seed: u64) -> Vec<u8> {
+    let data = pixels(width as usize, height as usize, seed, 2);
+    let mut out = Vec::new();
+    let mut encoder = png::Encoder::new(&mut out, width, height);
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    let mut writer = encoder.write_header().expect("png header");
+    writer.write_image_data(&data).expect("png data");
+    writer.finish().expect("png finish");
+    out
+}
+
+/// Median of `v` (sorted in place); 0 for an empty slice.
+fn median(v: &mut [f64]) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Medians over `runs` calls of verify, in ms.
+struct Figures {
+    /// Process CPU time (all threads).
+    cpu: f64,
+    /// CPU time of the calling thread alone.
+    thread: f64,
+    /// Wall-clock time.
+    wall: f64,
+}
+
+/// Times `runs` calls of verify on `bytes` (after one warm-up call).
+fn measure(bytes: &[u8], url: &str, ctype: &str, runs: usize) -> Figures {
+    // One warm-up call (page faults of the first allocation, caches).
+    holosync::verify::verify(bytes, url, Some(ctype)).expect("verify warm-up");
+    let (mut cpu, mut thread, mut wall) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let (p0, t0, w0) = (cpu_ns(PROCESS), cpu_ns(THREAD), Instant::now());
+        let kind = holosync::verify::verify(bytes, url, Some(ctype));
+        let (p1, t1, w1) = (cpu_ns(PROCESS), cpu_ns(THREAD), w0.elapsed());
+        kind.expect("verify");
+        cpu.push((p1 - p0) as f64 / 1e6);
+        thread.push((t1 - t0) as f64 / 1e6);
+        wall.push(w1.as_secs_f64() * 1e3);
+    }
+    Figures {
+        cpu: median(&mut cpu),
+        thread: median(&mut thread),
+        wall: median(&mut wall),
+    }
+}
+
+/// `verify [RUNS] [--json]`.
+fn run_verify(args: &[String]) {
+    let json = args.iter().any(|a| a == "--json");
+    let runs = args
+        .iter()
+        .find_map(|a| a.parse::<usize>().ok())
+        .unwrap_or(15)
+        .max(1);
+    let cases = [
+        ("jpeg_1920x1080", jpeg(1920, 1080, 1), "a.jpg", "image/jpeg"),
+        ("jpeg_4000x3000", jpeg(4000, 3000, 2), "b.jpg", "image/jpeg"),
+        ("png_1920x1080", png(1920, 1080, 3), "c.png", "image/png"),
+    ];
+    let mut rows = Vec::new();
+    for (name, bytes, url, ctype) in &cases {
+        rows.push((*name, bytes.len(), measure(bytes, url, ctype, runs)));
+    }
+    if json {
+        let items: Vec<String> = rows
+            .iter()
+            .map(|(name, len, f)| {
+                format!(
+                    "\"{name}\":{{\"bytes\":{len},\"cpu_ms\":{:.3},\"thread_ms\":{:.3},\"wall_ms\":{:.3},\"runs\":{runs}}}",
+                    f.cpu, f.thread, f.wall
+                )
+            })
+            .collect();
+        println!("{{{}}}", items.join(","));
+    } else {
+        println!("verify: median of {runs} runs; CPU = process CPU time (all threads, CLOCK_PROCESS_CPUTIME_ID)");
+        for (name, len, f) in rows {
+            println!(
+                "{name:<16} {len:>9} bytes  {:8.2} ms CPU ({:.2} ms on the calling thread)  {:8.2} ms wall",
+                f.cpu, f.thread, f.wall
+            );
+        }
+    }
+}
+
+/// `gen DIR JPEGS PNGS`.
+fn run_gen(args: &[String]) {
+    let usage = "usage: verify gen DIR JPEGS PNGS";
+    let dir = Path::new(args.first().expect(usage));
+    let jpegs: u64 = args.get(1).and_then(|s| s.parse().ok()).expect(usage);
+    let pngs: u64 = args.get(2).and_then(|s| s.parse().ok()).expect(usage);
+    let drain = dir.join("drain");
+    let big = dir.join("big");
+    fs::create_dir_all(&drain).expect("create drain dir");
+    fs::create_dir_all(&big).expect("create big dir");
+    // Every file is a pure function of its name, so the work is split over
+    // the cores without changing a byte.
+    let mut jobs: Vec<(String, bool, u64)> = (0..jpegs)
+        .map(|i| (format!("j{i:04}.jpg"), true, 1000 + i))
+        .chain((0..pngs).map(|i| (format!("p{i:04}.png"), false, 5000 + i)))
+        .collect();
+    jobs.reverse();
+    let jobs = std::sync::Mutex::new(jobs);
+    let totals = std::sync::Mutex::new((0usize, 0usize));
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| loop {
+                let Some((name, is_jpeg, seed)) = jobs.lock().expect("jobs").pop() else {
+                    return;
+                };
+                let bytes = if is_jpeg {
+                    jpeg(1920, 1080, seed)
+                } else {
+                    png(1920, 1080, seed)
+                };
+                let mut t = totals.lock().expect("totals");
+                if is_jpeg {
+                    t.0 += bytes.len();
+                } else {
+                    t.1 += bytes.len();
+                }
+                drop(t);
+                fs::write(drain.join(name), bytes).expect("write image");
+            });
+        }
+    });
+    let (jpeg_bytes, png_bytes) = *totals.lock().expect("totals");
+    let photo = jpeg(4000, 3000, 9000);
+    fs::write(big.join("photo-4000x3000.jpg"), &photo).expect("write big jpeg");
+    println!("jpegs {jpegs} {jpeg_bytes}");
+    println!("pngs {pngs} {png_bytes}");
+    println!("big 1 {}", photo.len());
+}
+
+fn main() {
+    // `cargo bench` appends `--bench`; anything else is ours.
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    match args.first().map(String::as_str) {
+        Some("gen") => run_gen(&args[1..]),
+        Some("verify") => run_verify(&args[1..]),
+        None => run_verify(&[]),
+        Some(other) => {
+            eprintln!(
+                "unknown command {other:?}; use `verify [RUNS] [--json]` or `gen DIR JPEGS PNGS`"
+            );
+            std::process::exit(2);
+        }
+    }
+}
