@@ -192,7 +192,17 @@ impl Agent {
             }
             Link::Down { .. } => CONNECT_POLL_TIMEOUT,
         };
-        match self.connection.recv_timeout(timeout) {
+        // Work is due now: poll once without a timer. tokio's timer has 1 ms
+        // steps, so even a zero timeout would wait ~1 ms per downloaded image.
+        let polled = if timeout.is_zero() {
+            self.connection.try_recv().map_err(|e| match e {
+                rumqttc::TryRecvError::Empty => rumqttc::RecvTimeoutError::Timeout,
+                rumqttc::TryRecvError::Disconnected => rumqttc::RecvTimeoutError::Disconnected,
+            })
+        } else {
+            self.connection.recv_timeout(timeout)
+        };
+        match polled {
             Ok(Ok(event)) => self.handle_event(event),
             Ok(Err(e)) => self.connection_lost(&e.to_string()),
             Err(rumqttc::RecvTimeoutError::Timeout) => {
