@@ -10,6 +10,9 @@ use std::fmt;
 /// Largest picture accepted; a tiny file claiming more is a decompression bomb.
 pub const MAX_PIXELS: u64 = 100_000_000;
 
+/// Pixels a JPEG byte can plausibly hold; far above what any real encoder reaches.
+const MAX_PIXELS_PER_BYTE: u64 = 1024;
+
 /// Most memory a JPEG decode may need for buffers that cannot be scaled down.
 pub const MAX_JPEG_DECODE_BYTES: u64 = 128 << 20;
 
@@ -99,6 +102,15 @@ fn verify_jpeg(bytes: &[u8]) -> Result<Kind, String> {
     let info = decoder.info().ok_or("broken JPEG: no frame header")?;
     let (width, height) = (u32::from(info.width), u32::from(info.height));
     check_pixels(width, height)?;
+    // Even a flat picture costs a few bits per 8x8 block (about one byte per
+    // 170-340 pixels); a file claiming over 1024 pixels per byte is cut short
+    // or a bomb, which jpeg-decoder would quietly fill with zeros.
+    if u64::from(width) * u64::from(height) > bytes.len() as u64 * MAX_PIXELS_PER_BYTE {
+        return Err(format!(
+            "broken JPEG: {width}x{height} cannot fit in {} bytes (truncated, or a decompression bomb)",
+            bytes.len()
+        ));
+    }
     // jpeg-decoder keeps whole-picture buffers. Progressive and lossless files
     // need some at full size (16-bit coefficients or samples), so bound those;
     // everything is decoded at 1/8 scale, which still reads and checks every
@@ -144,8 +156,21 @@ fn check_pixels(width: u32, height: u32) -> Result<(), String> {
 /// default is to store the bytes unchanged).
 pub fn reencode_jpeg(bytes: &[u8], quality: u8) -> Result<Vec<u8>, String> {
     let mut decoder = jpeg_decoder::Decoder::new(bytes);
-    let pixels = decoder.decode().map_err(|e| format!("broken JPEG: {e}"))?;
+    decoder
+        .read_info()
+        .map_err(|e| format!("broken JPEG header: {e}"))?;
     let info = decoder.info().ok_or("broken JPEG: no frame header")?;
+    // Re-encoding needs the full-size pixels: bound them like verify does.
+    let full = u64::from(info.width) * u64::from(info.height) * 4;
+    if full > MAX_JPEG_DECODE_BYTES {
+        return Err(format!(
+            "image too large to re-encode: {}x{} needs over {} MiB",
+            info.width,
+            info.height,
+            MAX_JPEG_DECODE_BYTES >> 20
+        ));
+    }
+    let pixels = decoder.decode().map_err(|e| format!("broken JPEG: {e}"))?;
     let color = match info.pixel_format {
         jpeg_decoder::PixelFormat::RGB24 => jpeg_encoder::ColorType::Rgb,
         jpeg_decoder::PixelFormat::L8 => jpeg_encoder::ColorType::Luma,
@@ -309,6 +334,35 @@ mod tests {
         j[sof + 7..sof + 9].copy_from_slice(&60000u16.to_be_bytes());
         let err = verify(&j, "http://h/bomb.jpg", None).unwrap_err();
         assert!(err.contains("too large"), "{err}");
+    }
+
+    #[test]
+    fn small_jpeg_with_a_patched_big_header_is_refused() {
+        let mut j = jpeg(8, 8);
+        let sof = j.windows(2).position(|w| w == [0xff, 0xc0]).unwrap();
+        j[sof + 5..sof + 7].copy_from_slice(&10000u16.to_be_bytes());
+        j[sof + 7..sof + 9].copy_from_slice(&10000u16.to_be_bytes());
+        let err = verify(&j, "http://h/a.jpg", None).unwrap_err();
+        assert!(err.contains("cannot fit"), "{err}");
+        assert!(reencode_jpeg(&j, 80).is_err());
+    }
+
+    #[test]
+    fn flat_picture_stays_within_the_bytes_per_pixel_floor() {
+        // The most compressible real content: one colour, 1024x1024.
+        let pixels = vec![128u8; 1024 * 1024 * 3];
+        let mut out = Vec::new();
+        jpeg_encoder::Encoder::new(&mut out, 50)
+            .encode(&pixels, 1024, 1024, jpeg_encoder::ColorType::Rgb)
+            .unwrap();
+        assert!(
+            matches!(
+                verify(&out, "http://h/flat.jpg", None),
+                Ok(Kind::Jpeg { .. })
+            ),
+            "{} bytes",
+            out.len()
+        );
     }
 
     #[test]
