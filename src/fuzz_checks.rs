@@ -7,7 +7,6 @@
 //! file name rules in particular), so a bug in the crate's own check is found
 //! rather than copied.
 
-use std::io::{self, Cursor, Read, Write};
 use std::path::{Component, Path};
 
 use crate::{cache, config, message, projector, verify};
@@ -144,7 +143,7 @@ pub fn pjlink_reply(data: &[u8]) {
     };
 
     for password in [None, Some("JBMIAProjectorLink")] {
-        let mut peer = Peer::new(peer_bytes);
+        let mut peer = projector::MemoryPeer::new(peer_bytes);
         let result = projector::pjlink_exchange(&mut peer, &line, password);
         let out = &peer.output;
         if out.is_empty() {
@@ -186,7 +185,7 @@ pub fn pjlink_reply(data: &[u8]) {
         }
     }
 
-    let mut peer = Peer::new(peer_bytes);
+    let mut peer = projector::MemoryPeer::new(peer_bytes);
     if let Ok(Some(reply)) = projector::raw_exchange(&mut peer, b"PWR ON\r", b"\r") {
         assert!(reply.len() <= 4096, "raw reply of {} bytes", reply.len());
         assert!(!reply.contains(&b'\r') && !reply.contains(&b'\n'));
@@ -365,37 +364,6 @@ pub fn unix_file_name(name: &str) -> Result<(), &'static str> {
         return Err("longer than 255 bytes (NAME_MAX)");
     }
     Ok(())
-}
-
-/// An in-memory projector: reads come from the fuzz data, writes are kept.
-struct Peer {
-    input: Cursor<Vec<u8>>,
-    output: Vec<u8>,
-}
-
-impl Peer {
-    fn new(input: &[u8]) -> Peer {
-        Peer {
-            input: Cursor::new(input.to_vec()),
-            output: Vec::new(),
-        }
-    }
-}
-
-impl Read for Peer {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.input.read(buf)
-    }
-}
-
-impl Write for Peer {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.output.extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
 }
 
 #[cfg(test)]

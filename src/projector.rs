@@ -431,40 +431,45 @@ pub fn escape(bytes: &[u8]) -> String {
     out
 }
 
+/// An in-memory projector for unit tests and fuzzing: reads come from a
+/// script, writes are kept.
+#[doc(hidden)]
+pub struct MemoryPeer {
+    /// What the projector "sends".
+    input: io::Cursor<Vec<u8>>,
+    /// What was written to the projector.
+    pub output: Vec<u8>,
+}
+
+impl MemoryPeer {
+    /// A peer that will answer with `input`, then EOF.
+    pub fn new(input: &[u8]) -> MemoryPeer {
+        MemoryPeer {
+            input: io::Cursor::new(input.to_vec()),
+            output: Vec::new(),
+        }
+    }
+}
+
+impl Read for MemoryPeer {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.input.read(buf)
+    }
+}
+
+impl Write for MemoryPeer {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.output.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Cursor;
-
-    /// In-memory peer: reads come from `input`, writes go to `output`.
-    struct Peer {
-        input: Cursor<Vec<u8>>,
-        output: Vec<u8>,
-    }
-
-    impl Peer {
-        fn new(input: &[u8]) -> Peer {
-            Peer {
-                input: Cursor::new(input.to_vec()),
-                output: Vec::new(),
-            }
-        }
-    }
-
-    impl Read for Peer {
-        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-            self.input.read(buf)
-        }
-    }
-
-    impl Write for Peer {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            self.output.write(buf)
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
 
     #[test]
     fn raw_command_gets_the_terminator_once() {
@@ -486,7 +491,7 @@ mod tests {
 
     #[test]
     fn raw_reply_is_read_to_the_terminator() {
-        let mut p = Peer::new(b"OK\rtrailing");
+        let mut p = MemoryPeer::new(b"OK\rtrailing");
         let reply = raw_exchange(&mut p, b"PWR ON\r", b"\r").unwrap();
         assert_eq!(reply.as_deref(), Some(&b"OK"[..]));
         assert_eq!(p.output, b"PWR ON\r");
@@ -494,13 +499,13 @@ mod tests {
 
     #[test]
     fn raw_without_reply_is_not_an_error() {
-        let mut p = Peer::new(b"");
+        let mut p = MemoryPeer::new(b"");
         assert_eq!(raw_exchange(&mut p, b"x\r", b"\r").unwrap(), None);
     }
 
     #[test]
     fn raw_garbage_reply_is_capped() {
-        let mut p = Peer::new(&vec![b'A'; 1_000_000]);
+        let mut p = MemoryPeer::new(&vec![b'A'; 1_000_000]);
         let reply = raw_exchange(&mut p, b"x\r", b"\r").unwrap().unwrap();
         assert_eq!(reply.len(), MAX_RAW_REPLY_BYTES);
     }
@@ -534,14 +539,14 @@ mod tests {
 
     #[test]
     fn pjlink_without_auth() {
-        let mut p = Peer::new(b"PJLINK 0\r%1POWR=OK\r");
+        let mut p = MemoryPeer::new(b"PJLINK 0\r%1POWR=OK\r");
         assert_eq!(pjlink_exchange(&mut p, "%1POWR 1", None).unwrap(), "OK");
         assert_eq!(p.output, b"%1POWR 1\r");
     }
 
     #[test]
     fn pjlink_with_auth_prefixes_the_digest() {
-        let mut p = Peer::new(b"PJLINK 1 498e4a67\r%1POWR=OK\r");
+        let mut p = MemoryPeer::new(b"PJLINK 1 498e4a67\r%1POWR=OK\r");
         let r = pjlink_exchange(&mut p, "%1POWR 1", Some("JBMIAProjectorLink"));
         assert_eq!(r.unwrap(), "OK");
         assert_eq!(p.output, b"5d8409bc1c3fa39749434aa3a5c38682%1POWR 1\r");
@@ -549,7 +554,7 @@ mod tests {
 
     #[test]
     fn pjlink_auth_without_password_sends_nothing() {
-        let mut p = Peer::new(b"PJLINK 1 498e4a67\r");
+        let mut p = MemoryPeer::new(b"PJLINK 1 498e4a67\r");
         assert!(pjlink_exchange(&mut p, "%1POWR 1", None)
             .unwrap_err()
             .contains("password"));
@@ -584,9 +589,9 @@ mod tests {
 
     #[test]
     fn pjlink_overlong_or_cut_reply_fails() {
-        let mut p = Peer::new(&vec![b'x'; 10_000]);
+        let mut p = MemoryPeer::new(&vec![b'x'; 10_000]);
         assert!(pjlink_exchange(&mut p, "%1POWR 1", None).is_err());
-        let mut p = Peer::new(b"PJLINK 0\r%1PO");
+        let mut p = MemoryPeer::new(b"PJLINK 0\r%1PO");
         assert!(pjlink_exchange(&mut p, "%1POWR 1", None)
             .unwrap_err()
             .contains("closed"));
