@@ -488,11 +488,17 @@ fn soak_kills_broker_restarts_and_http_faults_lose_nothing() {
     drop(broker);
     drop(dir);
     let seconds = started.elapsed().as_secs();
-    println!(
+    let line = format!(
         "soak: urls={n_urls} messages={published} kills={kills} broker_restarts={broker_restarts} faults={faults} lost={} corrupt={} stray_tmp={} seconds={seconds}",
         lost.len(),
         corrupt.len(),
         stray_tmp.len()
+    );
+    println!("{line}");
+    // `cargo test` hides a passing test's output; CI prints this file after the run.
+    let _ = std::fs::write(
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join("soak-line.txt"),
+        format!("{line}\n"),
     );
 
     assert_eq!(lost.len(), 0, "lost URLs\n{details}");
