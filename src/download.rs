@@ -50,13 +50,6 @@ impl Failure {
             retry_after: None,
         }
     }
-
-    /// The human-readable reason.
-    pub fn reason(&self) -> &str {
-        match self {
-            Failure::Transient { reason, .. } | Failure::Permanent(reason) => reason,
-        }
-    }
 }
 
 /// GETs `url` within `limits` and checks the body against Content-Length.
