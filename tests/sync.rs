@@ -259,15 +259,12 @@ fn faulty_responses_fail_cleanly_and_good_urls_still_arrive() {
                             "max_attempts": 2, "retry_base_ms": 100, "retry_max_ms": 200}}),
     );
     broker.publish("sync", payload.join(",").as_bytes(), 1);
-    let status = agent.wait_done(faults.len() as u64 + 1, WAIT);
+    agent.wait_done(faults.len() as u64 + 1, WAIT);
     wait_until("every fault to settle", WAIT, || {
         let s = agent.status();
         s["failed"] == faults.len() && s["pending"] == 0 && s["retry"] == 0
     });
-    let status = {
-        let _ = status;
-        agent.status()
-    };
+    let status = agent.status();
     for (path, _, want) in &faults {
         let got = state_of(&status, &http.url(path)).unwrap_or_default();
         let want_words: Vec<&str> = want.split(' ').collect();
