@@ -1,96 +1,85 @@
-//! The one loop: MQTT events, the download deadline, and dispatch.
-//!
-//! One thread. rumqttc's blocking `Connection` is polled with a timeout that
-//! ends at the next download deadline; between events one due queue row is
-//! downloaded. Every blocking step (a download, a projector command) is kept
-//! well under the MQTT keep-alive by config validation.
+//! The one loop: each turn polls the broker link, dispatches what arrived,
+//! and gives every piece of work in progress (a projector message, a
+//! download) one bounded slice. See ARCHITECTURE.md for the timing budget.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
-use std::thread;
+use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use rumqttc::{Client, Connection, Event, MqttOptions, Packet, Publish, QoS};
+use rumqttc::{MqttOptions, QoS};
 
 use crate::cache;
 use crate::config::Config;
-use crate::download::{self, Failure, Limits};
+use crate::download::{self, Download, Failure, Stored};
 use crate::error::{Context, Result};
+use crate::http;
+use crate::link::{Ack, Delivery, Link};
 use crate::message;
 use crate::projector::{self, Batch};
 use crate::queue::{self, Job, Queue};
-use crate::verify;
 
-/// Largest MQTT packet accepted: the protocol's own maximum (a 268,435,455-byte
-/// remaining length plus the fixed header). A client that refuses a QoS 1
-/// message drops the connection, and under a persistent session the broker
-/// sends the same message again on reconnect, forever. Accepting whatever the
-/// broker sends and then dropping oversized payloads in the application (see
-/// `mqtt.max_payload_bytes`) is the only way out of that loop with MQTT 3.1.1.
-pub const MAX_PACKET_BYTES: usize = 268_435_460;
+/// Longest time one piece of work (a download, a projector) runs per turn
+/// before the broker link gets its turn again.
+pub const WORK_SLICE: Duration = Duration::from_millis(20);
 
-/// Largest packet we send (projector results); far above what we need.
-const MAX_OUTGOING_PACKET_BYTES: usize = 1024 * 1024;
+/// How often a commit that failed (database locked) is tried again.
+const COMMIT_RETRY: Duration = Duration::from_millis(500);
 
-/// Requests (acks, subscribes, publishes) buffered for the event loop.
-const REQUEST_CHANNEL_CAPACITY: usize = 1024;
+/// How often a failing held commit is logged again (the first failure always is).
+const COMMIT_FAILURE_LOG_EVERY: Duration = Duration::from_secs(30);
 
-/// rumqttc's own connect timeout (TCP + CONNACK).
-const CONNECT_TIMEOUT_SECS: u64 = 5;
+/// With nothing due, the queue is looked at again after this (rows can also
+/// arrive from `holosync enqueue` in another process).
+const IDLE_RECHECK: Duration = Duration::from_secs(10);
 
-/// Poll timeout while connecting. It must outlast a connect: a shorter one
-/// cancels the connect each time and the client never gets through.
-const CONNECT_POLL_TIMEOUT: Duration = Duration::from_secs(CONNECT_TIMEOUT_SECS + 5);
-
-/// First reconnect delay; doubles per failed attempt.
-const RECONNECT_MIN: Duration = Duration::from_secs(1);
-
-/// Longest reconnect delay.
-const RECONNECT_MAX: Duration = Duration::from_secs(60);
-
-/// Longest single poll while connected, so idle ticks stay cheap but regular.
-const MAX_POLL: Duration = Duration::from_secs(10);
-
-/// With `interval_ms: 0` and nothing due, look at the queue again after this
-/// (rows can also arrive from `holosync enqueue` in another process).
-const IDLE_RECHECK: Duration = Duration::from_secs(1);
+/// A wall clock that moved this much less than the monotonic clock between
+/// two turns jumped back.
+const CLOCK_JUMP: Duration = Duration::from_secs(2);
 
 /// Skipped payload entries logged one by one per message; the rest are counted.
 const MAX_SKIPPED_LINES: usize = 10;
 
-/// The broker link.
-enum Link {
-    /// Connected and subscribed.
-    Up,
-    /// Not connected; the next attempt is due at `retry_at`.
-    Down {
-        /// When to try again.
-        retry_at: Instant,
-        /// Delay after the next failure.
-        backoff: Duration,
-    },
+/// What the queue must record about a finished download.
+#[derive(Debug)]
+enum Record {
+    /// The file is in place.
+    Done(Job),
+    /// Given up on, with the reason.
+    Failed(Job, String),
+    /// Try again at `next_ms`.
+    Retry(Job, String, i64),
 }
 
-/// The running agent: config, queue, MQTT client and the loop's clocks.
+/// The running agent: config, queue, broker link and the work in progress.
 pub struct Agent {
     /// The validated config.
     config: Config,
     /// The durable queue.
     queue: Queue,
-    /// Sends requests (acks, subscriptions, publishes) to the event loop.
-    client: Client,
-    /// The MQTT event loop, polled by `run`.
-    connection: Connection,
-    /// Broker link state.
+    /// The broker link.
     link: Link,
-    /// When the next queue row may be downloaded.
-    next_download: Instant,
-    /// Sync messages received but not yet committed (database busy): retried, then acked.
-    uncommitted: Vec<Publish>,
-    /// Projector messages in progress; one projector is handled per loop step.
-    projector_batches: VecDeque<Batch>,
-    /// Download limits from the config.
-    limits: Limits,
+    /// How downloads are done.
+    settings: download::Settings,
+    /// Sync messages not committed yet (database busy): retried, acked if
+    /// their connection is still up.
+    held: Vec<Delivery>,
+    /// When held commits and unrecorded results are tried again.
+    retry_at: Instant,
+    /// When a failing held commit was last logged.
+    commit_failure_logged: Option<Instant>,
+    /// Projector messages in progress, oldest first.
+    projectors: VecDeque<Batch>,
+    /// The download in progress.
+    download: Option<Download>,
+    /// When the last download started (downloads start `interval_ms` apart).
+    last_start: Option<Instant>,
+    /// When to look at the queue for a due row.
+    next_check: Instant,
+    /// Results the queue could not take yet (database busy).
+    unrecorded: Vec<Record>,
+    /// The wall clock and monotonic clock at the last turn, to see jumps.
+    clock: (Instant, i64),
 }
 
 /// Milliseconds since the Unix epoch (the queue's clock: it survives restarts).
@@ -101,7 +90,7 @@ pub fn unix_ms() -> i64 {
 }
 
 impl Agent {
-    /// Opens the queue, settles the client id and prepares the MQTT client.
+    /// Opens the queue, settles the client id and prepares the broker link.
     pub fn new(config: Config, config_path: PathBuf) -> Result<Agent> {
         let queue = Queue::open_or_recover(&config.database)?;
         let client_id = client_id(&config, &queue)?;
@@ -121,206 +110,175 @@ impl Agent {
             )
         })?;
         cache::remove_temp_files(&config.cache_dir);
+        let moved = queue.clamp_schedule(unix_ms(), config.download.retry_max_ms)?;
+        if moved > 0 {
+            log::warn!(
+                "{moved} queued URLs were scheduled too far ahead (the clock was ahead when they were queued); they are due now"
+            );
+        }
 
         let m = &config.mqtt;
         let mut options = MqttOptions::new(client_id, m.host.clone(), m.port);
-        options
-            .set_keep_alive(Duration::from_secs(m.keep_alive_secs))
-            .set_clean_session(false)
-            .set_manual_acks(true)
-            .set_max_packet_size(MAX_PACKET_BYTES, MAX_OUTGOING_PACKET_BYTES);
+        options.set_keep_alive(Duration::from_secs(m.keep_alive_secs));
         if let Some(user) = &m.username {
             let password = m.password.as_ref().map_or("", |p| p.expose());
             options.set_credentials(user.clone(), password);
         }
-        let (client, mut connection) = Client::new(options, REQUEST_CHANNEL_CAPACITY);
-        let mut network = connection.eventloop.network_options();
-        network.set_connection_timeout(CONNECT_TIMEOUT_SECS);
-        connection.eventloop.set_network_options(network);
+        let topics = m
+            .sync_topics
+            .iter()
+            .map(|t| (t.clone(), QoS::AtLeastOnce))
+            // QoS 0: a stale power command must not fire hours later.
+            .chain([(m.projector_topic.clone(), QoS::AtMostOnce)])
+            .collect();
+        let link = Link::new(options, topics);
 
-        let limits = Limits {
-            timeout_secs: config.download.timeout_secs,
-            max_bytes: config.download.max_bytes,
+        let d = &config.download;
+        let settings = download::Settings {
+            limits: http::Limits {
+                stall: Duration::from_secs(d.timeout_secs),
+                max_time: Duration::from_secs(d.max_secs),
+                max_bytes: d.max_bytes,
+            },
+            reencode_jpeg_quality: d.reencode_jpeg_quality,
         };
+        let now = Instant::now();
         Ok(Agent {
             config,
             queue,
-            client,
-            connection,
-            link: Link::Down {
-                retry_at: Instant::now(),
-                backoff: RECONNECT_MIN,
-            },
-            next_download: Instant::now(),
-            uncommitted: Vec::new(),
-            projector_batches: VecDeque::new(),
-            limits,
+            link,
+            settings,
+            held: Vec::new(),
+            retry_at: now,
+            commit_failure_logged: None,
+            projectors: VecDeque::new(),
+            download: None,
+            last_start: None,
+            next_check: now,
+            unrecorded: Vec::new(),
+            clock: (now, unix_ms()),
         })
     }
 
     /// Runs until the process is killed.
     pub fn run(mut self) -> ! {
         loop {
-            self.commit_held_messages();
-            if let Some(batch) = self.projector_batches.front_mut() {
-                if batch.step(&self.config.projector) {
-                    batch.publish(&self.client, &self.config.projector);
-                    self.projector_batches.pop_front();
-                }
-            } else if Instant::now() >= self.next_download {
-                self.download_step();
-            }
-            self.poll_mqtt();
+            self.turn();
         }
     }
 
-    /// Waits for one MQTT event or until the next deadline, whichever is first.
-    fn poll_mqtt(&mut self) {
+    /// One turn: the link, what arrived, the clocks, then one slice of each
+    /// piece of work.
+    fn turn(&mut self) {
+        let idle_until = self.idle_until();
+        self.link.poll(idle_until);
+        while let Some(d) = self.link.next_delivery() {
+            self.dispatch(d);
+        }
+        self.watch_clock();
+        if Instant::now() >= self.retry_at {
+            self.retry_at = Instant::now() + COMMIT_RETRY;
+            self.commit_held();
+            self.record_pending();
+        }
+        if let Some(batch) = self.projectors.front_mut() {
+            if batch.step(&self.config.projector, Instant::now() + WORK_SLICE) {
+                let batch = self.projectors.pop_front().expect("stepped above");
+                self.publish_results(&batch);
+            }
+        }
+        if self.download.is_none() && self.unrecorded.is_empty() {
+            self.start_download();
+        }
+        if let Some(dl) = &mut self.download {
+            if let Poll::Ready(result) = dl.step(Instant::now() + WORK_SLICE) {
+                let dl = self.download.take().expect("stepped above");
+                self.finished(dl, result);
+            }
+        }
+    }
+
+    /// None when work is due now; else when the loop next has something to do.
+    fn idle_until(&self) -> Option<Instant> {
+        if !self.projectors.is_empty() || self.download.is_some() {
+            return None;
+        }
         let now = Instant::now();
-        let busy = !self.projector_batches.is_empty();
-        let until_work = if busy {
-            Duration::ZERO
-        } else {
-            self.next_download.saturating_duration_since(now)
-        };
-        let timeout = match self.link {
-            Link::Up => until_work.min(MAX_POLL),
-            Link::Down { retry_at, .. } if now < retry_at => {
-                // Keep downloading while the broker is away; sleep only until the next job.
-                thread::sleep(until_work.min(retry_at - now));
-                return;
-            }
-            Link::Down { .. } => CONNECT_POLL_TIMEOUT,
-        };
-        // Work is due now: poll once without a timer. tokio's timer has 1 ms
-        // steps, so even a zero timeout would wait ~1 ms per downloaded image.
-        let polled = if timeout.is_zero() {
-            self.connection.try_recv().map_err(|e| match e {
-                rumqttc::TryRecvError::Empty => rumqttc::RecvTimeoutError::Timeout,
-                rumqttc::TryRecvError::Disconnected => rumqttc::RecvTimeoutError::Disconnected,
-            })
-        } else {
-            self.connection.recv_timeout(timeout)
-        };
-        match polled {
-            Ok(Ok(event)) => self.handle_event(event),
-            Ok(Err(e)) => self.connection_lost(&e.to_string()),
-            Err(rumqttc::RecvTimeoutError::Timeout) => {
-                if matches!(self.link, Link::Down { .. }) {
-                    self.connection_lost("connect timed out");
-                }
-            }
-            Err(rumqttc::RecvTimeoutError::Disconnected) => {
-                unreachable!("the agent holds the client, so the request channel stays open")
-            }
+        let mut until = now + IDLE_RECHECK;
+        if self.unrecorded.is_empty() {
+            until = until.min(self.next_check);
         }
-    }
-
-    fn connection_lost(&mut self, why: &str) {
-        let m = &self.config.mqtt;
-        let (retry_in, next) = match self.link {
-            Link::Up => {
-                log::warn!("lost connection to broker {}:{}: {why}", m.host, m.port);
-                (RECONNECT_MIN, RECONNECT_MIN * 2)
-            }
-            Link::Down { backoff, .. } => {
-                log::warn!(
-                    "could not connect to broker {}:{}: {why}; next attempt in {} s",
-                    m.host,
-                    m.port,
-                    backoff.as_secs()
-                );
-                (backoff, (backoff * 2).min(RECONNECT_MAX))
-            }
-        };
-        self.link = Link::Down {
-            retry_at: Instant::now() + retry_in,
-            backoff: next,
-        };
-    }
-
-    fn handle_event(&mut self, event: Event) {
-        match event {
-            Event::Incoming(Packet::ConnAck(ack)) => {
-                log::info!(
-                    "connected to broker {}:{} (session present: {})",
-                    self.config.mqtt.host,
-                    self.config.mqtt.port,
-                    ack.session_present
-                );
-                self.link = Link::Up;
-                self.subscribe();
-            }
-            Event::Incoming(Packet::SubAck(ack)) => {
-                if ack
-                    .return_codes
-                    .iter()
-                    .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
-                {
-                    log::error!(
-                        "broker refused a subscription (check the user's topic permissions): {:?}",
-                        ack.return_codes
-                    );
-                } else {
-                    log::info!("subscribed to {} topics", ack.return_codes.len());
-                }
-            }
-            Event::Incoming(Packet::Publish(publish)) => self.handle_publish(publish),
-            Event::Incoming(Packet::Disconnect) => {
-                self.connection_lost("broker sent DISCONNECT");
-            }
-            Event::Incoming(_) | Event::Outgoing(_) => {}
+        if !self.held.is_empty() || !self.unrecorded.is_empty() {
+            until = until.min(self.retry_at);
         }
+        (until > now).then_some(until)
     }
 
-    /// Subscribes again on every ConnAck: a broker that lost the session forgets them.
-    fn subscribe(&mut self) {
+    /// Handles one message from the broker.
+    fn dispatch(&mut self, d: Delivery) {
         let m = &self.config.mqtt;
-        let filters = m
-            .sync_topics
-            .iter()
-            .map(|t| rumqttc::SubscribeFilter::new(t.clone(), QoS::AtLeastOnce))
-            // QoS 0: a stale power command must not fire hours later.
-            .chain([rumqttc::SubscribeFilter::new(
-                m.projector_topic.clone(),
-                QoS::AtMostOnce,
-            )]);
-        if let Err(e) = self.client.try_subscribe_many(filters) {
-            log::error!("could not request subscriptions: {e}");
-        }
-    }
-
-    fn handle_publish(&mut self, publish: Publish) {
-        let m = &self.config.mqtt;
-        if m.sync_topics.contains(&publish.topic) {
-            if publish.payload.len() > m.max_payload_bytes {
+        let topic = &d.publish.topic;
+        if m.sync_topics.contains(topic) {
+            let max = m.max_payload_bytes;
+            if d.publish.payload.len() > max {
                 log::error!(
-                    "dropped a sync message on {} of {} bytes: over mqtt.max_payload_bytes ({}); acknowledged so the broker does not send it again",
-                    publish.topic,
-                    publish.payload.len(),
-                    m.max_payload_bytes
+                    "dropped a sync message on {topic} of {} bytes: over mqtt.max_payload_bytes ({max}); acknowledged so the broker does not send it again",
+                    d.publish.payload.len(),
                 );
-                self.ack(&publish);
+                self.ack(&d);
                 return;
             }
-            if !self.commit_sync(&publish) {
-                self.uncommitted.push(publish);
+            // A later copy (redelivered after a reconnect) stands for an
+            // earlier one still held: one commit, one ack on the right link.
+            self.held.retain(|h| {
+                !(Link::is_later(&d, h)
+                    && h.publish.topic == d.publish.topic
+                    && h.publish.payload == d.publish.payload)
+            });
+            if !self.commit_sync(&d) {
+                self.held.push(d);
             }
-        } else if publish.topic == m.projector_topic {
-            if let Some(batch) = projector::parse_batch(&publish.payload, &self.config.projector) {
-                self.projector_batches.push_back(batch);
+        } else if *topic == m.projector_topic {
+            if let Some(batch) = projector::parse_batch(&d.publish.payload, &self.config.projector)
+            {
+                self.projectors.push_back(batch);
             }
-            self.ack(&publish);
+            self.ack(&d);
         } else {
-            log::debug!("ignored a message on unexpected topic {}", publish.topic);
-            self.ack(&publish);
+            log::debug!("ignored a message on unexpected topic {topic}");
+            self.ack(&d);
         }
     }
 
-    /// Queues one sync message's URLs in one transaction and acks it after the
-    /// commit. Returns false when the commit failed (the message is kept).
-    fn commit_sync(&mut self, publish: &Publish) -> bool {
+    /// Queues one sync message's URLs in one durable transaction and acks it
+    /// after the commit. Returns false when the commit failed (kept, unacked).
+    fn commit_sync(&mut self, d: &Delivery) -> bool {
+        let publish = &d.publish;
         let parsed = message::parse_sync(&publish.payload);
+        let now_ms = unix_ms();
+        let committed =
+            self.queue
+                .enqueue(&parsed.entries, now_ms, self.config.download.retry_max_ms);
+        let r = match committed {
+            Ok(r) => r,
+            Err(e) => {
+                let now = Instant::now();
+                if self
+                    .commit_failure_logged
+                    .is_none_or(|t| now.duration_since(t) >= COMMIT_FAILURE_LOG_EVERY)
+                {
+                    self.commit_failure_logged = Some(now);
+                    log::error!(
+                        "could not commit a message from {} (kept unacknowledged, will retry every {} ms): {}",
+                        publish.topic,
+                        COMMIT_RETRY.as_millis(),
+                        e.chain()
+                    );
+                }
+                return false;
+            }
+        };
+        self.commit_failure_logged = None;
         for s in parsed.skipped.iter().take(MAX_SKIPPED_LINES) {
             log::warn!(
                 "skipped entry {:?} in a message on {}: {}",
@@ -335,109 +293,118 @@ impl Agent {
                 parsed.skipped.len() - MAX_SKIPPED_LINES
             );
         }
-        match self.queue.enqueue(&parsed.entries, unix_ms()) {
-            Ok(r) => {
-                for e in &parsed.entries {
-                    if let Some(reason) = &e.rejected {
-                        log::warn!(
-                            "rejected {}: {reason} (stored as failed, nothing written)",
-                            e.url
-                        );
-                    }
-                }
-                log::info!(
-                    "queued {} URLs from {} ({} already queued, {} rejected, {} skipped)",
-                    r.queued,
-                    publish.topic,
-                    r.duplicates,
-                    r.rejected,
-                    parsed.skipped.len()
+        for e in &parsed.entries {
+            if let Some(reason) = &e.rejected {
+                log::warn!(
+                    "rejected {}: {reason} (stored as failed, nothing written)",
+                    e.url
                 );
-                self.ack(publish);
-                if self.config.download.interval_ms == 0 && r.queued > 0 {
-                    self.next_download = Instant::now();
-                }
-                true
-            }
-            Err(e) => {
-                log::error!(
-                    "could not commit a message from {} (kept unacknowledged, will retry): {}",
-                    publish.topic,
-                    e.chain()
-                );
-                false
             }
         }
+        log::info!(
+            "queued {} URLs from {} ({} already queued, {} rejected, {} skipped)",
+            r.queued,
+            publish.topic,
+            r.duplicates,
+            r.rejected,
+            parsed.skipped.len()
+        );
+        self.ack(d);
+        if r.queued > 0 {
+            self.next_check = self.next_check.min(Instant::now());
+        }
+        true
     }
 
-    fn commit_held_messages(&mut self) {
-        if self.uncommitted.is_empty() {
-            return;
-        }
-        let held = std::mem::take(&mut self.uncommitted);
-        for (i, publish) in held.iter().enumerate() {
-            if !self.commit_sync(publish) {
-                self.uncommitted.extend(held.into_iter().skip(i));
-                return;
-            }
-        }
-    }
-
-    fn ack(&self, publish: &Publish) {
-        if let Err(e) = self.client.try_ack(publish) {
-            log::warn!(
-                "could not acknowledge a message on {} ({e}); the broker will send it again, which is harmless",
-                publish.topic
+    fn ack(&self, d: &Delivery) {
+        if self.link.ack(d) == Ack::Stale {
+            log::info!(
+                "not acknowledging a message on {}: it came on an earlier broker connection, where its packet id now means nothing (the broker sends it again; the queue ignores the copy)",
+                d.publish.topic
             );
         }
     }
 
-    /// Downloads at most one due row and schedules the next step.
-    fn download_step(&mut self) {
-        let interval = Duration::from_millis(self.config.download.interval_ms);
-        let did_work = match self.queue.next_due(unix_ms()) {
-            Ok(Some(job)) => {
-                self.download(job);
-                true
+    /// Tries the held messages again, oldest first, until one fails.
+    fn commit_held(&mut self) {
+        while let Some(d) = self.held.first().cloned() {
+            if !self.commit_sync(&d) {
+                return;
             }
-            Ok(None) => false,
-            Err(e) => {
-                log::error!("{}", e.chain());
-                false
-            }
-        };
-        let now = Instant::now();
-        self.next_download = if !interval.is_zero() {
-            now + interval
-        } else if did_work {
-            now
-        } else {
-            let wait = match self.queue.next_due_time() {
-                Ok(Some(at)) => Duration::from_millis(at.saturating_sub(unix_ms()).max(0) as u64),
-                _ => IDLE_RECHECK,
-            };
-            now + wait.min(IDLE_RECHECK)
-        };
+            self.held.remove(0);
+        }
     }
 
-    fn download(&mut self, job: Job) {
-        let started = Instant::now();
-        let result = self.fetch_and_store(&job.url);
-        let ms = started.elapsed().as_millis();
+    /// Looks for a due row and starts downloading it, if the pause since the
+    /// last start allows.
+    fn start_download(&mut self) {
+        let now = Instant::now();
+        if now < self.next_check {
+            return;
+        }
+        let interval = Duration::from_millis(self.config.download.interval_ms);
+        if let Some(allowed) = self.last_start.map(|t| t + interval) {
+            if now < allowed {
+                self.next_check = allowed;
+                return;
+            }
+        }
+        let job = match self.queue.next_due(unix_ms()) {
+            Ok(Some(job)) => job,
+            Ok(None) => {
+                let wait = match self.queue.next_due_time() {
+                    Ok(Some(at)) => {
+                        Duration::from_millis(at.saturating_sub(unix_ms()).max(0) as u64)
+                    }
+                    _ => IDLE_RECHECK,
+                };
+                self.next_check = now + wait.min(IDLE_RECHECK);
+                return;
+            }
+            Err(e) => {
+                log::error!("{}", e.chain());
+                self.next_check = now + COMMIT_RETRY;
+                return;
+            }
+        };
+        match Download::start(job, &self.config.cache_dir, self.settings) {
+            Ok(dl) => {
+                self.last_start = Some(now);
+                self.download = Some(dl);
+            }
+            // Refused before any network traffic: no pause is due.
+            Err((job, failure)) => self.record(job, Err(failure), Duration::ZERO),
+        }
+    }
+
+    fn finished(&mut self, dl: Download, result: std::result::Result<Stored, Failure>) {
+        let elapsed = dl.elapsed();
+        let job = dl.job().clone();
+        self.record(job, result, elapsed);
+        let interval = Duration::from_millis(self.config.download.interval_ms);
+        let allowed = self.last_start.map_or(Instant::now(), |t| t + interval);
+        self.next_check = allowed.max(Instant::now());
+    }
+
+    /// Logs the result of one download and records it in the queue.
+    fn record(&mut self, job: Job, result: std::result::Result<Stored, Failure>, took: Duration) {
+        let ms = took.as_millis();
         let now = unix_ms();
         let d = &self.config.download;
-        let recorded = match result {
-            Ok((path, kind, len)) => {
+        let record = match result {
+            Ok(s) => {
                 log::info!(
-                    "cached {} -> {} ({kind}, {len} bytes, {ms} ms)",
+                    "cached {} -> {} ({}, {} bytes, {ms} ms)",
                     job.url,
-                    path.display()
+                    s.path.display(),
+                    s.kind,
+                    s.bytes
                 );
-                self.queue.mark_done(&job, now)
+                Record::Done(job)
             }
             Err(Failure::Permanent(reason)) => {
                 log::warn!("failed {}: {reason} (not retried)", job.url);
-                self.queue.mark_failed(&job, &reason, now)
+                Record::Failed(job, reason)
             }
             Err(Failure::Transient {
                 reason,
@@ -447,7 +414,7 @@ impl Agent {
                 if attempt >= d.max_attempts {
                     let reason = format!("gave up after {attempt} attempts: {reason}");
                     log::warn!("failed {}: {reason}", job.url);
-                    self.queue.mark_failed(&job, &reason, now)
+                    Record::Failed(job, reason)
                 } else {
                     let delay =
                         queue::retry_delay(attempt, d.retry_base_ms, d.retry_max_ms, retry_after);
@@ -457,43 +424,60 @@ impl Agent {
                         d.max_attempts,
                         delay.as_secs_f64()
                     );
-                    self.queue
-                        .mark_retry(&job, &reason, now + delay.as_millis() as i64, now)
+                    Record::Retry(job, reason, now + delay.as_millis() as i64)
                 }
             }
         };
-        if let Err(e) = recorded {
-            log::error!("{}", e.chain());
+        self.unrecorded.push(record);
+        self.record_pending();
+    }
+
+    /// Writes the results not yet in the queue; keeps them on failure.
+    fn record_pending(&mut self) {
+        while let Some(record) = self.unrecorded.first() {
+            let now = unix_ms();
+            let written = match record {
+                Record::Done(job) => self.queue.mark_done(job, now),
+                Record::Failed(job, reason) => self.queue.mark_failed(job, reason, now),
+                Record::Retry(job, reason, next) => self.queue.mark_retry(job, reason, *next, now),
+            };
+            if let Err(e) = written {
+                log::error!("{} (will retry)", e.chain());
+                return;
+            }
+            self.unrecorded.remove(0);
         }
     }
 
-    /// Fetch, verify, write atomically. Nothing reaches the final path unless verified.
-    fn fetch_and_store(&self, url: &str) -> Result<(PathBuf, verify::Kind, usize), Failure> {
-        let path = cache::local_path(&self.config.cache_dir, url)
-            .map_err(|e| Failure::Permanent(format!("rejected path: {e}")))?;
-        let fetched = download::fetch(url, &self.limits)?;
-        let kind = verify::verify(&fetched.body, url, fetched.content_type.as_deref())
-            .map_err(Failure::Permanent)?;
-        let bytes = match (kind, self.config.download.reencode_jpeg_quality) {
-            (verify::Kind::Jpeg { .. }, Some(q)) => {
-                verify::reencode_jpeg(&fetched.body, q).map_err(Failure::Permanent)?
+    fn publish_results(&self, batch: &Batch) {
+        if let Some(topic) = &self.config.projector.result_topic {
+            if let Err(e) = self.link.publish(topic, false, batch.report().into_bytes()) {
+                log::warn!("could not publish projector results to {topic}: {e}");
             }
-            _ => fetched.body,
-        };
-        cache::write_atomic(&path, &bytes).map_err(|e| {
-            let p = path.display();
-            Failure::transient(match (e.kind(), e.raw_os_error()) {
-                (std::io::ErrorKind::StorageFull, _) => {
-                    format!("no space left on the cache disk writing {p}: {e}")
-                }
-                // ERROR_ACCESS_DENIED, ERROR_SHARING_VIOLATION: the display program has it open.
-                (_, Some(5 | 32)) if cfg!(windows) => {
-                    format!("{p} is in use (kept the old file, will retry): {e}")
-                }
-                _ => format!("could not write {p}: {e}"),
-            })
-        })?;
-        Ok((path, kind, bytes.len()))
+        }
+    }
+
+    /// Notices a wall clock that jumped back and puts stranded rows on time.
+    fn watch_clock(&mut self) {
+        let (then, then_ms) = self.clock;
+        let now = Instant::now();
+        let now_ms = unix_ms();
+        let mono = now.duration_since(then).as_millis() as i64;
+        let wall = now_ms - then_ms;
+        self.clock = (now, now_ms);
+        if wall < mono - CLOCK_JUMP.as_millis() as i64 {
+            let back = (mono - wall) / 1000;
+            match self
+                .queue
+                .clamp_schedule(now_ms, self.config.download.retry_max_ms)
+            {
+                Ok(n) => log::warn!(
+                    "the system clock went back by about {back} s; rescheduled {n} queued URLs so none waits longer than download.retry_max_ms"
+                ),
+                Err(e) => log::error!("{}", e.chain()),
+            }
+            self.next_check = now;
+        }
     }
 }
 

@@ -68,7 +68,28 @@ pub fn check_segment(s: &str) -> Result<(), &'static str> {
     if s.starts_with(TEMP_PREFIX) {
         return Err("uses holosync's temporary file prefix");
     }
+    if is_short_name_alias(s) {
+        return Err(
+            "looks like a Windows 8.3 short name (PHOTOG~1.JPG), which can be another file's alias",
+        );
+    }
     Ok(())
+}
+
+/// `NAME~N.EXT` as Windows makes it for long names: a stem of at most 8
+/// characters ending in `~` and digits, an extension of at most 3. On volumes
+/// with short names, writing such a name can overwrite another URL's file.
+fn is_short_name_alias(s: &str) -> bool {
+    let (stem, ext) = s.rsplit_once('.').unwrap_or((s, ""));
+    let Some((head, digits)) = stem.rsplit_once('~') else {
+        return false;
+    };
+    !head.is_empty()
+        && !digits.is_empty()
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && stem.len() <= 8
+        && ext.len() <= 3
+        && !ext.contains('~')
 }
 
 /// CON, PRN, AUX, NUL, COM0-9, LPT0-9 (and the superscript digits), with or
@@ -103,6 +124,40 @@ pub fn local_path(root: &Path, url: &str) -> Result<PathBuf, String> {
     Ok(path)
 }
 
+/// Why `path` (under `root`) cannot hold a file because of what is already
+/// on disk: a file where a folder is needed, or a folder where the file goes.
+/// Such a clash is another URL's doing and never resolves by retrying.
+pub fn clash(root: &Path, path: &Path) -> Option<String> {
+    let mut dir = path.parent();
+    let mut ancestors = Vec::new();
+    while let Some(d) = dir {
+        if d == root || !d.starts_with(root) {
+            break;
+        }
+        ancestors.push(d);
+        dir = d.parent();
+    }
+    for d in ancestors.into_iter().rev() {
+        match fs::symlink_metadata(d) {
+            Ok(m) if !m.is_dir() => {
+                return Some(format!(
+                    "path clash: {} is a file (another URL's), but this URL needs a folder there",
+                    d.display()
+                ))
+            }
+            Ok(_) => {}
+            Err(_) => return None,
+        }
+    }
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => Some(format!(
+            "path clash: {} is a folder (holding other URLs' files), so this URL's file cannot go there",
+            path.display()
+        )),
+        _ => None,
+    }
+}
+
 /// Name of the temporary file used while writing `final_path`.
 fn temp_path(final_path: &Path) -> PathBuf {
     // FNV-1a of the final name: short (long names stay under 255 chars), and
@@ -117,29 +172,96 @@ fn temp_path(final_path: &Path) -> PathBuf {
     final_path.with_file_name(format!("{TEMP_PREFIX}{hash:016x}"))
 }
 
+/// Bytes written between two `sync_data` calls, so the final fsync of a big
+/// file stays short (the loop must not block long on one disk call).
+const SYNC_EVERY_BYTES: u64 = 8 << 20;
+
+/// A file being written next to its final name, invisible to the display
+/// program until [`TempFile::commit`] renames it into place.
+#[derive(Debug)]
+pub struct TempFile {
+    /// The final name.
+    path: PathBuf,
+    /// The temporary name in the same folder.
+    tmp: PathBuf,
+    /// The open temporary file.
+    file: File,
+    /// Bytes written since the last `sync_data`.
+    unsynced: u64,
+}
+
+impl TempFile {
+    /// Creates (or truncates) the temporary file for `path`, making its folder.
+    pub fn create(path: &Path) -> io::Result<TempFile> {
+        let dir = path.parent().expect("a cache path always has a parent");
+        fs::create_dir_all(dir)?;
+        let tmp = temp_path(path);
+        let file = File::create(&tmp)?;
+        Ok(TempFile {
+            path: path.to_path_buf(),
+            tmp,
+            file,
+            unsynced: 0,
+        })
+    }
+
+    /// Appends `bytes`.
+    pub fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.file.write_all(bytes)?;
+        self.unsynced += bytes.len() as u64;
+        if self.unsynced >= SYNC_EVERY_BYTES {
+            self.file.sync_data()?;
+            self.unsynced = 0;
+        }
+        Ok(())
+    }
+
+    /// Replaces everything written so far with `bytes` (re-encoded JPEGs).
+    pub fn rewrite(&mut self, bytes: &[u8]) -> io::Result<()> {
+        use std::io::Seek;
+        self.file.set_len(0)?;
+        self.file.seek(io::SeekFrom::Start(0))?;
+        self.write(bytes)
+    }
+
+    /// Flushes, fsyncs and renames over the final name; on error the
+    /// temporary file is removed and the old file (if any) stays.
+    pub fn commit(self) -> io::Result<()> {
+        let TempFile {
+            path, tmp, file, ..
+        } = self;
+        let result = file.sync_all().and_then(|()| {
+            drop(file);
+            // On Windows this fails with a sharing violation while the display
+            // program holds the old file open; the caller retries later.
+            fs::rename(&tmp, &path)
+        });
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+            return result;
+        }
+        sync_dir(path.parent().expect("a cache path always has a parent"));
+        Ok(())
+    }
+
+    /// Removes the temporary file.
+    pub fn discard(self) {
+        drop(self.file);
+        let _ = fs::remove_file(&self.tmp);
+    }
+}
+
 /// Writes `bytes` to `path` so that a reader sees the old file or the complete
 /// new one, never a part: temporary file in the same folder, flush, fsync,
 /// rename over the final name. On any error the temporary file is removed and
 /// the old file (if any) stays.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let dir = path.parent().expect("a cache path always has a parent");
-    fs::create_dir_all(dir)?;
-    let tmp = temp_path(path);
-    let result = (|| {
-        let mut f = File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        drop(f);
-        // On Windows this fails with a sharing violation while the display
-        // program holds the old file open; the caller retries later.
-        fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-        return result;
+    let mut tmp = TempFile::create(path)?;
+    if let Err(e) = tmp.write(bytes) {
+        tmp.discard();
+        return Err(e);
     }
-    sync_dir(dir);
-    Ok(())
+    tmp.commit()
 }
 
 /// Makes the rename itself durable (Unix; Windows has no directory handles for this).

@@ -268,7 +268,11 @@ fn enqueue(config: &Config, urls: &[String]) -> Result<()> {
             println!("rejected {}: {reason} (stored as failed)", e.url);
         }
     }
-    let r = Queue::open(&config.database)?.enqueue(&parsed.entries, unix_ms())?;
+    let r = Queue::open(&config.database)?.enqueue(
+        &parsed.entries,
+        unix_ms(),
+        config.download.retry_max_ms,
+    )?;
     println!(
         "queued {} URLs ({} already queued, {} rejected, {} skipped)",
         r.queued,

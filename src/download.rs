@@ -1,122 +1,245 @@
-//! HTTP fetch with bounded time and size, and the line between failures worth
-//! retrying and failures that will not get better.
+//! One download in progress, in bounded steps: the HTTP GET in slices, the
+//! body verified as it arrives and written to a temporary file beside its
+//! final name, renamed into place only once complete and verified. Failures
+//! are split into worth retrying and will not get better.
 
-use std::io::Read;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::task::Poll;
+use std::time::{Duration, Instant};
 
-/// Redirects followed before giving up.
-const MAX_REDIRECTS: usize = 5;
+use crate::cache::{self, TempFile};
+pub use crate::http::Failure;
+use crate::http::{Get, Limits, Progress};
+use crate::queue::Job;
+use crate::verify::{self, Kind, Verifier};
 
 /// Longest `Retry-After` honoured, so a hostile header cannot park a URL for days.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
 
-/// Limits for one fetch.
+/// How downloads are done, from the config.
 #[derive(Debug, Clone, Copy)]
-pub struct Limits {
-    /// Whole-request deadline in seconds (connect, headers, body).
-    pub timeout_secs: u64,
-    /// Largest body accepted.
-    pub max_bytes: u64,
+pub struct Settings {
+    /// Time and size limits of one attempt.
+    pub limits: Limits,
+    /// Re-encode JPEGs at this quality instead of storing the bytes unchanged.
+    pub reencode_jpeg_quality: Option<u8>,
 }
 
-/// A complete response body.
-#[derive(Debug)]
-pub struct Fetched {
-    /// The body, exactly as sent.
-    pub body: Vec<u8>,
-    /// The server's Content-Type, if any.
-    pub content_type: Option<String>,
+/// A file that is in place.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stored {
+    /// Where it is.
+    pub path: PathBuf,
+    /// What it is.
+    pub kind: Kind,
+    /// Bytes written.
+    pub bytes: usize,
 }
 
-/// Why a fetch failed, split by what the queue should do about it.
-#[derive(Debug, PartialEq)]
-pub enum Failure {
-    /// Worth another attempt later: network errors, timeouts, 5xx, 429, short bodies.
-    Transient {
-        /// What happened, for the log and the queue row.
-        reason: String,
-        /// The server's `Retry-After`, if it sent one.
-        retry_after: Option<Duration>,
-    },
-    /// Will not get better by retrying: 4xx, too large, not an image, bad path.
-    Permanent(String),
+/// One download in progress.
+pub struct Download {
+    /// The queue row.
+    job: Job,
+    /// The cache root.
+    root: PathBuf,
+    /// Where the file goes.
+    path: PathBuf,
+    /// The request.
+    get: Get,
+    /// The body so far.
+    body: Vec<u8>,
+    /// Whether the whole body is in.
+    complete: bool,
+    /// Checks the body as it arrives; made when the head is in.
+    verifier: Option<Verifier>,
+    /// The verdict, once reached.
+    kind: Option<Kind>,
+    /// The temporary file, once the first byte is in.
+    temp: Option<TempFile>,
+    /// Body bytes written to the temporary file.
+    written: usize,
+    /// The settings.
+    settings: Settings,
+    /// When the attempt began.
+    started: Instant,
 }
 
-impl Failure {
-    /// A transient failure without a server-given delay.
-    pub fn transient(reason: impl Into<String>) -> Failure {
-        Failure::Transient {
-            reason: reason.into(),
-            retry_after: None,
+impl Download {
+    /// Starts downloading `job` into the cache under `root`, or says at once
+    /// why it cannot be (a bad URL or a path clash).
+    pub fn start(job: Job, root: &Path, settings: Settings) -> Result<Download, (Job, Failure)> {
+        let path = match cache::local_path(root, &job.url) {
+            Ok(p) => p,
+            Err(e) => return Err((job, Failure::Permanent(format!("rejected path: {e}")))),
+        };
+        if let Some(why) = cache::clash(root, &path) {
+            return Err((job, Failure::Permanent(why)));
+        }
+        let get = match Get::start(&job.url, Vec::new(), settings.limits) {
+            Ok(g) => g,
+            Err(f) => return Err((job, f)),
+        };
+        Ok(Download {
+            job,
+            root: root.to_path_buf(),
+            path,
+            get,
+            body: Vec::new(),
+            complete: false,
+            verifier: None,
+            kind: None,
+            temp: None,
+            written: 0,
+            settings,
+            started: Instant::now(),
+        })
+    }
+
+    /// The queue row being downloaded.
+    pub fn job(&self) -> &Job {
+        &self.job
+    }
+
+    /// Time since the attempt began.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Does a bounded piece of work, returning by `deadline` (give or take a
+    /// few ms); `Ready` with the file in place or the reason it is not.
+    pub fn step(&mut self, deadline: Instant) -> Poll<Result<Stored, Failure>> {
+        match self.advance(deadline) {
+            Ok(None) => Poll::Pending,
+            Ok(Some(stored)) => Poll::Ready(Ok(stored)),
+            Err(f) => {
+                if let Some(t) = self.temp.take() {
+                    t.discard();
+                }
+                Poll::Ready(Err(f))
+            }
         }
     }
-}
 
-/// GETs `url` within `limits` and checks the body against Content-Length.
-pub fn fetch(url: &str, limits: &Limits) -> Result<Fetched, Failure> {
-    let response = minreq::get(url)
-        .with_timeout(limits.timeout_secs)
-        .with_max_redirects(MAX_REDIRECTS)
-        .send_lazy()
-        .map_err(request_failure)?;
-    let header = |name: &str| {
-        response
-            .headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.trim().to_string())
-    };
-    let content_type = header("content-type");
-    if let Some(failure) = status_failure(response.status_code, header("retry-after").as_deref()) {
-        return Err(failure);
-    }
-    let declared = match header("content-length") {
-        Some(v) => Some(
-            v.parse::<u64>()
-                .map_err(|_| Failure::Permanent(format!("invalid Content-Length {v:?}")))?,
-        ),
-        None => None,
-    };
-    if let Some(len) = declared {
-        if len > limits.max_bytes {
-            return Err(too_large(limits.max_bytes));
+    /// Consumes the download, removing its temporary file.
+    pub fn abandon(mut self) {
+        if let Some(t) = self.temp.take() {
+            t.discard();
         }
     }
-    let mut body = Vec::with_capacity(declared.unwrap_or(64 * 1024).min(limits.max_bytes) as usize);
-    response
-        .take(limits.max_bytes + 1)
-        .read_to_end(&mut body)
-        .map_err(|e| {
-            Failure::transient(if e.kind() == std::io::ErrorKind::TimedOut {
-                format!("timed out reading the body: {e}")
-            } else {
-                format!("reading the body failed: {e}")
-            })
-        })?;
-    if body.len() as u64 > limits.max_bytes {
-        return Err(too_large(limits.max_bytes));
-    }
-    if let Some(len) = declared {
-        if body.len() as u64 != len {
-            return Err(Failure::transient(format!(
-                "short body: got {} of {len} bytes (Content-Length)",
-                body.len()
-            )));
+
+    fn advance(&mut self, deadline: Instant) -> Result<Option<Stored>, Failure> {
+        if !self.complete {
+            // Half the slice for the network, the rest for checking what came.
+            let now = Instant::now();
+            let fetch_until = now + deadline.saturating_duration_since(now) / 2;
+            match self.get.step(&mut self.body, fetch_until)? {
+                Progress::Pending => {}
+                Progress::Head => self.on_head()?,
+                Progress::Body(_) => self.write_new()?,
+                Progress::End => self.complete = true,
+            }
+        }
+        let Some(verifier) = self.verifier.as_mut() else {
+            return Ok(None);
+        };
+        if self.kind.is_none() {
+            match verifier.step(&self.body, self.complete, deadline) {
+                verify::Progress::NeedMore | verify::Progress::Paused => return Ok(None),
+                verify::Progress::Done(Err(e)) => return Err(Failure::Permanent(e)),
+                verify::Progress::Done(Ok(kind)) => self.kind = Some(kind),
+            }
+        }
+        match (self.complete, self.kind) {
+            (true, Some(kind)) => self.finish(kind).map(Some),
+            _ => Ok(None),
         }
     }
-    Ok(Fetched { body, content_type })
+
+    /// The final head is in: refuse error statuses before any byte is kept.
+    fn on_head(&mut self) -> Result<(), Failure> {
+        let head = self.get.head().expect("Progress::Head comes with a head");
+        if let Some(f) = status_failure(head.status, head.header("retry-after")) {
+            return Err(f);
+        }
+        self.verifier = Some(Verifier::new(&self.job.url, head.header("content-type")));
+        Ok(())
+    }
+
+    /// Appends the bytes that arrived to the temporary file (not when they
+    /// will be re-encoded: then only the result is written).
+    fn write_new(&mut self) -> Result<(), Failure> {
+        if self.settings.reencode_jpeg_quality.is_some() || self.written == self.body.len() {
+            return Ok(());
+        }
+        if self.temp.is_none() {
+            let temp = TempFile::create(&self.path).map_err(|e| self.write_failure(e))?;
+            self.temp = Some(temp);
+        }
+        let temp = self.temp.as_mut().expect("made above");
+        temp.write(&self.body[self.written..])
+            .map_err(|e| write_failure(&self.root, &self.path, e))?;
+        self.written = self.body.len();
+        Ok(())
+    }
+
+    /// Re-encodes if asked, fsyncs and renames into place.
+    fn finish(&mut self, kind: Kind) -> Result<Stored, Failure> {
+        let reencoded = match (kind, self.settings.reencode_jpeg_quality) {
+            (Kind::Jpeg { .. }, Some(q)) => {
+                Some(verify::reencode_jpeg(&self.body, q).map_err(Failure::Permanent)?)
+            }
+            _ => None,
+        };
+        let mut temp = match self.temp.take() {
+            Some(t) => t,
+            None => TempFile::create(&self.path).map_err(|e| self.write_failure(e))?,
+        };
+        let written = match &reencoded {
+            Some(bytes) => temp.rewrite(bytes).map(|()| bytes.len()),
+            None => temp
+                .write(&self.body[self.written..])
+                .map(|()| self.body.len()),
+        };
+        if let Err(e) = written {
+            temp.discard();
+            return Err(self.write_failure(e));
+        }
+        temp.commit().map_err(|e| self.write_failure(e))?;
+        Ok(Stored {
+            path: self.path.clone(),
+            kind,
+            bytes: reencoded.map_or(self.body.len(), |b| b.len()),
+        })
+    }
+
+    fn write_failure(&self, e: std::io::Error) -> Failure {
+        write_failure(&self.root, &self.path, e)
+    }
 }
 
-fn too_large(max: u64) -> Failure {
-    Failure::Permanent(format!(
-        "too large: body over download.max_bytes ({max} bytes)"
-    ))
+/// A failed write: a path clash (permanent), a full disk or a file held open
+/// by the display program (transient: space and locks come back).
+fn write_failure(root: &Path, path: &Path, e: std::io::Error) -> Failure {
+    if let Some(why) = cache::clash(root, path) {
+        return Failure::Permanent(why);
+    }
+    let p = path.display();
+    Failure::transient(match (e.kind(), e.raw_os_error()) {
+        (std::io::ErrorKind::StorageFull, _) => {
+            format!("no space left on the cache disk writing {p}: {e}")
+        }
+        // ERROR_ACCESS_DENIED, ERROR_SHARING_VIOLATION: the display program has it open.
+        (_, Some(5 | 32)) if cfg!(windows) => {
+            format!("{p} is in use (kept the old file, will retry): {e}")
+        }
+        _ => format!("could not write {p}: {e}"),
+    })
 }
 
 /// What a status code means for the queue; None for success.
 pub fn status_failure(code: u16, retry_after: Option<&str>) -> Option<Failure> {
     let retry_after = retry_after
-        .and_then(|v| v.parse::<u64>().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
         .map(|s| Duration::from_secs(s).min(MAX_RETRY_AFTER));
     match code {
         200..=203 | 205..=299 => None,
@@ -129,26 +252,6 @@ pub fn status_failure(code: u16, retry_after: Option<&str>) -> Option<Failure> {
             "HTTP {code}: redirect without a usable Location"
         ))),
         _ => Some(Failure::Permanent(format!("HTTP {code}"))),
-    }
-}
-
-/// Errors from minreq before a status line: the network's fault unless the
-/// request itself can never work.
-fn request_failure(e: minreq::Error) -> Failure {
-    use minreq::Error as E;
-    match e {
-        E::TooManyRedirections
-        | E::InfiniteRedirectionLoop
-        | E::RedirectLocationMissing
-        | E::InvalidProtocol
-        | E::InvalidProtocolInRedirect
-        | E::HttpsFeatureNotEnabled
-        | E::PunycodeFeatureNotEnabled
-        | E::PunycodeConversionFailed => Failure::Permanent(format!("request failed: {e}")),
-        E::IoError(io) if io.kind() == std::io::ErrorKind::TimedOut => {
-            Failure::transient(format!("timed out: {io}"))
-        }
-        other => Failure::transient(format!("request failed: {other}")),
     }
 }
 

@@ -11,11 +11,16 @@ pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod console;
+pub mod dial;
 pub mod download;
 pub mod error;
 pub mod fuzz_checks;
+pub mod http;
+pub mod link;
 pub mod logger;
 pub mod message;
 pub mod projector;
 pub mod queue;
+#[cfg(feature = "tls")]
+pub mod tls;
 pub mod verify;

@@ -1,18 +1,27 @@
-//! Projector protocols (raw TCP and PJLink class 1) over any `Read + Write`,
-//! and the TCP side with a connect timeout and a deadline on all I/O.
+//! Projector protocols (raw TCP and PJLink class 1) as small state machines
+//! over any `Read + Write` that move bytes whenever they can, and the TCP side:
+//! a dial off the loop, then the exchange in bounded slices with a deadline
+//! for all of it.
 //!
-//! A message's projectors are handled one per loop step, with an MQTT poll
-//! between steps, so many unreachable projectors never starve the keep-alive.
+//! A message's projectors are handled one after another, each in slices with
+//! MQTT polls between them, so even 64 unreachable projectors never starve the
+//! keep-alive and a sync message arriving meanwhile is queued at once.
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
+use std::net::TcpStream;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use rumqttc::{Client, QoS};
-
 use crate::config;
+use crate::dial::Dial;
 use crate::message::{self, Protocol, Target};
+
+/// Time allowed for looking up a projector's host name, on top of the connect timeout.
+const LOOKUP_ALLOWANCE: Duration = Duration::from_secs(3);
+
+/// Shortest socket timeout set: a zero timeout means "block forever" to the OS.
+const MIN_SOCKET_WAIT: Duration = Duration::from_millis(1);
 
 /// Reply bytes read from a raw projector before we stop listening.
 const MAX_RAW_REPLY_BYTES: usize = 4096;
@@ -23,13 +32,15 @@ const MAX_PJLINK_LINE_BYTES: usize = 512;
 /// Reply bytes shown in a log line.
 const MAX_LOGGED_REPLY_BYTES: usize = 200;
 
-/// One projector message in progress: the targets left and the results so far.
-#[derive(Debug)]
+/// One projector message in progress: the targets left, the one being
+/// talked to, and the results so far.
 pub struct Batch {
     /// The command as it came in the message.
     command: String,
     /// Projectors not yet handled.
     targets: VecDeque<Target>,
+    /// The projector being talked to now.
+    current: Option<Attempt>,
     /// Results of the projectors handled.
     results: Vec<Outcome>,
 }
@@ -53,6 +64,7 @@ pub fn parse_batch(payload: &[u8], defaults: &config::Projector) -> Option<Batch
         Ok(req) => Some(Batch {
             command: req.command,
             targets: req.targets.into(),
+            current: None,
             results: Vec::new(),
         }),
         Err(e) => {
@@ -66,153 +78,475 @@ pub fn parse_batch(payload: &[u8], defaults: &config::Projector) -> Option<Batch
 }
 
 impl Batch {
-    /// Sends the command to the next projector. Returns true when the batch is finished.
-    pub fn step(&mut self, defaults: &config::Projector) -> bool {
-        if let Some(target) = self.targets.pop_front() {
-            let outcome = send(&target, &self.command, defaults);
-            self.results.push(outcome);
+    /// Works on the current projector (starting the next one if none) until
+    /// `deadline`; returns true when every projector is handled.
+    pub fn step(&mut self, defaults: &config::Projector, deadline: Instant) -> bool {
+        loop {
+            let attempt = match &mut self.current {
+                Some(a) => a,
+                None => match self.targets.pop_front() {
+                    Some(target) => {
+                        self.current
+                            .insert(Attempt::start(target, &self.command, defaults))
+                    }
+                    None => return true,
+                },
+            };
+            match attempt.step(deadline) {
+                Poll::Pending => return false,
+                Poll::Ready(result) => {
+                    let attempt = self.current.take().expect("stepped above");
+                    self.results.push(attempt.outcome(&self.command, result));
+                }
+            }
+            if Instant::now() >= deadline {
+                return self.current.is_none() && self.targets.is_empty();
+            }
         }
-        self.targets.is_empty()
     }
 
-    /// Publishes the results to `result_topic`, if one is configured.
-    pub fn publish(&self, client: &Client, defaults: &config::Projector) {
-        let Some(topic) = &defaults.result_topic else {
-            return;
+    /// The results as one JSON object, for `projector.result_topic`.
+    pub fn report(&self) -> String {
+        serde_json::json!({"command": self.command, "results": self.results}).to_string()
+    }
+}
+
+/// The conversation with one projector, either protocol.
+enum Exchange {
+    /// Raw bytes and a reply.
+    Raw(RawExchange),
+    /// PJLink class 1.
+    Pjlink(PjlinkExchange),
+}
+
+impl Exchange {
+    /// Moves bytes; `Ready` with the result in words.
+    fn step<S: Read + Write>(&mut self, s: &mut S) -> Poll<Result<String, String>> {
+        match self {
+            Exchange::Raw(x) => match x.step(s) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(r) => Poll::Ready(raw_words(r)),
+            },
+            Exchange::Pjlink(x) => x.step(s),
+        }
+    }
+
+    /// The result when the I/O deadline has passed.
+    fn time_up(&mut self) -> Result<String, String> {
+        match self {
+            Exchange::Raw(x) => raw_words(x.time_up()),
+            Exchange::Pjlink(x) => Err(x.time_up()),
+        }
+    }
+}
+
+/// A raw exchange's result in words.
+fn raw_words(r: io::Result<Option<Vec<u8>>>) -> Result<String, String> {
+    match r {
+        Ok(Some(r)) if !r.is_empty() => Ok(format!("reply {:?}", escape(&r))),
+        Ok(_) => Ok("sent, no reply".to_string()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Where the TCP side of one projector is.
+enum Phase {
+    /// The command could not be built: nothing to send.
+    Refused(String),
+    /// Looking up and connecting.
+    Dialing(Dial, Exchange),
+    /// Connected: the exchange runs until `until`.
+    Talking {
+        /// The connection.
+        stream: TcpStream,
+        /// The conversation.
+        exchange: Exchange,
+        /// The I/O deadline.
+        until: Instant,
+    },
+}
+
+/// One projector being talked to.
+struct Attempt {
+    /// The projector.
+    target: Target,
+    /// When this projector's turn began.
+    started: Instant,
+    /// Where it is.
+    phase: Option<Phase>,
+    /// Time allowed for the exchange once connected.
+    io_timeout: Duration,
+}
+
+impl Attempt {
+    /// Builds the bytes first (a bad command is an error without touching the
+    /// network), then starts dialing.
+    fn start(target: Target, command: &str, defaults: &config::Projector) -> Attempt {
+        let exchange = match target.protocol {
+            Protocol::Raw => raw_payload(command, &defaults.terminator).map(|bytes| {
+                Exchange::Raw(RawExchange::new(bytes, defaults.terminator.as_bytes()))
+            }),
+            Protocol::Pjlink => pjlink_line(command).map(|line| {
+                let password = target.password.as_ref().map(|p| p.expose().to_string());
+                Exchange::Pjlink(PjlinkExchange::new(line, password))
+            }),
         };
-        let json = serde_json::json!({"command": self.command, "results": self.results});
-        if let Err(e) = client.try_publish(topic.clone(), QoS::AtMostOnce, false, json.to_string())
-        {
-            log::warn!("could not publish projector results to {topic}: {e}");
+        let connect_timeout = Duration::from_millis(defaults.connect_timeout_ms);
+        let phase = match exchange {
+            Ok(exchange) => Phase::Dialing(
+                Dial::start(
+                    &target.host,
+                    target.port,
+                    connect_timeout,
+                    connect_timeout + LOOKUP_ALLOWANCE,
+                ),
+                exchange,
+            ),
+            Err(e) => Phase::Refused(e),
+        };
+        Attempt {
+            target,
+            started: Instant::now(),
+            phase: Some(phase),
+            io_timeout: Duration::from_millis(defaults.io_timeout_ms),
+        }
+    }
+
+    fn step(&mut self, deadline: Instant) -> Poll<Result<String, String>> {
+        loop {
+            match self.phase.take().expect("stepped after the end") {
+                Phase::Refused(e) => return Poll::Ready(Err(e)),
+                Phase::Dialing(mut dial, exchange) => {
+                    match dial.poll(deadline.saturating_duration_since(Instant::now())) {
+                        Poll::Pending => {
+                            self.phase = Some(Phase::Dialing(dial, exchange));
+                            return Poll::Pending;
+                        }
+                        Poll::Ready(Err(e)) => {
+                            return Poll::Ready(Err(format!("connect failed: {e}")))
+                        }
+                        Poll::Ready(Ok(stream)) => {
+                            let _ = stream.set_nodelay(true);
+                            self.phase = Some(Phase::Talking {
+                                stream,
+                                exchange,
+                                until: Instant::now() + self.io_timeout,
+                            });
+                        }
+                    }
+                }
+                Phase::Talking {
+                    mut stream,
+                    mut exchange,
+                    until,
+                } => {
+                    let wait = deadline
+                        .min(until)
+                        .saturating_duration_since(Instant::now())
+                        .max(MIN_SOCKET_WAIT);
+                    if let Err(e) = stream
+                        .set_read_timeout(Some(wait))
+                        .and_then(|()| stream.set_write_timeout(Some(wait)))
+                    {
+                        return Poll::Ready(Err(e.to_string()));
+                    }
+                    if let Poll::Ready(r) = exchange.step(&mut stream) {
+                        return Poll::Ready(r);
+                    }
+                    if Instant::now() >= until {
+                        return Poll::Ready(exchange.time_up());
+                    }
+                    self.phase = Some(Phase::Talking {
+                        stream,
+                        exchange,
+                        until,
+                    });
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+
+    /// Logs one line about this projector and makes its result.
+    fn outcome(self, command: &str, result: Result<String, String>) -> Outcome {
+        let ms = self.started.elapsed().as_millis() as u64;
+        let protocol = match self.target.protocol {
+            Protocol::Raw => "raw",
+            Protocol::Pjlink => "pjlink",
+        };
+        let address = self.target.address();
+        let (ok, reply) = match result {
+            Ok(words) => {
+                log::info!("projector {address} ({protocol}) {command:?}: {words} ({ms} ms)");
+                (true, words)
+            }
+            Err(e) => {
+                log::warn!("projector {address} ({protocol}) {command:?}: failed: {e} ({ms} ms)");
+                (false, e)
+            }
+        };
+        Outcome {
+            projector: address,
+            ok,
+            reply,
+            ms,
         }
     }
 }
 
-/// Sends `command` to one projector and logs one line about it.
-fn send(target: &Target, command: &str, defaults: &config::Projector) -> Outcome {
-    let started = Instant::now();
-    let result = exchange(target, command, defaults);
-    let ms = started.elapsed().as_millis() as u64;
-    let protocol = match target.protocol {
-        Protocol::Raw => "raw",
-        Protocol::Pjlink => "pjlink",
-    };
-    let (ok, reply) = match result {
-        Ok(words) => {
-            log::info!(
-                "projector {} ({protocol}) {command:?}: {words} ({ms} ms)",
-                target.address()
-            );
-            (true, words)
-        }
-        Err(e) => {
-            log::warn!(
-                "projector {} ({protocol}) {command:?}: failed: {e} ({ms} ms)",
-                target.address()
-            );
-            (false, e)
-        }
-    };
-    Outcome {
-        projector: target.address(),
-        ok,
-        reply,
-        ms,
-    }
-}
-
-fn exchange(
-    target: &Target,
-    command: &str,
-    defaults: &config::Projector,
-) -> Result<String, String> {
-    // Build the bytes first: a bad command is an error without touching the network.
-    let raw = match target.protocol {
-        Protocol::Raw => Some(raw_payload(command, &defaults.terminator)?),
-        Protocol::Pjlink => None,
-    };
-    let line = match target.protocol {
-        Protocol::Pjlink => Some(pjlink_line(command)?),
-        Protocol::Raw => None,
-    };
-    let connect_timeout = Duration::from_millis(defaults.connect_timeout_ms);
-    let addr = (target.host.as_str(), target.port)
-        .to_socket_addrs()
-        .map_err(|e| format!("cannot resolve {}: {e}", target.host))?
-        .next()
-        .ok_or_else(|| format!("{} has no address", target.host))?;
-    let stream = TcpStream::connect_timeout(&addr, connect_timeout)
-        .map_err(|e| format!("connect failed: {e}"))?;
-    let mut io = Deadlined {
-        stream: &stream,
-        until: Instant::now() + Duration::from_millis(defaults.io_timeout_ms),
-    };
-    match (raw, line) {
-        (Some(bytes), _) => {
-            let term = defaults.terminator.as_bytes();
-            let reply = raw_exchange(&mut io, &bytes, term).map_err(|e| e.to_string())?;
-            Ok(match reply {
-                Some(r) if !r.is_empty() => format!("reply {:?}", escape(&r)),
-                _ => "sent, no reply".to_string(),
-            })
-        }
-        (None, Some(line)) => {
-            let password = target.password.as_ref().map(config::Secret::expose);
-            pjlink_exchange(&mut io, &line, password)
-        }
-        (None, None) => unreachable!("every protocol built its bytes above"),
-    }
-}
-
-/// A TCP stream whose reads and writes all end by one deadline.
-struct Deadlined<'a> {
-    /// The connected stream.
-    stream: &'a TcpStream,
-    /// When all I/O must be done.
-    until: Instant,
-}
-
-impl Deadlined<'_> {
-    fn remaining(&self) -> io::Result<Duration> {
-        let left = self.until.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "projector I/O timed out",
-            ))
-        } else {
-            Ok(left)
-        }
-    }
-}
-
-impl Read for Deadlined<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.stream.set_read_timeout(Some(self.remaining()?))?;
-        self.stream.read(buf).map_err(timeout_kind)
-    }
-}
-
-impl Write for Deadlined<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.stream.set_write_timeout(Some(self.remaining()?))?;
-        self.stream.write(buf).map_err(timeout_kind)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-/// Socket timeouts show up as WouldBlock on Unix and TimedOut on Windows
-/// (whose message text may be missing): make them one error that says so.
-fn timeout_kind(e: io::Error) -> io::Error {
-    if matches!(
+/// A socket read or write that found nothing to do yet.
+fn is_wait(e: &io::Error) -> bool {
+    matches!(
         e.kind(),
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-    ) {
-        io::Error::new(io::ErrorKind::TimedOut, "projector I/O timed out")
-    } else {
-        e
+    )
+}
+
+/// A raw exchange: write the payload, then read a reply until the
+/// terminator's last byte or LF, the peer closing, or `MAX_RAW_REPLY_BYTES`.
+/// No reply is fine.
+pub struct RawExchange {
+    /// The bytes to send.
+    payload: Vec<u8>,
+    /// Bytes of it sent.
+    sent: usize,
+    /// The byte that ends a reply (besides LF).
+    end: u8,
+    /// The reply so far.
+    reply: Vec<u8>,
+}
+
+impl RawExchange {
+    /// An exchange sending `payload`; replies end at `terminator`'s last byte or LF.
+    pub fn new(payload: Vec<u8>, terminator: &[u8]) -> RawExchange {
+        RawExchange {
+            payload,
+            sent: 0,
+            end: *terminator.last().unwrap_or(&b'\r'),
+            reply: Vec::new(),
+        }
+    }
+
+    /// Moves bytes until the peer has nothing more for now (`Pending`) or the
+    /// exchange is over: the reply (None if there was none).
+    pub fn step<S: Read + Write>(&mut self, s: &mut S) -> Poll<io::Result<Option<Vec<u8>>>> {
+        while self.sent < self.payload.len() {
+            match s.write(&self.payload[self.sent..]) {
+                Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Ok(n) => self.sent += n,
+                Err(e) if is_wait(&e) => return Poll::Pending,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+        if let Err(e) = s.flush() {
+            return Poll::Ready(Err(e));
+        }
+        let mut buf = [0u8; 512];
+        while self.reply.len() < MAX_RAW_REPLY_BYTES {
+            match s.read(&mut buf) {
+                Ok(0) => return Poll::Ready(Ok(self.take_reply())),
+                Ok(n) => {
+                    let n = n.min(MAX_RAW_REPLY_BYTES - self.reply.len());
+                    if let Some(pos) = buf[..n].iter().position(|&b| b == self.end || b == b'\n') {
+                        self.reply.extend_from_slice(&buf[..pos]);
+                        return Poll::Ready(Ok(Some(std::mem::take(&mut self.reply))));
+                    }
+                    self.reply.extend_from_slice(&buf[..n]);
+                }
+                Err(e) if is_wait(&e) => return Poll::Pending,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+        Poll::Ready(Ok(self.take_reply()))
+    }
+
+    /// The result when time is up: what came of a reply, or an error if the
+    /// command itself did not go out.
+    pub fn time_up(&mut self) -> io::Result<Option<Vec<u8>>> {
+        if self.sent < self.payload.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "projector I/O timed out",
+            ));
+        }
+        Ok(self.take_reply())
+    }
+
+    fn take_reply(&mut self) -> Option<Vec<u8>> {
+        let reply = std::mem::take(&mut self.reply);
+        (!reply.is_empty()).then_some(reply)
+    }
+}
+
+/// Writes `payload` and reads a reply over a blocking stream (tests and
+/// fuzzing: an in-memory peer never makes the exchange wait).
+pub fn raw_exchange<S: Read + Write>(
+    s: &mut S,
+    payload: &[u8],
+    terminator: &[u8],
+) -> io::Result<Option<Vec<u8>>> {
+    let mut x = RawExchange::new(payload.to_vec(), terminator);
+    match x.step(s) {
+        Poll::Ready(r) => r,
+        Poll::Pending => x.time_up(),
+    }
+}
+
+/// Where a PJLink exchange is.
+#[derive(Debug, PartialEq)]
+enum PjlinkPhase {
+    /// Waiting for `PJLINK 0` or `PJLINK 1 <random>`.
+    Greeting,
+    /// Sending the (digest-prefixed) command line.
+    Sending,
+    /// Waiting for the reply line.
+    Reply,
+}
+
+/// A PJLink class 1 exchange: greeting, MD5 authentication if asked, one
+/// command line, one reply told in words.
+pub struct PjlinkExchange {
+    /// The command line, without CR.
+    line: String,
+    /// The password, if any.
+    password: Option<String>,
+    /// Where it is.
+    phase: PjlinkPhase,
+    /// Bytes received and not yet used.
+    inbuf: Vec<u8>,
+    /// The bytes to send, once known.
+    out: Vec<u8>,
+    /// Bytes of `out` sent.
+    sent: usize,
+}
+
+impl PjlinkExchange {
+    /// An exchange sending `line` (from [`pjlink_line`]).
+    pub fn new(line: String, password: Option<String>) -> PjlinkExchange {
+        PjlinkExchange {
+            line,
+            password,
+            phase: PjlinkPhase::Greeting,
+            inbuf: Vec::new(),
+            out: Vec::new(),
+            sent: 0,
+        }
+    }
+
+    /// Moves bytes until the peer has nothing more for now (`Pending`) or the
+    /// exchange is over: the reply in words, or what went wrong.
+    pub fn step<S: Read + Write>(&mut self, s: &mut S) -> Poll<Result<String, String>> {
+        loop {
+            match self.phase {
+                PjlinkPhase::Greeting => {
+                    let greeting = match self.read_line(s) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(Err(e)) => {
+                            return Poll::Ready(Err(format!("no PJLink greeting: {e}")))
+                        }
+                        Poll::Ready(Ok(line)) => line,
+                    };
+                    let prefix =
+                        match greeting.split(' ').collect::<Vec<_>>().as_slice() {
+                            ["PJLINK", "0"] => String::new(),
+                            ["PJLINK", "1", random] => match &self.password {
+                                Some(p) => pjlink_digest(random, p),
+                                None => return Poll::Ready(Err(
+                                    "projector asks for a PJLink password and none is configured"
+                                        .into(),
+                                )),
+                            },
+                            ["PJLINK", "ERRA"] => {
+                                return Poll::Ready(Err("ERRA: wrong password".into()))
+                            }
+                            _ => {
+                                return Poll::Ready(Err(format!(
+                                    "not a PJLink greeting: {:?}",
+                                    escape(greeting.as_bytes())
+                                )))
+                            }
+                        };
+                    self.out = format!("{prefix}{}\r", self.line).into_bytes();
+                    self.phase = PjlinkPhase::Sending;
+                }
+                PjlinkPhase::Sending => {
+                    while self.sent < self.out.len() {
+                        match s.write(&self.out[self.sent..]) {
+                            Ok(0) => {
+                                return Poll::Ready(Err("sending failed: connection closed".into()))
+                            }
+                            Ok(n) => self.sent += n,
+                            Err(e) if is_wait(&e) => return Poll::Pending,
+                            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                            Err(e) => return Poll::Ready(Err(format!("sending failed: {e}"))),
+                        }
+                    }
+                    if let Err(e) = s.flush() {
+                        return Poll::Ready(Err(format!("sending failed: {e}")));
+                    }
+                    self.phase = PjlinkPhase::Reply;
+                }
+                PjlinkPhase::Reply => {
+                    return match self.read_line(s) {
+                        Poll::Pending => Poll::Pending,
+                        Poll::Ready(Err(e)) => Poll::Ready(Err(format!("no reply: {e}"))),
+                        Poll::Ready(Ok(reply)) => Poll::Ready(describe_reply(&self.line, &reply)),
+                    }
+                }
+            }
+        }
+    }
+
+    /// What went wrong when time is up.
+    pub fn time_up(&mut self) -> String {
+        match self.phase {
+            PjlinkPhase::Greeting => "no PJLink greeting: projector I/O timed out".into(),
+            PjlinkPhase::Sending => "sending failed: projector I/O timed out".into(),
+            PjlinkPhase::Reply => "no reply: projector I/O timed out".into(),
+        }
+    }
+
+    /// Takes one CR-ended line; errors on EOF before it or an overlong line.
+    fn read_line<S: Read>(&mut self, s: &mut S) -> Poll<Result<String, String>> {
+        loop {
+            if let Some(pos) = self.inbuf.iter().position(|&b| b == b'\r') {
+                let line: Vec<u8> = self.inbuf.drain(..=pos).take(pos).collect();
+                return Poll::Ready(String::from_utf8(line).map_err(|e| e.to_string()));
+            }
+            if self.inbuf.len() > MAX_PJLINK_LINE_BYTES {
+                return Poll::Ready(Err(format!(
+                    "line longer than {MAX_PJLINK_LINE_BYTES} bytes"
+                )));
+            }
+            let mut buf = [0u8; 256];
+            match s.read(&mut buf) {
+                Ok(0) => {
+                    return Poll::Ready(Err(format!(
+                        "connection closed after {:?}",
+                        escape(&self.inbuf)
+                    )))
+                }
+                Ok(n) => self.inbuf.extend_from_slice(&buf[..n]),
+                Err(e) if is_wait(&e) => return Poll::Pending,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Poll::Ready(Err(e.to_string())),
+            }
+        }
+    }
+}
+
+/// Runs a PJLink exchange over a blocking stream (tests and fuzzing).
+pub fn pjlink_exchange<S: Read + Write>(
+    s: &mut S,
+    line: &str,
+    password: Option<&str>,
+) -> Result<String, String> {
+    let mut x = PjlinkExchange::new(line.to_string(), password.map(str::to_string));
+    match x.step(s) {
+        Poll::Ready(r) => r,
+        Poll::Pending => Err(x.time_up()),
     }
 }
 
@@ -241,37 +575,6 @@ pub fn raw_payload(command: &str, terminator: &str) -> Result<Vec<u8>, String> {
         out.extend_from_slice(terminator.as_bytes());
     }
     Ok(out)
-}
-
-/// Writes `payload`, then reads a reply until the terminator's last byte or LF,
-/// the peer closing, the deadline, or `MAX_RAW_REPLY_BYTES`. No reply is fine.
-pub fn raw_exchange<S: Read + Write>(
-    s: &mut S,
-    payload: &[u8],
-    terminator: &[u8],
-) -> io::Result<Option<Vec<u8>>> {
-    s.write_all(payload)?;
-    s.flush()?;
-    let end = *terminator.last().unwrap_or(&b'\r');
-    let mut reply = Vec::new();
-    let mut buf = [0u8; 512];
-    while reply.len() < MAX_RAW_REPLY_BYTES {
-        match s.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                let n = n.min(MAX_RAW_REPLY_BYTES - reply.len());
-                if let Some(pos) = buf[..n].iter().position(|&b| b == end || b == b'\n') {
-                    reply.extend_from_slice(&buf[..pos]);
-                    return Ok(Some(reply));
-                }
-                reply.extend_from_slice(&buf[..n]);
-            }
-            Err(e) if e.kind() == io::ErrorKind::TimedOut => break,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(if reply.is_empty() { None } else { Some(reply) })
 }
 
 /// A PJLink command line for a shortcut (`on`, `off`, `status`, `mute`,
@@ -319,64 +622,6 @@ pub fn pjlink_line(command: &str) -> Result<String, String> {
 /// MD5 digest PJLink wants before the first command: md5hex(random + password).
 pub fn pjlink_digest(random: &str, password: &str) -> String {
     format!("{:x}", md5::compute(format!("{random}{password}")))
-}
-
-/// Reads the greeting, authenticates if asked, sends `line`, reads the reply
-/// and returns it in words (Err for error replies).
-pub fn pjlink_exchange<S: Read + Write>(
-    s: &mut S,
-    line: &str,
-    password: Option<&str>,
-) -> Result<String, String> {
-    let greeting = read_line(s).map_err(|e| format!("no PJLink greeting: {e}"))?;
-    let prefix = match greeting.split(' ').collect::<Vec<_>>().as_slice() {
-        ["PJLINK", "0"] => String::new(),
-        ["PJLINK", "1", random] => {
-            let password =
-                password.ok_or("projector asks for a PJLink password and none is configured")?;
-            pjlink_digest(random, password)
-        }
-        ["PJLINK", "ERRA"] => return Err("ERRA: wrong password".into()),
-        _ => {
-            return Err(format!(
-                "not a PJLink greeting: {:?}",
-                escape(greeting.as_bytes())
-            ))
-        }
-    };
-    s.write_all(format!("{prefix}{line}\r").as_bytes())
-        .map_err(|e| format!("sending failed: {e}"))?;
-    let reply = read_line(s).map_err(|e| format!("no reply: {e}"))?;
-    describe_reply(line, &reply)
-}
-
-/// Reads up to CR; errors on EOF before it, on timeout, or on an overlong line.
-fn read_line<S: Read>(s: &mut S) -> io::Result<String> {
-    let mut line = Vec::new();
-    let mut byte = [0u8; 1];
-    loop {
-        match s.read(&mut byte) {
-            Ok(0) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!("connection closed after {:?}", escape(&line)),
-                ))
-            }
-            Ok(_) if byte[0] == b'\r' => break,
-            Ok(_) => {
-                line.push(byte[0]);
-                if line.len() > MAX_PJLINK_LINE_BYTES {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!("line longer than {MAX_PJLINK_LINE_BYTES} bytes"),
-                    ));
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    String::from_utf8(line).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
 /// A PJLink reply in words, checked against the command it answers.

@@ -15,9 +15,15 @@ use rusqlite::{params, Connection, OptionalExtension};
 use crate::error::{Context, Error, Result};
 use crate::message::Entry;
 
-/// How long a statement waits for a lock held by another process (a
-/// technician's `sqlite3` shell, `holosync enqueue`) before giving up.
-const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a technician's command (`status`, `enqueue`) waits for a lock
+/// held by another process before giving up.
+const CLI_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long the agent waits for a lock held by another process (a
+/// technician's `sqlite3` shell, `holosync enqueue`). Short, because the loop
+/// must not block: a commit that cannot get the lock is simply tried again on
+/// a later turn (a sync message stays unacknowledged meanwhile).
+pub const AGENT_BUSY_TIMEOUT: Duration = Duration::from_millis(250);
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS queue (
@@ -160,9 +166,14 @@ pub struct Enqueued {
 }
 
 impl Queue {
-    /// Opens (creating if needed) the queue database at `path`.
+    /// Opens (creating if needed) the queue database at `path`, for a
+    /// technician's command (waits up to 10 s for another process's lock).
     pub fn open(path: &Path) -> Result<Queue> {
-        match Queue::try_open(path) {
+        Queue::open_with(path, CLI_BUSY_TIMEOUT)
+    }
+
+    fn open_with(path: &Path, busy: Duration) -> Result<Queue> {
+        match Queue::try_open(path, busy) {
             Ok(q) => Ok(q),
             Err(Unusable::Broken(why)) => Err(Error::msg(format!(
                 "queue database {} is not usable: {why}",
@@ -177,7 +188,7 @@ impl Queue {
     /// fresh queue is started: a kiosk must keep running. Other errors
     /// (permissions, a lock held too long) are returned, never "repaired".
     pub fn open_or_recover(path: &Path) -> Result<Queue> {
-        match Queue::try_open(path) {
+        match Queue::try_open(path, AGENT_BUSY_TIMEOUT) {
             Ok(q) => Ok(q),
             Err(Unusable::Other(e)) => Err(e),
             Err(Unusable::Broken(why)) => {
@@ -188,16 +199,16 @@ impl Queue {
                     path.display(),
                     aside.display()
                 );
-                Queue::open(path)
+                Queue::open_with(path, AGENT_BUSY_TIMEOUT)
             }
         }
     }
 
-    fn try_open(path: &Path) -> Result<Queue, Unusable> {
+    fn try_open(path: &Path, busy: Duration) -> Result<Queue, Unusable> {
         let conn = Connection::open(path)
             .context(|| format!("could not open queue database {}", path.display()))
             .map_err(Unusable::Other)?;
-        Queue::init(conn).map_err(|e| match e {
+        Queue::init(conn, busy).map_err(|e| match e {
             InitError::Sqlite(e) if is_corruption(&e) => Unusable::Broken(e.to_string()),
             InitError::Sqlite(e) => Unusable::Other(Error::new(
                 format!("could not set up queue database {}", path.display()),
@@ -210,16 +221,19 @@ impl Queue {
     /// An in-memory queue, for tests.
     pub fn in_memory() -> Queue {
         let conn = Connection::open_in_memory().expect("in-memory SQLite always opens");
-        match Queue::init(conn) {
+        match Queue::init(conn, CLI_BUSY_TIMEOUT) {
             Ok(q) => q,
             Err(_) => unreachable!("the schema applies to an empty database"),
         }
     }
 
-    fn init(conn: Connection) -> Result<Queue, InitError> {
-        conn.busy_timeout(BUSY_TIMEOUT)?;
-        // WAL: readers (`holosync status`) never block the agent; NORMAL keeps
-        // commits durable across a process crash, fsyncing only at checkpoints.
+    fn init(conn: Connection, busy: Duration) -> Result<Queue, InitError> {
+        conn.busy_timeout(busy)?;
+        // WAL: readers (`holosync status`) never block the agent. NORMAL keeps
+        // commits durable across a process crash, fsyncing only at
+        // checkpoints: enough for download results (a result lost to a power
+        // cut only means a download is done again). `enqueue`, whose commit
+        // comes before an ack, switches to FULL for its commit.
         let _: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
         conn.execute_batch("PRAGMA synchronous = NORMAL;")?;
         for (table, want) in [("queue", QUEUE_COLUMNS), ("meta", META_COLUMNS)] {
@@ -247,11 +261,37 @@ impl Queue {
     /// were done or failed become pending; pending or retrying ones are left
     /// alone (redelivery is harmless). Entries with a rejection reason are
     /// stored as failed with that reason.
-    pub fn enqueue(&mut self, entries: &[Entry], now_ms: i64) -> Result<Enqueued> {
+    ///
+    /// The commit is durable on disk (fsynced) before this returns, even
+    /// against a power cut, because the caller acknowledges the message next.
+    /// It also puts back on time rows that a clock jump left waiting (see
+    /// [`Queue::clamp_schedule`]), so syncing a stranded URL again frees it.
+    pub fn enqueue(
+        &mut self,
+        entries: &[Entry],
+        now_ms: i64,
+        max_delay_ms: u64,
+    ) -> Result<Enqueued> {
+        self.conn
+            .execute_batch("PRAGMA synchronous = FULL;")
+            .context(|| "could not make the queue commit durable")?;
+        let result = self.enqueue_durably(entries, now_ms, max_delay_ms);
+        // NORMAL again for everything else; the next FULL commit syncs it all.
+        let _ = self.conn.execute_batch("PRAGMA synchronous = NORMAL;");
+        result
+    }
+
+    fn enqueue_durably(
+        &mut self,
+        entries: &[Entry],
+        now_ms: i64,
+        max_delay_ms: u64,
+    ) -> Result<Enqueued> {
         let tx = self
             .conn
             .transaction()
             .context(|| "could not start a queue transaction")?;
+        clamp(&tx, now_ms, max_delay_ms).context(|| "could not reschedule the queue")?;
         let mut out = Enqueued::default();
         {
             let mut ok = tx
@@ -294,6 +334,15 @@ impl Queue {
         }
         tx.commit().context(|| "could not commit queued URLs")?;
         Ok(out)
+    }
+
+    /// Puts rows a backward clock jump left waiting back on time: no pending
+    /// or retry row waits longer than `max_delay_ms` past `now_ms`, whatever
+    /// the clock did. Pending rows stamped in the future are due now; retry
+    /// rows scheduled from the future keep their delay (capped), counted from
+    /// now. Returns how many rows moved.
+    pub fn clamp_schedule(&self, now_ms: i64, max_delay_ms: u64) -> Result<usize> {
+        clamp(&self.conn, now_ms, max_delay_ms).context(|| "could not reschedule the queue")
     }
 
     /// The row to download now, oldest due first, or None.
@@ -425,6 +474,27 @@ impl Queue {
     }
 }
 
+/// See [`Queue::clamp_schedule`].
+fn clamp(conn: &Connection, now_ms: i64, max_delay_ms: u64) -> rusqlite::Result<usize> {
+    let max = i64::try_from(max_delay_ms).unwrap_or(i64::MAX / 4);
+    let pending = conn.execute(
+        "UPDATE queue SET next_attempt = ?1, updated = MIN(updated, ?1)
+         WHERE state = 'pending' AND next_attempt > ?1",
+        params![now_ms],
+    )?;
+    let future = conn.execute(
+        "UPDATE queue SET next_attempt = ?1 + MIN(MAX(next_attempt - updated, 0), ?2), updated = ?1
+         WHERE state = 'retry' AND updated > ?1",
+        params![now_ms, max],
+    )?;
+    let far = conn.execute(
+        "UPDATE queue SET next_attempt = ?1 + ?2
+         WHERE state = 'retry' AND next_attempt > ?1 + ?2",
+        params![now_ms, max],
+    )?;
+    Ok(pending + future + far)
+}
+
 /// Delay before attempt `attempts + 1`, after `attempts` failures: base,
 /// doubling, capped; a server's Retry-After wins when longer (still capped).
 pub fn retry_delay(
@@ -442,6 +512,8 @@ pub fn retry_delay(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const MAX: u64 = 3_600_000;
 
     fn ok(urls: &[&str]) -> Vec<Entry> {
         urls.iter()
@@ -467,7 +539,7 @@ mod tests {
     fn enqueue_deduplicates_by_url() {
         let mut q = Queue::in_memory();
         let r = q
-            .enqueue(&ok(&["http://h/a.jpg", "http://h/a.jpg"]), 1)
+            .enqueue(&ok(&["http://h/a.jpg", "http://h/a.jpg"]), 1, MAX)
             .unwrap();
         assert_eq!(
             r,
@@ -484,14 +556,15 @@ mod tests {
     fn quotes_and_semicolons_are_stored_verbatim() {
         let mut q = Queue::in_memory();
         let url = "http://h/it's'; DROP TABLE queue; --.jpg";
-        q.enqueue(&ok(&[url]), 1).unwrap();
+        q.enqueue(&ok(&[url]), 1, MAX).unwrap();
         assert_eq!(q.next_due(1).unwrap().unwrap().url, url);
     }
 
     #[test]
     fn oldest_due_first_and_retry_waits_its_turn() {
         let mut q = Queue::in_memory();
-        q.enqueue(&ok(&["http://h/1", "http://h/2"]), 10).unwrap();
+        q.enqueue(&ok(&["http://h/1", "http://h/2"]), 10, MAX)
+            .unwrap();
         let first = q.next_due(10).unwrap().unwrap();
         assert_eq!(first.url, "http://h/1");
         q.mark_retry(&first, "HTTP 500", 1000, 10).unwrap();
@@ -508,12 +581,15 @@ mod tests {
     #[test]
     fn synced_again_after_done_or_failed_goes_back_to_pending() {
         let mut q = Queue::in_memory();
-        q.enqueue(&ok(&["http://h/a", "http://h/b"]), 1).unwrap();
+        q.enqueue(&ok(&["http://h/a", "http://h/b"]), 1, MAX)
+            .unwrap();
         let a = q.next_due(1).unwrap().unwrap();
         q.mark_done(&a, 2).unwrap();
         let b = q.next_due(2).unwrap().unwrap();
         q.mark_failed(&b, "HTTP 404", 3).unwrap();
-        let r = q.enqueue(&ok(&["http://h/a", "http://h/b"]), 4).unwrap();
+        let r = q
+            .enqueue(&ok(&["http://h/a", "http://h/b"]), 4, MAX)
+            .unwrap();
         assert_eq!(r.queued, 2);
         let st = q.status(20).unwrap();
         assert_eq!((st.pending, st.done, st.failed), (2, 0, 0));
@@ -526,7 +602,7 @@ mod tests {
             url: "http://h/../x".into(),
             rejected: Some("path segment \"..\" would leave its folder".into()),
         };
-        q.enqueue(&[bad], 1).unwrap();
+        q.enqueue(&[bad], 1, MAX).unwrap();
         let st = q.status(20).unwrap();
         assert_eq!(st.failed, 1);
         assert_eq!(st.failures[0].url, "http://h/../x");
@@ -538,7 +614,8 @@ mod tests {
     #[test]
     fn status_lists_failures_newest_first() {
         let mut q = Queue::in_memory();
-        q.enqueue(&ok(&["http://h/1", "http://h/2"]), 1).unwrap();
+        q.enqueue(&ok(&["http://h/1", "http://h/2"]), 1, MAX)
+            .unwrap();
         let j1 = q.next_due(1).unwrap().unwrap();
         q.mark_failed(&j1, "HTTP 404", 5).unwrap();
         let j2 = q.next_due(1).unwrap().unwrap();

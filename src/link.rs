@@ -1,0 +1,353 @@
+//! The broker link: rumqttc's blocking `Connection`, which connection
+//! delivered which message, acks bound to that connection, subscriptions
+//! renewed on every ConnAck, and the reconnect backoff.
+//!
+//! A packet id means something only on the connection that carried it: after
+//! a reconnect the same id may name another message (RabbitMQ numbers them
+//! per connection; a broker that lost its session starts again at 1). So
+//! every delivery carries the number of its connection, and an ack goes out
+//! only while that same connection is up. A message from an earlier
+//! connection is committed but never acked: the broker sends it again and the
+//! queue deduplicates. Events rumqttc read just before a connection died are
+//! taken out at once and marked as the dead connection's, because rumqttc
+//! would otherwise hand them over after the next ConnAck.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use rumqttc::{Client, Connection, Event, MqttOptions, Packet, Publish, QoS};
+
+/// Largest MQTT packet accepted: the protocol's own maximum (a 268,435,455-byte
+/// remaining length plus the fixed header). A client that refuses a QoS 1
+/// message drops the connection, and under a persistent session the broker
+/// sends the same message again on reconnect, forever. Accepting whatever the
+/// broker sends and then dropping oversized payloads in the application (see
+/// `mqtt.max_payload_bytes`) is the only way out of that loop with MQTT 3.1.1.
+pub const MAX_PACKET_BYTES: usize = 268_435_460;
+
+/// Largest packet we send (projector results); far above what we need.
+const MAX_OUTGOING_PACKET_BYTES: usize = 1024 * 1024;
+
+/// Requests (acks, subscribes, publishes) buffered for the event loop.
+const REQUEST_CHANNEL_CAPACITY: usize = 1024;
+
+/// rumqttc's own connect timeout (TCP + CONNACK).
+const CONNECT_TIMEOUT_SECS: u64 = 5;
+
+/// Poll timeout while connecting. It must outlast a connect: a shorter one
+/// cancels the connect each time and the client never gets through. This is
+/// the one wait in the loop longer than a work slice; no ping is due then.
+const CONNECT_POLL_TIMEOUT: Duration = Duration::from_secs(CONNECT_TIMEOUT_SECS + 2);
+
+/// First reconnect delay; doubles per failed attempt.
+const RECONNECT_MIN: Duration = Duration::from_secs(1);
+
+/// Longest reconnect delay.
+const RECONNECT_MAX: Duration = Duration::from_secs(60);
+
+/// While work is due, rumqttc's runtime (its timers, so its pings, and its
+/// socket reads) runs at least this often. Between such polls the queue of
+/// events already read is drained without waiting. A timer-running poll costs
+/// about 1 ms (tokio's timer has 1 ms steps), so not every turn gets one.
+pub const BUSY_POLL_EVERY: Duration = Duration::from_millis(25);
+
+/// How long a timer-running poll waits while work is due.
+const BUSY_POLL_WAIT: Duration = Duration::from_millis(1);
+
+/// Longest single wait while idle; the loop looks at its clocks again after it.
+const MAX_IDLE_POLL: Duration = Duration::from_secs(10);
+
+/// Events taken per poll before the loop gets its turn again.
+const MAX_EVENTS_PER_POLL: usize = 256;
+
+/// A message from the broker, with the connection that delivered it.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// The message.
+    pub publish: Publish,
+    /// The connection it came on (see [`Link`]); acks go only to that one.
+    connection: u64,
+}
+
+/// What became of an ack.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ack {
+    /// Handed to rumqttc for the connection that delivered the message.
+    Sent,
+    /// Not sent: the message came on an earlier connection (or the link is
+    /// down), where its packet id now means nothing. The broker sends it again.
+    Stale,
+    /// The request channel refused it; the broker sends the message again.
+    Failed,
+    /// QoS 0: nothing to acknowledge.
+    NotNeeded,
+}
+
+/// Whether the link is up.
+#[derive(Debug)]
+enum State {
+    /// Connected (ConnAck seen).
+    Up,
+    /// Not connected; the next attempt is due at `retry_at`.
+    Down {
+        /// When to try again.
+        retry_at: Instant,
+        /// Delay after the next failure.
+        backoff: Duration,
+    },
+}
+
+/// The broker link.
+pub struct Link {
+    /// Sends requests (acks, subscriptions, publishes) to the event loop.
+    client: Client,
+    /// The MQTT event loop.
+    connection: Connection,
+    /// Up or down.
+    state: State,
+    /// Number of the current connection: counts ConnAcks.
+    generation: u64,
+    /// `host:port`, for log lines.
+    broker: String,
+    /// Topic filters subscribed on every ConnAck, with their QoS.
+    topics: Vec<(String, QoS)>,
+    /// When rumqttc's runtime last ran (a poll with a timer).
+    last_run: Instant,
+    /// Messages received, not yet taken by the loop.
+    inbox: VecDeque<Delivery>,
+}
+
+impl Link {
+    /// A link for `options` (client id, broker, keep-alive, credentials); it
+    /// connects on the first [`Link::poll`].
+    pub fn new(mut options: MqttOptions, topics: Vec<(String, QoS)>) -> Link {
+        let broker = {
+            let (host, port) = options.broker_address();
+            format!("{host}:{port}")
+        };
+        options
+            .set_clean_session(false)
+            .set_manual_acks(true)
+            .set_max_packet_size(MAX_PACKET_BYTES, MAX_OUTGOING_PACKET_BYTES);
+        let (client, mut connection) = Client::new(options, REQUEST_CHANNEL_CAPACITY);
+        let mut network = connection.eventloop.network_options();
+        network.set_connection_timeout(CONNECT_TIMEOUT_SECS);
+        connection.eventloop.set_network_options(network);
+        Link {
+            client,
+            connection,
+            state: State::Down {
+                retry_at: Instant::now(),
+                backoff: RECONNECT_MIN,
+            },
+            generation: 0,
+            broker,
+            topics,
+            last_run: Instant::now(),
+            inbox: VecDeque::new(),
+        }
+    }
+
+    /// Whether the broker connection is up.
+    pub fn is_up(&self) -> bool {
+        matches!(self.state, State::Up)
+    }
+
+    /// When the next connect attempt is due, while down.
+    pub fn retry_at(&self) -> Option<Instant> {
+        match self.state {
+            State::Up => None,
+            State::Down { retry_at, .. } => Some(retry_at),
+        }
+    }
+
+    /// Runs the MQTT side for one loop turn. `idle_until` is when the loop
+    /// has work again (None: work is due now). While connected and busy it
+    /// takes the events that are there, running rumqttc's runtime (pings,
+    /// socket reads) at least every [`BUSY_POLL_EVERY`]; while idle it waits
+    /// for the first event or `idle_until`. While disconnected it sleeps (if
+    /// idle) until the next attempt, then waits for one connect.
+    pub fn poll(&mut self, idle_until: Option<Instant>) {
+        let now = Instant::now();
+        match self.state {
+            State::Down { retry_at, .. } if now < retry_at => {
+                if let Some(until) = idle_until {
+                    std::thread::sleep(until.min(retry_at).saturating_duration_since(now));
+                }
+            }
+            State::Down { .. } => {
+                let polled = self.connection.recv_timeout(CONNECT_POLL_TIMEOUT);
+                self.last_run = Instant::now();
+                match polled {
+                    Ok(Ok(event)) => self.handle(event),
+                    Ok(Err(e)) => self.lost(&e.to_string()),
+                    Err(rumqttc::RecvTimeoutError::Timeout) => self.lost("connect timed out"),
+                    Err(rumqttc::RecvTimeoutError::Disconnected) => {
+                        unreachable!("the link holds the client, so the request channel stays open")
+                    }
+                }
+            }
+            State::Up => {
+                let wait = match idle_until {
+                    Some(until) => Some(until.saturating_duration_since(now).min(MAX_IDLE_POLL)),
+                    None if now.duration_since(self.last_run) >= BUSY_POLL_EVERY => {
+                        Some(BUSY_POLL_WAIT)
+                    }
+                    None => None,
+                };
+                self.take_events(wait);
+            }
+        }
+    }
+
+    /// Takes events: the first with a timer-running wait (if `wait` is
+    /// given), the rest without waiting, until none is left or the cap.
+    fn take_events(&mut self, mut wait: Option<Duration>) {
+        for _ in 0..MAX_EVENTS_PER_POLL {
+            let polled = match wait.take() {
+                Some(d) if !d.is_zero() => {
+                    let r = self.connection.recv_timeout(d);
+                    self.last_run = Instant::now();
+                    r
+                }
+                // Work is due: no timer (tokio's timer would wait ~1 ms).
+                _ => self.connection.try_recv().map_err(|e| match e {
+                    rumqttc::TryRecvError::Empty => rumqttc::RecvTimeoutError::Timeout,
+                    rumqttc::TryRecvError::Disconnected => rumqttc::RecvTimeoutError::Disconnected,
+                }),
+            };
+            match polled {
+                Ok(Ok(event)) => self.handle(event),
+                Ok(Err(e)) => return self.lost(&e.to_string()),
+                Err(rumqttc::RecvTimeoutError::Timeout) => return,
+                Err(rumqttc::RecvTimeoutError::Disconnected) => {
+                    unreachable!("the link holds the client, so the request channel stays open")
+                }
+            }
+            if !self.is_up() {
+                return;
+            }
+        }
+    }
+
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::Incoming(Packet::ConnAck(ack)) => {
+                self.generation += 1;
+                self.state = State::Up;
+                log::info!(
+                    "connected to broker {} (session present: {})",
+                    self.broker,
+                    ack.session_present
+                );
+                self.subscribe();
+            }
+            Event::Incoming(Packet::SubAck(ack)) => {
+                let names: Vec<&str> = self.topics.iter().map(|(t, _)| t.as_str()).collect();
+                if ack
+                    .return_codes
+                    .iter()
+                    .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
+                {
+                    log::error!(
+                        "broker refused a subscription to {} (check the user's topic permissions): {:?}",
+                        names.join(", "),
+                        ack.return_codes
+                    );
+                } else {
+                    log::info!("subscribed to {}", names.join(", "));
+                }
+            }
+            Event::Incoming(Packet::Publish(publish)) => self.inbox.push_back(Delivery {
+                publish,
+                connection: self.generation,
+            }),
+            Event::Incoming(_) | Event::Outgoing(_) => {}
+        }
+    }
+
+    /// The connection failed (or a connect did): keep what rumqttc had
+    /// already read, marked as the dead connection's, and back off.
+    fn lost(&mut self, why: &str) {
+        let read_before_death = std::mem::take(&mut self.connection.eventloop.state.events);
+        for event in read_before_death {
+            if let Event::Incoming(Packet::Publish(publish)) = event {
+                self.inbox.push_back(Delivery {
+                    publish,
+                    connection: self.generation,
+                });
+            }
+        }
+        let (retry_in, next) = match self.state {
+            State::Up => {
+                log::warn!("lost connection to broker {}: {why}", self.broker);
+                (RECONNECT_MIN, RECONNECT_MIN * 2)
+            }
+            State::Down { backoff, .. } => {
+                log::warn!(
+                    "could not connect to broker {}: {why}; next attempt in {} s",
+                    self.broker,
+                    backoff.as_secs()
+                );
+                (backoff, (backoff * 2).min(RECONNECT_MAX))
+            }
+        };
+        self.state = State::Down {
+            retry_at: Instant::now() + retry_in,
+            backoff: next,
+        };
+    }
+
+    /// Subscribes again on every ConnAck: a broker that lost the session forgets them.
+    fn subscribe(&mut self) {
+        let filters = self
+            .topics
+            .iter()
+            .map(|(t, qos)| rumqttc::SubscribeFilter::new(t.clone(), *qos));
+        if let Err(e) = self.client.try_subscribe_many(filters) {
+            log::error!("could not request subscriptions: {e}");
+        }
+    }
+
+    /// The next message received, oldest first.
+    pub fn next_delivery(&mut self) -> Option<Delivery> {
+        self.inbox.pop_front()
+    }
+
+    /// Whether `d` came on the connection that is up now.
+    pub fn is_current(&self, d: &Delivery) -> bool {
+        self.is_up() && d.connection == self.generation
+    }
+
+    /// Whether `newer` came on a later connection than `older`.
+    pub fn is_later(newer: &Delivery, older: &Delivery) -> bool {
+        newer.connection > older.connection
+    }
+
+    /// Acknowledges `d`, but only on the connection that delivered it.
+    pub fn ack(&self, d: &Delivery) -> Ack {
+        if d.publish.qos == QoS::AtMostOnce {
+            return Ack::NotNeeded;
+        }
+        if !self.is_current(d) {
+            return Ack::Stale;
+        }
+        match self.client.try_ack(&d.publish) {
+            Ok(()) => Ack::Sent,
+            Err(e) => {
+                log::warn!(
+                    "could not acknowledge a message on {} ({e}); the broker will send it again, which is harmless",
+                    d.publish.topic
+                );
+                Ack::Failed
+            }
+        }
+    }
+
+    /// Publishes without blocking (QoS 0 results and reports).
+    pub fn publish(&self, topic: &str, retain: bool, payload: Vec<u8>) -> Result<(), String> {
+        self.client
+            .try_publish(topic, QoS::AtMostOnce, retain, payload)
+            .map_err(|e| e.to_string())
+    }
+}
