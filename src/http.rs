@@ -845,7 +845,7 @@ impl Get {
                                 Progress::Body(appended)
                             } else {
                                 Progress::End
-                            })
+                            });
                         }
                         false => {
                             self.state = State::Body {
@@ -946,17 +946,19 @@ impl Get {
         conn.wait_until(deadline).map_err(net_failure)?;
         loop {
             match conn.recv(&mut chunk) {
-                Ok(0) => return match framing {
-                    Framing::UntilClose | Framing::Empty => Ok(true),
-                    Framing::Length(n) => Err(Failure::transient(format!(
-                        "short body: got {} of {n} bytes (Content-Length)",
-                        self.received
-                    ))),
-                    Framing::Chunked(_) => Err(Failure::transient(format!(
+                Ok(0) => {
+                    return match framing {
+                        Framing::UntilClose | Framing::Empty => Ok(true),
+                        Framing::Length(n) => Err(Failure::transient(format!(
+                            "short body: got {} of {n} bytes (Content-Length)",
+                            self.received
+                        ))),
+                        Framing::Chunked(_) => Err(Failure::transient(format!(
                         "short body: the connection closed inside the chunked body after {} bytes",
                         self.received
                     ))),
-                },
+                    }
+                }
                 Ok(n) => {
                     self.last_progress = Instant::now();
                     if self.take(framing, &chunk[..n], body)? {

@@ -2,6 +2,12 @@
 //! random moments, the broker restarts and the HTTP server misbehaves; at the
 //! end nothing may be lost, corrupt or left half-written.
 //!
+//! The MQTT keep-alive is 5 s, so a loop that starves its pings while it
+//! downloads gets the agent dropped by the broker: such drops are counted as
+//! `unexpected_disconnects` and must be 0. The broker restarts three times:
+//! with persistence (agent down, then agent up) and once without (the broker
+//! forgets the session; packet ids start again on the new connection).
+//!
 //! Sized for CI by default (about 2,000 URLs, 100 messages, 20+ kills, under
 //! three minutes on two cores). Environment knobs:
 //!
@@ -16,7 +22,7 @@
 //!
 //! The result is one line on stdout, shown with
 //! `cargo test --test soak -- --nocapture`:
-//! `soak: urls=2000 messages=100 kills=23 broker_restarts=2 faults=431 lost=0 corrupt=0 stray_tmp=0 seconds=152`.
+//! `soak: urls=2000 messages=100 kills=23 broker_restarts=3 faults=431 unexpected_disconnects=0 lost=0 corrupt=0 stray_tmp=0 seconds=152`.
 
 mod common;
 
@@ -207,12 +213,39 @@ impl Chaos<'_> {
         self.broker.restart();
         self.broker_restarts += 1;
     }
+
+    /// Restarts the broker without persistence, which forgets the agent's
+    /// session. Done with the agent up and every message published so far in
+    /// the queue (a message the broker forgets before delivering it is the
+    /// broker's loss, not the agent's); publishing goes on once the agent has
+    /// subscribed again.
+    fn restart_broker_volatile(&mut self, urls_of: &dyn Fn(usize) -> Vec<String>, db: &Path) {
+        let wanted: Vec<String> = (0..self.published).flat_map(urls_of).collect();
+        poll_until(Duration::from_secs(60), || {
+            db_states(db).is_ok_and(|s| wanted.iter().all(|u| s.contains_key(u)))
+        });
+        let dir = self.agent.dir().to_path_buf();
+        let connects = connects_logged(&dir);
+        self.broker.restart_volatile();
+        self.broker_restarts += 1;
+        poll_until(Duration::from_secs(60), || {
+            connects_logged(&dir) > connects && subscribed_since_last_start(&dir)
+        });
+    }
+}
+
+/// "connected to broker" lines in the agent's current and last rotated log.
+fn connects_logged(dir: &Path) -> usize {
+    (common::read_lossy(&dir.join("holosync.log.1"))
+        + &common::read_lossy(&dir.join("holosync.log")))
+        .matches("connected to broker")
+        .count()
 }
 
 /// The chaos soak: 2,000 URLs in 100 QoS 1 messages (some sent while the
 /// agent is down, a few URLs repeated), 20+ SIGKILLs at seeded random moments
-/// 1-6 s apart, two broker restarts (one while the agent is down, one under a
-/// running agent), and 20% of HTTP requests answered with a reset, 500, 503,
+/// 1-6 s apart, three broker restarts (one while the agent is down, one under a
+/// running agent, one without persistence that forgets the session), and 20% of HTTP requests answered with a reset, 500, 503,
 /// 429 + Retry-After, a body slower than the timeout or a short body. With
 /// faults off and the agent left running, every URL must end `done` with a
 /// byte-identical file, no temp file or foreign file may remain, the database
@@ -270,21 +303,24 @@ fn soak_kills_broker_restarts_and_http_faults_lose_nothing() {
     merge(
         &mut config,
         json!({
-            "mqtt": {"keep_alive_secs": 10},
+            "mqtt": {"keep_alive_secs": 5},
             "download": {"interval_ms": 0, "timeout_secs": 1, "retry_base_ms": 100,
                          "retry_max_ms": 1000, "max_attempts": 1000},
             "log": {"level": "debug", "max_bytes": LOG_MAX_BYTES, "keep": LOG_KEEP}
         }),
     );
+    let client_id = config["mqtt"]["client_id"].as_str().unwrap().to_string();
     let mut agent = Agent::new(dir.path(), config);
     let db = dir.path().join("holosync.db");
+    let urls_of =
+        |k: usize| -> Vec<String> { messages[k].split(',').map(str::to_string).collect() };
 
     // ---- chaos phase -------------------------------------------------------
     let mut c = Chaos {
         broker: &mut broker,
         agent: &mut agent,
         rng,
-        messages,
+        messages: messages.clone(),
         published: 0,
         published_while_down: 0,
         kills: 0,
@@ -294,10 +330,11 @@ fn soak_kills_broker_restarts_and_http_faults_lose_nothing() {
     let chaos_start = Instant::now();
     let total = c.messages.len();
     // Message k is due at k/total of 85% of the chaos phase (or earlier, when
-    // published while the agent is down); restarts at 30% and 65%.
+    // published while the agent is down); restarts at 30%, 55% and 75%.
     let due = |k: usize| chaos_start + chaos.mul_f64(0.85 * k as f64 / total as f64);
     let restart_down_at = chaos_start + chaos.mul_f64(0.30);
-    let restart_up_at = chaos_start + chaos.mul_f64(0.65);
+    let restart_up_at = chaos_start + chaos.mul_f64(0.55);
+    let restart_volatile_at = chaos_start + chaos.mul_f64(0.75);
     // The persistent session only exists once the agent has subscribed: a
     // message published before that is (by MQTT's rules) not for it.
     c.agent.start();
@@ -315,6 +352,8 @@ fn soak_kills_broker_restarts_and_http_faults_lose_nothing() {
                 c.publish_next();
             } else if c.broker_restarts == 1 && now >= restart_up_at {
                 c.restart_broker();
+            } else if c.broker_restarts == 2 && now >= restart_volatile_at {
+                c.restart_broker_volatile(&urls_of, &db);
             } else {
                 let mut next = kill_at;
                 if c.published < total {
@@ -322,6 +361,9 @@ fn soak_kills_broker_restarts_and_http_faults_lose_nothing() {
                 }
                 if c.broker_restarts == 1 {
                     next = next.min(restart_up_at);
+                }
+                if c.broker_restarts == 2 {
+                    next = next.min(restart_volatile_at);
                 }
                 // The chaos schedule, not a wait for a condition.
                 thread::sleep(next.saturating_duration_since(now));
@@ -344,7 +386,7 @@ fn soak_kills_broker_restarts_and_http_faults_lose_nothing() {
         if chaos_start.elapsed() >= chaos
             && c.kills >= min_kills
             && c.published == total
-            && c.broker_restarts >= 2
+            && c.broker_restarts >= 3
         {
             break;
         }
@@ -469,6 +511,17 @@ fn soak_kills_broker_restarts_and_http_faults_lose_nothing() {
 
     let faults = server.faults();
     let fault_counts = server.fault_counts();
+    // Drops the broker made on its own (keep-alive run out, protocol error),
+    // and links the agent gave up because a ping went unanswered.
+    let mut unexpected_disconnects = broker.timeouts_of(&client_id);
+    let agent_logs = common::read_lossy(&dir.path().join("holosync.log.1"))
+        + &common::read_lossy(&dir.path().join("holosync.log"));
+    unexpected_disconnects.extend(
+        agent_logs
+            .lines()
+            .filter(|l| l.contains("lost connection") && l.contains("pingreq"))
+            .map(str::to_owned),
+    );
     let details = format!(
         "seed {seed}; chaos {chaos_secs} s, drain {drain_secs} s (drained: {drained}); \
          {published_while_down} messages sent while the agent was down; \
@@ -476,7 +529,8 @@ fn soak_kills_broker_restarts_and_http_faults_lose_nothing() {
          last counts {last_counts:?}\n\
          lost (first 10): {:?}\ncorrupt (first 10): {:?}\nstray tmp: {stray_tmp:?}\n\
          foreign files in the cache: {foreign_in_cache:?}\nfiles outside the cache: {outside:?}\n\
-         unexpected agent exits: {unexpected_exits:?}\nintegrity_check: {integrity}\nlogs: {logs:?}\n{}",
+         unexpected agent exits: {unexpected_exits:?}\nunexpected disconnects: {unexpected_disconnects:?}\n\
+         integrity_check: {integrity}\nlogs: {logs:?}\n{}",
         &lost[..lost.len().min(10)],
         &corrupt[..corrupt.len().min(10)],
         agent.diagnostics()
@@ -489,7 +543,8 @@ fn soak_kills_broker_restarts_and_http_faults_lose_nothing() {
     drop(dir);
     let seconds = started.elapsed().as_secs();
     let line = format!(
-        "soak: urls={n_urls} messages={published} kills={kills} broker_restarts={broker_restarts} faults={faults} lost={} corrupt={} stray_tmp={} seconds={seconds}",
+        "soak: seed={seed} urls={n_urls} messages={published} kills={kills} broker_restarts={broker_restarts} faults={faults} unexpected_disconnects={} lost={} corrupt={} stray_tmp={} seconds={seconds}",
+        unexpected_disconnects.len(),
         lost.len(),
         corrupt.len(),
         stray_tmp.len()
@@ -502,6 +557,11 @@ fn soak_kills_broker_restarts_and_http_faults_lose_nothing() {
     );
 
     assert_eq!(lost.len(), 0, "lost URLs\n{details}");
+    assert_eq!(
+        unexpected_disconnects.len(),
+        0,
+        "the link was dropped while the agent worked\n{details}"
+    );
     assert_eq!(corrupt.len(), 0, "corrupt files\n{details}");
     assert_eq!(stray_tmp.len(), 0, "temporary files left\n{details}");
     assert!(
@@ -526,7 +586,7 @@ fn soak_kills_broker_restarts_and_http_faults_lose_nothing() {
         );
     }
     // The chaos really happened.
-    assert!(kills >= min_kills && broker_restarts >= 2, "{details}");
+    assert!(kills >= min_kills && broker_restarts >= 3, "{details}");
     assert!(published_while_down > 0, "{details}");
     for (fault, _) in Fault::WEIGHTED {
         assert!(

@@ -338,10 +338,20 @@ impl Mosquitto {
         Mosquitto::start_with("")
     }
 
+    /// Starts a broker without persistence: a restart forgets every session
+    /// and every message it held.
+    pub fn start_volatile() -> Mosquitto {
+        Mosquitto::start_conf(false, "")
+    }
+
     /// Starts a broker whose config has `extra_conf` lines appended (e.g.
     /// `"message_size_limit 1000\n"`). Retries on a fresh port if the chosen
     /// one was grabbed by someone else in the meantime.
     pub fn start_with(extra_conf: &str) -> Mosquitto {
+        Mosquitto::start_conf(true, extra_conf)
+    }
+
+    fn start_conf(persistence: bool, extra_conf: &str) -> Mosquitto {
         let dir = TempDir::new("holosync-mosquitto");
         let mut last_error = String::new();
         for _ in 0..3 {
@@ -350,7 +360,7 @@ impl Mosquitto {
             let conf = format!(
                 "listener {port} 127.0.0.1\n\
                  allow_anonymous true\n\
-                 persistence true\n\
+                 persistence {persistence}\n\
                  persistence_location {d}/\n\
                  autosave_interval 1\n\
                  user root\n\
@@ -384,6 +394,33 @@ impl Mosquitto {
         read_lossy(&self.dir.path().join("mosquitto.log"))
     }
 
+    /// Broker log lines that tell the broker dropped a client on its own:
+    /// its keep-alive ran out, or it broke the protocol.
+    pub fn timeouts_of(&self, client_id: &str) -> Vec<String> {
+        self.log()
+            .lines()
+            .filter(|l| l.contains(client_id))
+            .filter(|l| l.contains("exceeded timeout") || l.contains("protocol error"))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Broker log lines that tell a client was dropped or went away (not
+    /// counting clean disconnects): timeouts, protocol errors, closed sockets.
+    pub fn drops_of(&self, client_id: &str) -> Vec<String> {
+        self.log()
+            .lines()
+            .filter(|l| l.contains(client_id))
+            .filter(|l| {
+                l.contains("exceeded timeout")
+                    || l.contains("protocol error")
+                    || l.contains("closed its connection")
+                    || l.contains("disconnected due to")
+            })
+            .map(str::to_owned)
+            .collect()
+    }
+
     /// Whether the broker process is alive.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
@@ -403,6 +440,15 @@ impl Mosquitto {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// Restarts the broker with persistence turned off: it starts without the
+    /// sessions and messages it held, and keeps nothing on disk from then on.
+    pub fn restart_volatile(&mut self) {
+        let conf = self.dir.path().join("mosquitto.conf");
+        let text = read_lossy(&conf).replace("persistence true\n", "persistence false\n");
+        fs::write(&conf, text).expect("rewrite mosquitto.conf");
+        self.restart();
     }
 
     /// Stops the broker (if running) and starts it again with the same port,
@@ -631,6 +677,14 @@ pub enum Route {
     /// These exact bytes as the whole response (status line, headers, body),
     /// then close: for chunked encoding, missing Content-Length, and so on.
     Raw(Vec<u8>),
+    /// 200 with the full Content-Length, the body sent at this many bytes per
+    /// second (in 10 ms steps), like a slow link.
+    Throttled(Vec<u8>, u64),
+    /// No answer for the duration (cut short if the server drops), then like [`Route::Ok`].
+    Delayed(Vec<u8>, Duration),
+    /// These bytes, then an endless stream of `b` until the client goes away
+    /// (or 120 s pass): a hostile server.
+    Endless(Vec<u8>),
 }
 
 /// Safety cap for [`Route::Hold`] so a forgotten release cannot leak a thread.
@@ -1007,6 +1061,45 @@ fn respond(
             response_head(500, "text/plain", 25, ""),
             b"nested Route::Sequence!\r\n",
         ),
+        Some(Route::Throttled(body, rate)) => {
+            stream.write_all(&response_head(200, content_type(&body), body.len(), ""))?;
+            if head_only {
+                return stream.flush();
+            }
+            let step = Duration::from_millis(10);
+            let per_step = (rate as usize / 100).max(1);
+            let started = Instant::now();
+            let mut sent = 0;
+            while sent < body.len() {
+                let n = per_step.min(body.len() - sent);
+                stream.write_all(&body[sent..sent + n])?;
+                sent += n;
+                // Keep the average rate, whatever the scheduler did.
+                let due = started + step * (sent / per_step) as u32;
+                if shared.wait(due.saturating_duration_since(Instant::now()), |_| false) {
+                    return Ok(());
+                }
+            }
+            stream.flush()
+        }
+        Some(Route::Delayed(body, pause)) => {
+            if shared.wait(pause, |_| false) {
+                return Ok(());
+            }
+            send(
+                response_head(200, content_type(&body), body.len(), ""),
+                &body,
+            )
+        }
+        Some(Route::Endless(prefix)) => {
+            stream.write_all(&prefix)?;
+            let junk = vec![b'b'; 64 * 1024];
+            let until = Instant::now() + HOLD_CAP;
+            while Instant::now() < until && !lock(&shared.state).stopping {
+                stream.write_all(&junk)?;
+            }
+            Ok(())
+        }
     }
 }
 
@@ -1165,9 +1258,12 @@ pub fn png(width: u32, height: u32, seed: u32) -> Vec<u8> {
 // The agent
 // ---------------------------------------------------------------------------
 
-/// The native holosync binary built by cargo for these tests.
+/// The native holosync binary built by cargo for these tests, or the one
+/// `HOLOSYNC_BIN` names (e.g. an older build, to show a test fails there).
 pub fn holosync_exe() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_holosync"))
+    std::env::var_os("HOLOSYNC_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_holosync")))
 }
 
 /// The one place that knows how to run holosync: the native binary with
@@ -1345,6 +1441,20 @@ impl Agent {
     /// Whether the daemon process is alive.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// The daemon's process id, if it is running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The daemon's peak resident memory so far (`VmHWM`), in KiB (Linux only).
+    pub fn peak_rss_kib(&self) -> Option<u64> {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
     }
 
     /// The log file (`log.file`, default `holosync.log`) so far; "" if missing.
