@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use rumqttc::{Client, Event, MqttOptions, Outgoing, Packet, QoS, RecvTimeoutError};
 use serde_json::{json, Value};
@@ -137,14 +137,12 @@ struct Demo {
 }
 
 impl Demo {
-    /// Makes a fresh temporary folder (unique per process and start time).
+    /// Makes a fresh temporary folder named after this process.
     fn new() -> Result<Demo, String> {
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        let dir =
-            std::env::temp_dir().join(format!("holosync-demo-{}-{nanos}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("holosync-demo-{}", std::process::id()));
+        // Only a demo killed before its clean-up, whose pid this process now
+        // has, can have left this folder; nothing of it is needed.
+        let _ = fs::remove_dir_all(&dir);
         fs::create_dir(&dir)
             .map_err(|e| format!("could not create temp folder {}: {e}", dir.display()))?;
         Ok(Demo {
@@ -405,6 +403,10 @@ fn build_agent() -> Result<PathBuf, String> {
             ))
         };
     };
+    eprintln!(
+        "demo: building {} (cargo build --bin holosync)",
+        agent.display()
+    );
     let mut build = Command::new(cargo);
     build
         .args(["build", "--bin", "holosync", "--manifest-path"])
