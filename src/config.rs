@@ -6,6 +6,14 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+/// Largest MQTT packet accepted: the protocol's own maximum (a 268,435,455-byte
+/// remaining length plus the fixed header). A client that refuses a QoS 1
+/// message drops the connection, and under a persistent session the broker
+/// sends the same message again on reconnect, forever. Accepting whatever the
+/// broker sends and then dropping oversized payloads in the application (see
+/// `mqtt.max_payload_bytes`) is the only way out of that loop with MQTT 3.1.1.
+pub const MAX_PACKET_BYTES: usize = 268_435_460;
+
 /// The whole `config.json`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -117,7 +125,7 @@ pub struct Log {
 pub struct Projector {
     /// Protocol used when the message does not name one.
     #[serde(default = "default_projector_protocol")]
-    pub protocol: crate::message::Protocol,
+    pub protocol: Protocol,
     /// PJLink password used when the message does not give one; never logged.
     #[serde(default)]
     pub password: Option<Secret>,
@@ -136,6 +144,16 @@ pub struct Projector {
     /// When set, one JSON result per projector message is published here (QoS 0).
     #[serde(default)]
     pub result_topic: Option<String>,
+}
+
+/// How a command is spoken to a projector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// The command text plus a terminator (or `hex:` bytes), reply read and logged.
+    Raw,
+    /// PJLink class 1, with MD5 authentication when the projector asks.
+    Pjlink,
 }
 
 /// A password: its `Debug` and `Display` print a mask, so it cannot reach the log.
@@ -216,8 +234,8 @@ fn default_log_max_bytes() -> u64 {
 fn default_log_keep() -> u32 {
     5
 }
-fn default_projector_protocol() -> crate::message::Protocol {
-    crate::message::Protocol::Raw
+fn default_projector_protocol() -> Protocol {
+    Protocol::Raw
 }
 fn default_projector_port() -> u16 {
     4352
@@ -373,10 +391,10 @@ impl Config {
                 ));
             }
         }
-        if m.max_payload_bytes == 0 || m.max_payload_bytes > crate::link::MAX_PACKET_BYTES {
+        if m.max_payload_bytes == 0 || m.max_payload_bytes > MAX_PACKET_BYTES {
             return Err((
                 "mqtt.max_payload_bytes",
-                format!("must be 1-{}", crate::link::MAX_PACKET_BYTES),
+                format!("must be 1-{}", MAX_PACKET_BYTES),
             ));
         }
         if !(1..=86_400).contains(&d.timeout_secs) {

@@ -17,13 +17,7 @@ use std::time::{Duration, Instant};
 
 use rumqttc::{Client, Connection, Event, MqttOptions, Packet, Publish, QoS};
 
-/// Largest MQTT packet accepted: the protocol's own maximum (a 268,435,455-byte
-/// remaining length plus the fixed header). A client that refuses a QoS 1
-/// message drops the connection, and under a persistent session the broker
-/// sends the same message again on reconnect, forever. Accepting whatever the
-/// broker sends and then dropping oversized payloads in the application (see
-/// `mqtt.max_payload_bytes`) is the only way out of that loop with MQTT 3.1.1.
-pub const MAX_PACKET_BYTES: usize = 268_435_460;
+use crate::config::MAX_PACKET_BYTES;
 
 /// Largest packet we send (projector results); far above what we need.
 const MAX_OUTGOING_PACKET_BYTES: usize = 1024 * 1024;

@@ -1,5 +1,7 @@
 //! Sync payloads: bytes from the broker to a list of URLs (pure, no I/O).
 
+use crate::config::Protocol;
+
 /// Longest URL accepted; longer ones cannot map to a sane local path anyway.
 pub const MAX_URL_BYTES: usize = 4096;
 
@@ -169,16 +171,6 @@ pub const MAX_PROJECTORS: usize = 64;
 
 /// Longest command accepted (PJLink allows 136 bytes; raw devices rarely need more).
 const MAX_COMMAND_BYTES: usize = 1024;
-
-/// How a command is spoken to a projector.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Protocol {
-    /// The command text plus a terminator (or `hex:` bytes), reply read and logged.
-    Raw,
-    /// PJLink class 1, with MD5 authentication when the projector asks.
-    Pjlink,
-}
 
 /// One projector to send a command to.
 #[derive(Debug, Clone, PartialEq)]

@@ -13,9 +13,9 @@ use std::net::TcpStream;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use crate::config;
+use crate::config::{self, Protocol};
 use crate::dial::Dial;
-use crate::message::{self, Protocol, Target};
+use crate::message::{self, Target};
 
 /// Time allowed for looking up a projector's host name, on top of the connect timeout.
 const LOOKUP_ALLOWANCE: Duration = Duration::from_secs(3);
