@@ -22,12 +22,11 @@ for a in "$@"; do
 done
 
 # Build-only packages (wine is not needed to build). mingw gcc links and compiles the C in
-# rusqlite's bundled SQLite and aws-lc-sys (rustls' default crypto, via minreq https-rustls).
-# x86_64 aws-lc uses the prebuilt NASM objects shipped in the crate; i686 needs nasm.
+# rusqlite's bundled SQLite and ring's C and assembly (rustls' crypto provider here).
 pkgs=(rustc-web cargo-web rust-web-src gcc-mingw-w64-x86-64-win32)
 targets=(x86_64-win7-windows-gnu)
 if [ "$i686" = 1 ]; then
-    pkgs+=(gcc-mingw-w64-i686-win32 nasm)
+    pkgs+=(gcc-mingw-w64-i686-win32)
     targets+=(i686-win7-windows-gnu)
 fi
 
