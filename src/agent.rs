@@ -37,6 +37,13 @@ const IDLE_RECHECK: Duration = Duration::from_secs(10);
 /// two turns jumped back.
 const CLOCK_JUMP: Duration = Duration::from_secs(2);
 
+/// How long a clean stop waits for the broker to get the DISCONNECT.
+const STOP_FLUSH: Duration = Duration::from_millis(500);
+
+/// Queue meta key holding the running agent's start time; emptied by a clean
+/// stop, so a start that finds it set knows the last run ended abruptly.
+const RUNNING_KEY: &str = "running_since";
+
 /// Skipped payload entries logged one by one per message; the rest are counted.
 const MAX_SKIPPED_LINES: usize = 10;
 
@@ -110,6 +117,15 @@ impl Agent {
             )
         })?;
         cache::remove_temp_files(&config.cache_dir);
+        if let Some(since) = queue.meta(RUNNING_KEY)?.filter(|s| !s.is_empty()) {
+            log::warn!(
+                "the previous run (started {since}) ended without stopping: a crash, a kill, a power cut or a Windows log-off"
+            );
+        }
+        queue.set_meta(
+            RUNNING_KEY,
+            &crate::logger::utc_timestamp(SystemTime::now()),
+        )?;
         let moved = queue.clamp_schedule(unix_ms(), config.download.retry_max_ms)?;
         if moved > 0 {
             log::warn!(
@@ -160,11 +176,43 @@ impl Agent {
         })
     }
 
-    /// Runs until the process is killed.
-    pub fn run(mut self) -> ! {
+    /// Runs until a stop is requested (see `os::watch_stop`), then stops cleanly.
+    pub fn run(mut self) {
+        crate::os::on_stop_wake(self.link.stop_waker());
         loop {
+            if let Some(why) = crate::os::stop_requested() {
+                self.stop(why);
+                return;
+            }
             self.turn();
         }
+    }
+
+    /// A clean stop: leave the download and projector work (a download's
+    /// temporary file is removed; its row stays due), say goodbye to the
+    /// broker, and mark the run as ended in the queue.
+    fn stop(mut self, why: &str) {
+        log::info!("stopping: {why}");
+        if let Some(dl) = self.download.take() {
+            log::info!(
+                "left the download of {} unfinished (it stays queued)",
+                dl.job().url
+            );
+            dl.abandon();
+        }
+        if !self.projectors.is_empty() {
+            log::warn!(
+                "left {} projector messages unfinished",
+                self.projectors.len()
+            );
+        }
+        self.record_pending();
+        self.link.flush(STOP_FLUSH);
+        if let Err(e) = self.queue.set_meta(RUNNING_KEY, "") {
+            log::warn!("{}", e.chain());
+        }
+        log::info!("holosync stopped ({why})");
+        crate::os::stopped();
     }
 
     /// One turn: the link, what arrived, the clocks, then one slice of each

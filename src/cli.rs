@@ -111,15 +111,8 @@ pub fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Args, Stri
 /// Entry point: parse, dispatch, print the error chain, return the exit code.
 pub fn main() -> ExitCode {
     let parsed = parse_args(std::env::args_os().skip(1));
-    if !matches!(
-        parsed,
-        Ok(Args {
-            command: Command::Run,
-            ..
-        })
-    ) {
-        crate::console::attach_parent_console();
-    }
+    // Started from a command prompt, output (and the agent's log lines) goes there.
+    crate::os::attach_parent_console();
     let args = match parsed {
         Ok(a) => a,
         Err(e) => {
@@ -181,6 +174,8 @@ fn note_in_default_log(config_path: &Path, message: &str) {
 }
 
 fn run(config: Config, config_path: PathBuf) -> Result<()> {
+    // Before any other thread exists (see `os::watch_stop`).
+    crate::os::watch_stop();
     let level = config
         .log
         .level
@@ -194,7 +189,8 @@ fn run(config: Config, config_path: PathBuf) -> Result<()> {
     )
     .context(|| format!("could not open log file {}", config.log.file.display()))?;
     let _lock = single_instance(&config.database)?;
-    Agent::new(config, config_path)?.run()
+    Agent::new(config, config_path)?.run();
+    Ok(())
 }
 
 /// Holds an OS lock on `<database>.lock` for the life of the process. A second

@@ -3,14 +3,13 @@
 //!
 //! See ARCHITECTURE.md for the loop, the modules and the invariants.
 
-// Unsafe code is allowed only in `console`, the one module calling an OS API.
+// Unsafe code is allowed only in `os`, the one module calling OS APIs directly.
 #![deny(unsafe_code)]
 
 pub mod agent;
 pub mod cache;
 pub mod cli;
 pub mod config;
-pub mod console;
 pub mod dial;
 pub mod download;
 pub mod error;
@@ -19,6 +18,7 @@ pub mod http;
 pub mod link;
 pub mod logger;
 pub mod message;
+pub mod os;
 pub mod projector;
 pub mod queue;
 #[cfg(feature = "tls")]

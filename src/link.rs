@@ -166,7 +166,7 @@ impl Link {
         match self.state {
             State::Down { retry_at, .. } if now < retry_at => {
                 if let Some(until) = idle_until {
-                    std::thread::sleep(until.min(retry_at).saturating_duration_since(now));
+                    crate::os::sleep(until.min(retry_at).saturating_duration_since(now));
                 }
             }
             State::Down { .. } => {
@@ -334,6 +334,35 @@ impl Link {
                     d.publish.topic
                 );
                 Ack::Failed
+            }
+        }
+    }
+
+    /// Something another thread can call to wake a loop blocked in
+    /// [`Link::poll`] when the agent must stop: it asks rumqttc to send a
+    /// DISCONNECT (a clean goodbye to the broker), which ends any wait.
+    pub fn stop_waker(&self) -> impl Fn() + Send + Sync + 'static {
+        let client = self.client.clone();
+        move || {
+            let _ = client.try_disconnect();
+        }
+    }
+
+    /// Lets rumqttc send what is queued (the DISCONNECT) for at most `limit`.
+    pub fn flush(&mut self, limit: Duration) {
+        if !self.is_up() {
+            return;
+        }
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            match self
+                .connection
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            {
+                Ok(Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect))) | Ok(Err(_)) | Err(_) => {
+                    return
+                }
+                Ok(Ok(_)) => {}
             }
         }
     }

@@ -13,10 +13,21 @@ use std::time::{SystemTime, UNIX_EPOCH};
 pub struct FileLogger {
     /// Lines above this level are dropped.
     level: log::LevelFilter,
-    /// Also copy each line to stderr (only when stderr is a terminal).
-    echo: bool,
+    /// Also copy each line to the terminal the agent was started from.
+    echo: Echo,
     /// The open file and its bookkeeping.
     state: Mutex<State>,
+}
+
+/// Where log lines are copied besides the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Echo {
+    /// Nowhere (no terminal: a kiosk, a service, a test).
+    None,
+    /// Standard output is a terminal (or, on Windows, an attached console).
+    Stdout,
+    /// Only standard error is a terminal.
+    Stderr,
 }
 
 struct State {
@@ -54,7 +65,13 @@ impl FileLogger {
         state.open()?;
         let logger = FileLogger {
             level,
-            echo: std::io::stderr().is_terminal(),
+            echo: if std::io::stdout().is_terminal() {
+                Echo::Stdout
+            } else if std::io::stderr().is_terminal() {
+                Echo::Stderr
+            } else {
+                Echo::None
+            },
             state: Mutex::new(state),
         };
         log::set_boxed_logger(Box::new(logger))
@@ -151,8 +168,14 @@ impl log::Log for FileLogger {
             record.level(),
             one_line(&record.args().to_string())
         );
-        if self.echo {
-            let _ = std::io::stderr().write_all(line.as_bytes());
+        match self.echo {
+            Echo::None => {}
+            Echo::Stdout => {
+                let _ = std::io::stdout().write_all(line.as_bytes());
+            }
+            Echo::Stderr => {
+                let _ = std::io::stderr().write_all(line.as_bytes());
+            }
         }
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         state.write_line(line.as_bytes());

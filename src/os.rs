@@ -1,0 +1,191 @@
+//! The one module that calls OS APIs directly (hence the one allowed
+//! `unsafe`): attaching to the console a command was started from (Windows),
+//! and hearing when the agent is asked to stop (SIGTERM, SIGINT, SIGHUP on
+//! Unix; Ctrl-C, Ctrl-Break and the console window closing on Windows).
+
+#![allow(unsafe_code)]
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// How long the watcher waits for the loop to stop before it stops the
+/// process itself (Windows gives a closing console about 5 s).
+const STOP_GRACE: Duration = Duration::from_secs(3);
+
+/// Names of the stop requests; `STOP` holds the index + 1 of the one heard.
+const REASONS: [&str; 6] = [
+    "SIGTERM",
+    "SIGINT (Ctrl-C)",
+    "SIGHUP (terminal closed)",
+    "Ctrl-C",
+    "Ctrl-Break",
+    "the console window closing",
+];
+
+/// 0 until a stop is requested, then 1 + the index in `REASONS`.
+static STOP: AtomicUsize = AtomicUsize::new(0);
+
+/// Set once the loop has finished stopping; the watcher waits on it.
+static STOPPED: (Mutex<bool>, Condvar) = (Mutex::new(false), Condvar::new());
+
+/// Wakes the loop when a stop is requested (set by [`watch_stop`]).
+static WAKE: OnceLock<Box<dyn Fn() + Send + Sync>> = OnceLock::new();
+
+/// Why a stop was requested, once one was.
+pub fn stop_requested() -> Option<&'static str> {
+    match STOP.load(Ordering::SeqCst) {
+        0 => None,
+        n => REASONS.get(n - 1).copied(),
+    }
+}
+
+/// Sleeps for `d`, or less if a stop is requested meanwhile.
+pub fn sleep(d: Duration) {
+    let until = Instant::now() + d;
+    let mut stopped = STOPPED.0.lock().unwrap_or_else(|e| e.into_inner());
+    while stop_requested().is_none() {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        stopped = STOPPED
+            .1
+            .wait_timeout(stopped, left)
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
+    }
+}
+
+/// The loop has finished stopping: the watcher (and a closing Windows
+/// console) may let the process end.
+pub fn stopped() {
+    *STOPPED.0.lock().unwrap_or_else(|e| e.into_inner()) = true;
+    STOPPED.1.notify_all();
+}
+
+/// Records a stop request, wakes the loop, and waits (bounded) for it to
+/// finish; past the grace time the process ends here, after a log line.
+fn on_stop(reason: usize) {
+    if STOP
+        .compare_exchange(0, reason + 1, Ordering::SeqCst, Ordering::SeqCst)
+        .is_err()
+    {
+        // A second request while stopping: the user insists.
+        log::warn!("{} again while stopping: exiting now", REASONS[reason]);
+        std::process::exit(1);
+    }
+    // Under the lock, so a `sleep` between its check and its wait cannot miss it.
+    drop(STOPPED.0.lock().unwrap_or_else(|e| e.into_inner()));
+    STOPPED.1.notify_all();
+    if let Some(wake) = WAKE.get() {
+        wake();
+    }
+    let deadline = Instant::now() + STOP_GRACE;
+    let mut stopped = STOPPED.0.lock().unwrap_or_else(|e| e.into_inner());
+    while !*stopped {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            log::warn!(
+                "stopping on {}: the loop did not finish within {} s; exiting now",
+                REASONS[reason],
+                STOP_GRACE.as_secs()
+            );
+            std::process::exit(0);
+        }
+        stopped = STOPPED
+            .1
+            .wait_timeout(stopped, left)
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
+    }
+}
+
+/// What wakes the loop when a stop is requested (it may be blocked waiting
+/// for MQTT); runs on another thread. Set once.
+pub fn on_stop_wake(wake: impl Fn() + Send + Sync + 'static) {
+    let _ = WAKE.set(Box::new(wake));
+}
+
+/// Starts hearing stop requests. On Unix this must run before any other
+/// thread starts: the signals are blocked in this thread and every later
+/// one, and taken by a thread of their own.
+#[cfg(unix)]
+pub fn watch_stop() {
+    let signals = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
+    // SAFETY: `set` is a plain sigset_t that sigemptyset initialises before
+    // any other use; pthread_sigmask and sigwait only read it.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in signals {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    };
+    let watcher = std::thread::Builder::new()
+        .name("holosync-stop".into())
+        .spawn(move || loop {
+            let mut sig = 0;
+            // SAFETY: `set` lives in this closure; `sig` is a valid out pointer.
+            if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+                if let Some(i) = signals.iter().position(|&s| s == sig) {
+                    on_stop(i);
+                }
+            }
+        });
+    if let Err(e) = watcher {
+        log::warn!("could not start the stop-signal thread ({e}); a stop will not be logged");
+    }
+}
+
+/// Starts hearing stop requests. Only a process with a console gets these
+/// events; a kiosk started from the Startup folder has none and is ended by
+/// Windows at log-off without notice (the next start says so in the log).
+#[cfg(windows)]
+pub fn watch_stop() {
+    use windows_sys::Win32::System::Console::SetConsoleCtrlHandler;
+    // SAFETY: `console_event` has the signature Windows expects and stays
+    // valid for the life of the process.
+    unsafe {
+        SetConsoleCtrlHandler(Some(console_event), 1);
+    }
+}
+
+/// Runs on a thread Windows starts for each console event.
+#[cfg(windows)]
+unsafe extern "system" fn console_event(event: u32) -> windows_sys::core::BOOL {
+    use windows_sys::Win32::System::Console::{CTRL_BREAK_EVENT, CTRL_CLOSE_EVENT, CTRL_C_EVENT};
+    let reason = match event {
+        CTRL_C_EVENT => 3,
+        CTRL_BREAK_EVENT => 4,
+        CTRL_CLOSE_EVENT => 5,
+        // Log-off and shutdown reach only services; leave them to Windows.
+        _ => return 0,
+    };
+    on_stop(reason);
+    1
+}
+
+/// Attaches to the parent process's console when stdout has no handle of
+/// its own (a GUI-subsystem program started from a command prompt).
+#[cfg(windows)]
+pub fn attach_parent_console() {
+    use windows_sys::Win32::Foundation::INVALID_HANDLE_VALUE;
+    use windows_sys::Win32::System::Console::{
+        AttachConsole, GetStdHandle, ATTACH_PARENT_PROCESS, STD_OUTPUT_HANDLE,
+    };
+    // SAFETY: both calls take plain values and have no memory-safety
+    // preconditions; a failure (no parent console) just leaves output unseen.
+    unsafe {
+        let out = GetStdHandle(STD_OUTPUT_HANDLE);
+        if out.is_null() || out == INVALID_HANDLE_VALUE {
+            AttachConsole(ATTACH_PARENT_PROCESS);
+        }
+    }
+}
+
+/// Elsewhere a program always has its terminal: nothing to do.
+#[cfg(not(windows))]
+pub fn attach_parent_console() {}

@@ -1,0 +1,163 @@
+//! End-to-end tests of the agent's life as a technician sees it: a stop is
+//! logged (and told apart from a crash at the next start), and an agent
+//! started from a terminal shows its log lines there.
+//!
+//! Native only: Wine turns neither Unix signals into console events nor a
+//! pseudo-terminal into a Windows console.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{agent_with, poll_until, read_lossy, send_signal, wait_until, Mosquitto, TempDir};
+use serde_json::json;
+
+/// Generous deadline for anything that should happen "soon" on a busy machine.
+const WAIT: Duration = Duration::from_secs(60);
+
+/// Starts the agent and waits for this run's subscription.
+fn start_and_wait(agent: &mut common::Agent) {
+    let before = agent.log().matches("subscribed to").count();
+    agent.start();
+    wait_until("the agent to subscribe", WAIT, || {
+        agent.log().matches("subscribed to").count() > before
+    });
+}
+
+/// SIGTERM (and SIGINT) stop the agent cleanly: a log line says so, the exit
+/// code is 0, and the next start does not report a crash. After a SIGKILL
+/// the next start does.
+#[test]
+fn a_stop_is_logged_and_told_apart_from_a_crash() {
+    let broker = Mosquitto::start();
+    let dir = TempDir::new("life-stop");
+    let mut agent = agent_with(dir.path(), &broker, json!({}));
+    let status = agent.terminate().expect("agent was running");
+    assert!(
+        status.success(),
+        "exit status {status}\n{}",
+        agent.diagnostics()
+    );
+    let log = agent.log();
+    assert!(log.contains("stopping: SIGTERM"), "{log}");
+    assert!(log.contains("holosync stopped (SIGTERM)"), "{log}");
+
+    agent.start();
+    agent.wait_log("subscribed to", WAIT);
+    assert!(
+        !agent.log().contains("ended without stopping"),
+        "{}",
+        agent.log()
+    );
+    let pid = agent.pid().expect("running");
+    assert!(send_signal(pid, "INT"));
+    let status = agent.wait_exit(WAIT);
+    assert!(status.success(), "exit status {status}");
+    assert!(
+        agent.log().contains("holosync stopped (SIGINT"),
+        "{}",
+        agent.log()
+    );
+
+    start_and_wait(&mut agent);
+    agent.kill();
+    let starts = agent.log().matches(" starting: ").count();
+    agent.start();
+    wait_until("the next start", WAIT, || {
+        agent.log().matches(" starting: ").count() > starts
+    });
+    agent.wait_log("ended without stopping: a crash, a kill", WAIT);
+}
+
+/// A stop while a download is under way leaves no temporary file, and the
+/// URL is still queued (it is fetched at the next start).
+#[test]
+fn a_stop_mid_download_leaves_the_url_queued_and_no_temp_file() {
+    let broker = Mosquitto::start();
+    let http = common::HttpServer::start();
+    let dir = TempDir::new("life-stop-download");
+    let body = common::jpeg(256, 256, 4);
+    http.set(
+        "/life/slow.jpg",
+        common::Route::Slow(body.clone(), Duration::from_secs(30)),
+    );
+    let mut agent = agent_with(
+        dir.path(),
+        &broker,
+        json!({"download": {"timeout_secs": 60}}),
+    );
+    broker.publish("sync", http.url("/life/slow.jpg").as_bytes(), 1);
+    http.wait_hits("/life/slow.jpg", 1, WAIT);
+    let status = agent.terminate().expect("running");
+    assert!(status.success(), "{status}");
+    assert!(
+        agent.log().contains("left the download of"),
+        "{}",
+        agent.log()
+    );
+    let temps: Vec<_> = common::files_under(&agent.cache())
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains(".holosync-tmp-"))
+        .collect();
+    assert!(temps.is_empty(), "{temps:?}");
+    http.set("/life/slow.jpg", common::Route::Ok(body.clone()));
+    agent.start();
+    agent.wait_done(1, WAIT);
+    assert_eq!(
+        std::fs::read(agent.cache().join("life/slow.jpg")).unwrap(),
+        body
+    );
+}
+
+/// Started from a terminal, the agent writes its log lines there too (here
+/// the terminal is a pseudo-terminal made by `script`).
+#[test]
+fn started_from_a_terminal_the_log_shows_there_too() {
+    let broker = Mosquitto::start();
+    let dir = TempDir::new("life-tty");
+    let mut config = common::Agent::default_config(broker.port);
+    common::merge(&mut config, json!({"log": {"level": "info"}}));
+    let agent = common::Agent::new(dir.path(), config);
+    let typescript = dir.path().join("terminal.txt");
+    let command = format!(
+        "exec {} --config {}",
+        common::holosync_exe().display(),
+        agent.config_path().display()
+    );
+    let mut script = std::process::Command::new(common::find_program("script"))
+        .args(["-q", "-f", "-c", &command])
+        .arg(&typescript)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn script");
+    let seen = poll_until(WAIT, || read_lossy(&typescript).contains("subscribed to"));
+    // `exec` made holosync the shell's process: its pid is script's child.
+    let pids = std::fs::read_to_string(format!(
+        "/proc/{}/task/{}/children",
+        script.id(),
+        script.id()
+    ))
+    .unwrap_or_default();
+    for pid in pids
+        .split_whitespace()
+        .filter_map(|p| p.parse::<u32>().ok())
+    {
+        send_signal(pid, "TERM");
+    }
+    let ended = poll_until(WAIT, || script.try_wait().ok().flatten().is_some());
+    if !ended {
+        let _ = script.kill();
+    }
+    let _ = script.wait();
+    let terminal = read_lossy(&typescript);
+    assert!(seen, "no log line on the terminal: {terminal:?}");
+    assert!(terminal.contains("INFO  holosync"), "{terminal}");
+    assert!(
+        terminal.contains("holosync stopped (SIGTERM)"),
+        "{terminal}"
+    );
+    // The same lines are in the file.
+    assert!(agent.log().contains("holosync stopped (SIGTERM)"));
+}
