@@ -141,7 +141,7 @@ impl Agent {
             options.set_credentials(user.clone(), password);
         }
         let topics = m
-            .sync_topics
+            .sync_topics()
             .iter()
             .map(|t| (t.clone(), QoS::AtLeastOnce))
             // QoS 0: a stale power command must not fire hours later.
@@ -266,7 +266,7 @@ impl Agent {
     fn dispatch(&mut self, d: Delivery) {
         let m = &self.config.mqtt;
         let topic = &d.publish.topic;
-        if m.sync_topics.contains(topic) {
+        if m.sync_topics().contains(topic) {
             let max = m.max_payload_bytes;
             if d.publish.payload.len() > max {
                 log::error!(

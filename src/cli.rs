@@ -173,9 +173,9 @@ fn note_in_default_log(config_path: &Path, message: &str) {
     }
 }
 
-fn run(config: Config, config_path: PathBuf) -> Result<()> {
-    // Before any other thread exists (see `os::watch_stop`).
-    crate::os::watch_stop();
+/// The agent's log file, for the agent (echoing to its terminal) and for a
+/// technician's `enqueue` (whose own output already goes to the terminal).
+fn install_logger(config: &Config, echo: bool) -> Result<()> {
     let level = config
         .log
         .level
@@ -186,8 +186,15 @@ fn run(config: Config, config_path: PathBuf) -> Result<()> {
         level,
         config.log.max_bytes,
         config.log.keep,
+        echo,
     )
-    .context(|| format!("could not open log file {}", config.log.file.display()))?;
+    .context(|| format!("could not open log file {}", config.log.file.display()))
+}
+
+fn run(config: Config, config_path: PathBuf) -> Result<()> {
+    // Before any other thread exists (see `os::watch_stop`).
+    crate::os::watch_stop();
+    install_logger(&config, true)?;
     let _lock = single_instance(&config.database)?;
     Agent::new(config, config_path)?.run();
     Ok(())
@@ -220,17 +227,7 @@ fn single_instance(database: &Path) -> Result<std::fs::File> {
 fn status(config: &Config, json: bool) -> Result<()> {
     let st = Queue::open(&config.database)?.status(STATUS_FAILURES)?;
     if json {
-        let failures: Vec<_> = st
-            .failures
-            .iter()
-            .map(|f| {
-                serde_json::json!({"url": f.url, "state": f.state, "attempts": f.attempts, "error": f.error})
-            })
-            .collect();
-        let out = serde_json::json!({
-            "pending": st.pending, "retry": st.retry, "done": st.done, "failed": st.failed,
-            "failures": failures,
-        });
+        let out = serde_json::to_string(&st).expect("a status always serializes");
         println!("{out}");
         return Ok(());
     }
@@ -254,14 +251,30 @@ fn status(config: &Config, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// Queues URLs by hand; what it did goes to the terminal and, for the
+/// technician reading it later, to the agent's log.
 fn enqueue(config: &Config, urls: &[String]) -> Result<()> {
+    // Without a log file the command still works: the terminal shows all.
+    let logged = install_logger(config, false).is_ok();
+    let say = |level: log::Level, line: String| {
+        println!("{line}");
+        if logged {
+            log::log!(level, "enqueue (command line): {line}");
+        }
+    };
     let parsed = message::parse_sync(urls.join(",").as_bytes());
     for s in &parsed.skipped {
-        println!("skipped {:?}: {}", s.entry, s.reason);
+        say(
+            log::Level::Warn,
+            format!("skipped {:?}: {}", s.entry, s.reason),
+        );
     }
     for e in &parsed.entries {
         if let Some(reason) = &e.rejected {
-            println!("rejected {}: {reason} (stored as failed)", e.url);
+            say(
+                log::Level::Warn,
+                format!("rejected {}: {reason} (stored as failed)", e.url),
+            );
         }
     }
     let r = Queue::open(&config.database)?.enqueue(
@@ -269,12 +282,15 @@ fn enqueue(config: &Config, urls: &[String]) -> Result<()> {
         unix_ms(),
         config.download.retry_max_ms,
     )?;
-    println!(
-        "queued {} URLs ({} already queued, {} rejected, {} skipped)",
-        r.queued,
-        r.duplicates,
-        r.rejected,
-        parsed.skipped.len()
+    say(
+        log::Level::Info,
+        format!(
+            "queued {} URLs ({} already queued, {} rejected, {} skipped)",
+            r.queued,
+            r.duplicates,
+            r.rejected,
+            parsed.skipped.len()
+        ),
     );
     Ok(())
 }

@@ -18,8 +18,14 @@ pub const MAX_PACKET_BYTES: usize = 268_435_460;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// Broker connection and topics.
+    /// Broker connection and topics (optional: the old script's config has
+    /// none and used a broker on 127.0.0.1:1883).
+    #[serde(default)]
     pub mqtt: Mqtt,
+    /// The mall (site) name of the old script's config: with it, the default
+    /// sync topics are `sync`, `sync-single-work-<mall>` and `holo-file-sync-<mall>`.
+    #[serde(default)]
+    pub mall: Option<String>,
     /// Root of the local image cache (`holoImageUrl` in the old script's config).
     #[serde(default = "default_cache_dir", alias = "holoImageUrl")]
     pub cache_dir: PathBuf,
@@ -60,8 +66,11 @@ pub struct Mqtt {
     #[serde(default = "default_keep_alive_secs")]
     pub keep_alive_secs: u64,
     /// Topics whose payload is a comma-separated list of image URLs (QoS 1).
-    #[serde(default = "default_sync_topics")]
-    pub sync_topics: Vec<String>,
+    /// When absent: `sync`, `sync-single-work`, `holo-file-sync`, or with
+    /// `mall` set the old script's `sync`, `sync-single-work-<mall>`,
+    /// `holo-file-sync-<mall>`. Always set after [`Config::parse`].
+    #[serde(default)]
+    sync_topics: Option<Vec<String>>,
     /// Topic for projector commands (QoS 0).
     #[serde(default = "default_projector_topic")]
     pub projector_topic: String,
@@ -189,10 +198,25 @@ fn default_port() -> u16 {
 fn default_keep_alive_secs() -> u64 {
     60
 }
-fn default_sync_topics() -> Vec<String> {
-    ["sync", "sync-single-work", "holo-file-sync"]
-        .map(String::from)
-        .to_vec()
+/// The sync topics when the config names none.
+fn default_sync_topics(mall: Option<&str>) -> Vec<String> {
+    match mall {
+        None => ["sync", "sync-single-work", "holo-file-sync"]
+            .map(String::from)
+            .to_vec(),
+        Some(m) => vec![
+            "sync".to_string(),
+            format!("sync-single-work-{m}"),
+            format!("holo-file-sync-{m}"),
+        ],
+    }
+}
+
+impl Mqtt {
+    /// The sync topics (resolved by [`Config::parse`]).
+    pub fn sync_topics(&self) -> &[String] {
+        self.sync_topics.as_deref().unwrap_or_default()
+    }
 }
 fn default_projector_topic() -> String {
     "projector-remote-control".into()
@@ -255,6 +279,11 @@ fn from_empty_object<T: for<'de> Deserialize<'de>>() -> T {
     serde_json::from_str("{}").expect("every field of this section has a default")
 }
 
+impl Default for Mqtt {
+    fn default() -> Self {
+        from_empty_object()
+    }
+}
 impl Default for Download {
     fn default() -> Self {
         from_empty_object()
@@ -342,11 +371,19 @@ impl Config {
     /// Parses JSON text; on error returns the dotted key and the reason.
     pub fn parse(text: &str) -> Result<Config, (String, String)> {
         let mut de = serde_json::Deserializer::from_str(text);
-        serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let mut config: Config = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            if e.inner().is_syntax() || e.inner().is_eof() {
+                // The key path is a guess here (`download.?`): the position is not.
+                return (String::new(), format!("not valid JSON: {}", e.inner()));
+            }
             let key = e.path().to_string();
             let key = if key == "." { String::new() } else { key };
             (key, e.inner().to_string())
-        })
+        })?;
+        if config.mqtt.sync_topics.is_none() {
+            config.mqtt.sync_topics = Some(default_sync_topics(config.mall.as_deref()));
+        }
+        Ok(config)
     }
 
     /// Makes every relative path relative to `base` (the config file's folder).
@@ -376,10 +413,18 @@ impl Config {
                 return Err(("mqtt.client_id", "must be 1-256 characters".into()));
             }
         }
-        if m.sync_topics.is_empty() {
+        if let Some(mall) = &self.mall {
+            if mall.is_empty() || mall.len() > 100 || mall.contains(['/', '#', '+', '\0']) {
+                return Err((
+                    "mall",
+                    format!("{mall:?} cannot be part of a topic name (1-100 characters, no / # +)"),
+                ));
+            }
+        }
+        if m.sync_topics().is_empty() {
             return Err(("mqtt.sync_topics", "must name at least one topic".into()));
         }
-        for t in m.sync_topics.iter().chain([&m.projector_topic]) {
+        for t in m.sync_topics().iter().chain([&m.projector_topic]) {
             if t.is_empty() || t.contains('\0') || t.len() > 65_535 {
                 return Err((
                     if *t == m.projector_topic {
@@ -468,11 +513,9 @@ impl Config {
                 ));
             }
         }
-        for (key, path) in [
-            ("cache_dir", &self.cache_dir),
-            ("database", &self.database),
-            ("log.file", &self.log.file),
-        ] {
+        // The cache folder (and its parents) is made at start-up, as the old
+        // script did; the database and the log must go into a folder that exists.
+        for (key, path) in [("database", &self.database), ("log.file", &self.log.file)] {
             match path.parent() {
                 Some(parent) if parent.is_dir() => {}
                 _ => {
@@ -505,7 +548,10 @@ mod tests {
     fn minimal_config_takes_every_default() {
         let c = Config::parse(MINIMAL).unwrap();
         assert_eq!(c.mqtt.port, 1883);
-        assert_eq!(c.mqtt.sync_topics.len(), 3);
+        assert_eq!(
+            c.mqtt.sync_topics(),
+            ["sync", "sync-single-work", "holo-file-sync"]
+        );
         assert_eq!(c.download.interval_ms, 10_000);
         assert_eq!(c.log.keep, 5);
         assert_eq!(c.cache_dir, PathBuf::from("images"));
@@ -516,6 +562,30 @@ mod tests {
     fn old_holo_image_url_key_is_an_alias_of_cache_dir() {
         let c = Config::parse(r#"{"mqtt": {}, "holoImageUrl": "D:/holo"}"#).unwrap();
         assert_eq!(c.cache_dir, PathBuf::from("D:/holo"));
+    }
+
+    #[test]
+    fn the_old_scripts_config_works_unchanged() {
+        let c = Config::parse(r#"{"holoImageUrl": "D:\\holo", "mall": "m01"}"#).unwrap();
+        assert_eq!((c.mqtt.host.as_str(), c.mqtt.port), ("127.0.0.1", 1883));
+        assert_eq!(
+            c.mqtt.sync_topics(),
+            ["sync", "sync-single-work-m01", "holo-file-sync-m01"]
+        );
+        assert_eq!(c.mqtt.projector_topic, "projector-remote-control");
+        assert_eq!(c.cache_dir, PathBuf::from("D:\\holo"));
+        let explicit = Config::parse(r#"{"mall": "m01", "mqtt": {"sync_topics": ["a"]}}"#).unwrap();
+        assert_eq!(explicit.mqtt.sync_topics(), ["a"]);
+        let mut bad = Config::parse(r#"{"mall": "m/01"}"#).unwrap();
+        bad.resolve_paths(&std::env::temp_dir());
+        assert_eq!(bad.validate().unwrap_err().0, "mall");
+    }
+
+    #[test]
+    fn a_json_syntax_error_gives_its_position_not_a_guessed_key() {
+        let (key, msg) = Config::parse("{\"download\": {\"interval_ms\": 10,}}").unwrap_err();
+        assert_eq!(key, "");
+        assert!(msg.contains("line 1 column"), "{msg}");
     }
 
     #[test]
@@ -543,9 +613,9 @@ mod tests {
                 .unwrap();
         c.resolve_paths(&std::env::temp_dir());
         assert_eq!(c.validate().unwrap_err().0, "download.max_secs");
-        let mut c = Config::parse(r#"{"mqtt": {}, "cache_dir": "no/such/parent/images"}"#).unwrap();
+        let mut c = Config::parse(r#"{"mqtt": {}, "database": "no/such/parent/q.db"}"#).unwrap();
         c.resolve_paths(&std::env::temp_dir());
-        assert_eq!(c.validate().unwrap_err().0, "cache_dir");
+        assert_eq!(c.validate().unwrap_err().0, "database");
     }
 
     #[test]

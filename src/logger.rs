@@ -47,12 +47,14 @@ struct State {
 }
 
 impl FileLogger {
-    /// Opens (appending) the log file and installs the logger globally.
+    /// Opens (appending) the log file and installs the logger globally;
+    /// with `echo`, lines also go to the terminal the program runs in.
     pub fn install(
         path: &Path,
         level: log::LevelFilter,
         max_bytes: u64,
         keep: u32,
+        echo: bool,
     ) -> std::io::Result<()> {
         let mut state = State {
             path: path.to_path_buf(),
@@ -65,7 +67,9 @@ impl FileLogger {
         state.open()?;
         let logger = FileLogger {
             level,
-            echo: if std::io::stdout().is_terminal() {
+            echo: if !echo {
+                Echo::None
+            } else if std::io::stdout().is_terminal() {
                 Echo::Stdout
             } else if std::io::stderr().is_terminal() {
                 Echo::Stderr

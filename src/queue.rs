@@ -126,8 +126,9 @@ pub struct Job {
     pub attempts: u32,
 }
 
-/// Counts per state and the most recent failures, for `holosync status`.
-#[derive(Debug, Default, PartialEq)]
+/// Counts per state and the most recent failures, for `holosync status`
+/// (its `--json` form is this struct, fields in this order).
+#[derive(Debug, Default, PartialEq, serde::Serialize)]
 pub struct Status {
     /// Queued, never tried.
     pub pending: u64,
@@ -142,7 +143,7 @@ pub struct Status {
 }
 
 /// A row that failed, for `holosync status`.
-#[derive(Debug, PartialEq)]
+#[derive(Debug, PartialEq, serde::Serialize)]
 pub struct FailureRow {
     /// The URL.
     pub url: String,

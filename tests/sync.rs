@@ -498,6 +498,33 @@ fn enqueue_and_check_commands_work_without_a_broker() {
         (status["pending"].as_u64(), status["failed"].as_u64()),
         (Some(1), Some(1))
     );
+    // What enqueue refused reaches the log a technician reads later.
+    let log = agent.log();
+    assert!(
+        log.contains("enqueue (command line): rejected http://h.example/../b.jpg"),
+        "{log}"
+    );
+    assert!(
+        log.contains("enqueue (command line): skipped \"ftp://x/y\""),
+        "{log}"
+    );
+    // `status --json` keys come in the README's order.
+    let out = agent.run(&["status", "--json"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let order: Vec<usize> = [
+        "\"pending\"",
+        "\"retry\"",
+        "\"done\"",
+        "\"failed\"",
+        "\"failures\"",
+    ]
+    .iter()
+    .map(|k| {
+        text.find(k)
+            .unwrap_or_else(|| panic!("{k} missing: {text}"))
+    })
+    .collect();
+    assert!(order.windows(2).all(|w| w[0] < w[1]), "{text}");
 }
 
 /// A second copy started while the first runs exits with "already running".
@@ -637,4 +664,47 @@ fn redirects_are_followed_at_most_five_times() {
     assert_eq!(state, "failed");
     assert!(error.contains("redirect"), "{error}");
     assert!(!agent.cache().join("r/chain0.jpg").exists());
+}
+
+/// A kiosk migrated from the old script keeps its `config.json`: no `mqtt`
+/// section but the broker port (the old script had none and used
+/// 127.0.0.1:1883, which a test cannot take), the cache under the old key
+/// `holoImageUrl` in a folder whose parents do not exist yet, and `mall`,
+/// which makes the sync topics the old script's `-<mall>` ones.
+#[test]
+fn the_old_scripts_config_with_mall_syncs_through_its_topics() {
+    let broker = Mosquitto::start();
+    let http = HttpServer::start();
+    let dir = TempDir::new("e2e-legacy");
+    let (a, b) = (png(6, 6, 31), jpeg(20, 20, 32));
+    http.set("/works/7/a.png", Route::Ok(a.clone()));
+    http.set("/works/7/b.jpg!preview", Route::Ok(b.clone()));
+    let config = json!({
+        "holoImageUrl": "kiosk/D/holo",
+        "mall": "m01",
+        "mqtt": {"port": broker.port, "client_id": format!("legacy-{}", common::unique())}
+    });
+    let mut agent = Agent::new(dir.path(), config);
+    agent.start();
+    agent.wait_log(
+        "subscribed to sync, sync-single-work-m01, holo-file-sync-m01, projector-remote-control",
+        WAIT,
+    );
+    broker.publish(
+        "sync-single-work-m01",
+        http.url("/works/7/a.png").as_bytes(),
+        1,
+    );
+    broker.publish(
+        "holo-file-sync-m01",
+        http.url("/works/7/b.jpg!preview").as_bytes(),
+        1,
+    );
+    agent.wait_done(2, WAIT);
+    let holo = dir.path().join("kiosk/D/holo");
+    assert_eq!(std::fs::read(holo.join("works/7/a.png")).unwrap(), a);
+    assert_eq!(
+        std::fs::read(holo.join("works/7/b.jpg!preview")).unwrap(),
+        b
+    );
 }

@@ -7,7 +7,7 @@
 # (/usr/bin/rustc, /usr/bin/cargo, /usr/lib/rustlib/src) and never rustup's toolchain,
 # which may come first on PATH. Linkers are set in .cargo/config.toml.
 #
-# Usage: ci/windows-build.sh [--i686] [extra cargo build args, e.g. --no-default-features]
+# Usage: .ci/windows-build.sh [--i686] [extra cargo build args, e.g. --no-default-features]
 # Output: target/win7/<target>/release/holosync.exe (override dir with WIN7_TARGET_DIR).
 set -euo pipefail
 cd "$(dirname "$0")/.."
