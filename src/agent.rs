@@ -11,13 +11,13 @@ use rumqttc::{MqttOptions, QoS};
 
 use crate::cache;
 use crate::config::Config;
-use crate::download::{self, Download, Failure, Stored};
+use crate::download::{self, Done, Download, Failure, Resume};
 use crate::error::{Context, Result};
 use crate::http;
 use crate::link::{Ack, Delivery, Link};
 use crate::message;
 use crate::projector::{self, Batch};
-use crate::queue::{self, Job, Queue};
+use crate::queue::{self, Job, Queue, Validators};
 
 /// Longest time one piece of work (a download, a projector) runs per turn
 /// before the broker link gets its turn again.
@@ -50,12 +50,12 @@ const MAX_SKIPPED_LINES: usize = 10;
 /// What the queue must record about a finished download.
 #[derive(Debug)]
 enum Record {
-    /// The file is in place.
-    Done(Job),
+    /// The file is in place: its size and version.
+    Done(Job, u64, Validators),
     /// Given up on, with the reason.
     Failed(Job, String),
-    /// Try again at `next_ms`.
-    Retry(Job, String, i64),
+    /// Try again at `next_ms`, resuming from what was kept.
+    Retry(Job, String, i64, Resume),
 }
 
 /// The running agent: config, queue, broker link and the work in progress.
@@ -81,6 +81,9 @@ pub struct Agent {
     download: Option<Download>,
     /// When the last download started (downloads start `interval_ms` apart).
     last_start: Option<Instant>,
+    /// The start before that: a download that turns out to be only a check
+    /// (not modified) gives its turn back.
+    previous_start: Option<Instant>,
     /// When to look at the queue for a due row.
     next_check: Instant,
     /// Results the queue could not take yet (database busy).
@@ -116,7 +119,13 @@ impl Agent {
                 config.cache_dir.display()
             )
         })?;
-        cache::remove_temp_files(&config.cache_dir);
+        let keep = queue
+            .partial_downloads()?
+            .iter()
+            .filter_map(|job| cache::local_path(&config.cache_dir, &job.url).ok())
+            .map(|p| cache::temp_file_of(&p))
+            .collect();
+        cache::remove_temp_files(&config.cache_dir, &keep);
         if let Some(since) = queue.meta(RUNNING_KEY)?.filter(|s| !s.is_empty()) {
             log::warn!(
                 "the previous run (started {since}) ended without stopping: a crash, a kill, a power cut or a Windows log-off"
@@ -155,6 +164,7 @@ impl Agent {
                 stall: Duration::from_secs(d.timeout_secs),
                 max_time: Duration::from_secs(d.max_secs),
                 max_bytes: d.max_bytes,
+                max_bytes_per_sec: d.max_bytes_per_sec,
             },
             reencode_jpeg_quality: d.reencode_jpeg_quality,
         };
@@ -170,6 +180,7 @@ impl Agent {
             projectors: VecDeque::new(),
             download: None,
             last_start: None,
+            previous_start: None,
             next_check: now,
             unrecorded: Vec::new(),
             clock: (now, unix_ms()),
@@ -194,11 +205,23 @@ impl Agent {
     fn stop(mut self, why: &str) {
         log::info!("stopping: {why}");
         if let Some(dl) = self.download.take() {
+            let job = dl.job().clone();
+            let resume = dl.abandon();
             log::info!(
-                "left the download of {} unfinished (it stays queued)",
-                dl.job().url
+                "left the download of {} unfinished (it stays queued{})",
+                job.url,
+                if resume.partial > 0 {
+                    format!("; {} bytes kept to resume", resume.partial)
+                } else {
+                    String::new()
+                }
             );
-            dl.abandon();
+            if let Err(e) = self
+                .queue
+                .set_partial(&job, resume.partial, &resume.validators)
+            {
+                log::warn!("{}", e.chain());
+            }
         }
         if !self.projectors.is_empty() {
             log::warn!(
@@ -239,9 +262,15 @@ impl Agent {
             self.start_download();
         }
         if let Some(dl) = &mut self.download {
-            if let Poll::Ready(result) = dl.step(Instant::now() + WORK_SLICE) {
+            let stepped = dl.step(Instant::now() + WORK_SLICE);
+            if let Poll::Ready(result) = stepped {
                 let dl = self.download.take().expect("stepped above");
                 self.finished(dl, result);
+            } else if let Some(r) = dl.take_resume() {
+                // How far it got, so a crash or a restart resumes from there.
+                if let Err(e) = self.queue.set_partial(dl.job(), r.partial, &r.validators) {
+                    log::debug!("{}", e.chain());
+                }
             }
         }
     }
@@ -415,40 +444,65 @@ impl Agent {
                 return;
             }
         };
-        match Download::start(job, &self.config.cache_dir, self.settings) {
+        match Download::start(&job, &self.config.cache_dir, self.settings) {
             Ok(dl) => {
+                self.previous_start = self.last_start;
                 self.last_start = Some(now);
                 self.download = Some(dl);
             }
             // Refused before any network traffic: no pause is due.
-            Err((job, failure)) => self.record(job, Err(failure), Duration::ZERO),
+            Err(failure) => self.record(job, Err(failure), Duration::ZERO, Resume::default()),
         }
     }
 
-    fn finished(&mut self, dl: Download, result: std::result::Result<Stored, Failure>) {
+    fn finished(&mut self, mut dl: Download, result: std::result::Result<Done, Failure>) {
         let elapsed = dl.elapsed();
         let job = dl.job().clone();
-        self.record(job, result, elapsed);
+        let resume = dl.take_resume().unwrap_or_default();
+        if matches!(result, Ok(Done::NotModified { .. })) {
+            // A check, not a transfer: the pause between transfers does not apply.
+            self.last_start = self.previous_start;
+        }
+        self.record(job, result, elapsed, resume);
         let interval = Duration::from_millis(self.config.download.interval_ms);
         let allowed = self.last_start.map_or(Instant::now(), |t| t + interval);
         self.next_check = allowed.max(Instant::now());
     }
 
     /// Logs the result of one download and records it in the queue.
-    fn record(&mut self, job: Job, result: std::result::Result<Stored, Failure>, took: Duration) {
+    fn record(
+        &mut self,
+        job: Job,
+        result: std::result::Result<Done, Failure>,
+        took: Duration,
+        resume: Resume,
+    ) {
         let ms = took.as_millis();
         let now = unix_ms();
         let d = &self.config.download;
         let record = match result {
-            Ok(s) => {
+            Ok(Done::Stored(s)) => {
                 log::info!(
-                    "cached {} -> {} ({}, {} bytes, {ms} ms)",
+                    "cached {} -> {} ({}, {} bytes, {ms} ms, {})",
                     job.url,
                     s.path.display(),
                     s.kind,
-                    s.bytes
+                    s.bytes,
+                    rate(s.fetched, took)
                 );
-                Record::Done(job)
+                Record::Done(job, s.bytes as u64, s.validators)
+            }
+            Ok(Done::NotModified {
+                path,
+                size,
+                validators,
+            }) => {
+                log::info!(
+                    "not modified: {} (kept {}, {ms} ms)",
+                    job.url,
+                    path.display()
+                );
+                Record::Done(job, size, validators)
             }
             Err(Failure::Permanent(reason)) => {
                 log::warn!("failed {}: {reason} (not retried)", job.url);
@@ -466,13 +520,18 @@ impl Agent {
                 } else {
                     let delay =
                         queue::retry_delay(attempt, d.retry_base_ms, d.retry_max_ms, retry_after);
+                    let kept = if resume.partial > 0 {
+                        format!("; {} bytes kept to resume", resume.partial)
+                    } else {
+                        String::new()
+                    };
                     log::warn!(
-                        "download of {} failed (attempt {attempt} of {}), next try in {:.1} s: {reason}",
+                        "download of {} failed (attempt {attempt} of {}), next try in {:.1} s: {reason}{kept}",
                         job.url,
                         d.max_attempts,
                         delay.as_secs_f64()
                     );
-                    Record::Retry(job, reason, now + delay.as_millis() as i64)
+                    Record::Retry(job, reason, now + delay.as_millis() as i64, resume)
                 }
             }
         };
@@ -485,9 +544,12 @@ impl Agent {
         while let Some(record) = self.unrecorded.first() {
             let now = unix_ms();
             let written = match record {
-                Record::Done(job) => self.queue.mark_done(job, now),
+                Record::Done(job, size, v) => self.queue.mark_done(job, *size, v, now),
                 Record::Failed(job, reason) => self.queue.mark_failed(job, reason, now),
-                Record::Retry(job, reason, next) => self.queue.mark_retry(job, reason, *next, now),
+                Record::Retry(job, reason, next, r) => self
+                    .queue
+                    .set_partial(job, r.partial, &r.validators)
+                    .and_then(|()| self.queue.mark_retry(job, reason, *next, now)),
             };
             if let Err(e) = written {
                 log::error!("{} (will retry)", e.chain());
@@ -526,6 +588,16 @@ impl Agent {
             }
             self.next_check = now;
         }
+    }
+}
+
+/// A transfer rate for the log: `1.2 MB/s`, `350 KB/s`.
+fn rate(bytes: u64, took: Duration) -> String {
+    let per_sec = bytes as f64 / took.as_secs_f64().max(0.001);
+    if per_sec >= 1e6 {
+        format!("{:.1} MB/s", per_sec / 1e6)
+    } else {
+        format!("{:.0} KB/s", per_sec / 1e3)
     }
 }
 

@@ -173,11 +173,16 @@ fn temp_path(final_path: &Path) -> PathBuf {
 }
 
 /// Bytes written between two `sync_data` calls, so the final fsync of a big
-/// file stays short (the loop must not block long on one disk call).
-const SYNC_EVERY_BYTES: u64 = 8 << 20;
+/// file stays short (the loop must not block long on one disk call), and an
+/// interrupted download keeps most of what it got.
+const SYNC_EVERY_BYTES: u64 = 1 << 20;
+
+/// Longest time written bytes stay unsynced (slow links: keep what came).
+const SYNC_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A file being written next to its final name, invisible to the display
-/// program until [`TempFile::commit`] renames it into place.
+/// program until [`TempFile::commit`] renames it into place. It can be kept
+/// across attempts (and restarts) to resume an interrupted download.
 #[derive(Debug)]
 pub struct TempFile {
     /// The final name.
@@ -186,8 +191,12 @@ pub struct TempFile {
     tmp: PathBuf,
     /// The open temporary file.
     file: File,
-    /// Bytes written since the last `sync_data`.
-    unsynced: u64,
+    /// Bytes written.
+    len: u64,
+    /// Bytes known to be on disk (synced).
+    synced: u64,
+    /// When the file was last synced.
+    synced_at: std::time::Instant,
 }
 
 impl TempFile {
@@ -201,26 +210,96 @@ impl TempFile {
             path: path.to_path_buf(),
             tmp,
             file,
-            unsynced: 0,
+            len: 0,
+            synced: 0,
+            synced_at: std::time::Instant::now(),
         })
     }
 
-    /// Appends `bytes`.
+    /// Opens the temporary file an interrupted download of `path` left, cut
+    /// to its first `keep` bytes (those it synced); None if it is missing or
+    /// shorter.
+    pub fn reopen(path: &Path, keep: u64) -> io::Result<Option<TempFile>> {
+        let tmp = temp_path(path);
+        let file = match fs::OpenOptions::new().read(true).write(true).open(&tmp) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        if file.metadata()?.len() < keep {
+            drop(file);
+            let _ = fs::remove_file(&tmp);
+            return Ok(None);
+        }
+        file.set_len(keep)?;
+        let mut t = TempFile {
+            path: path.to_path_buf(),
+            tmp,
+            file,
+            len: keep,
+            synced: keep,
+            synced_at: std::time::Instant::now(),
+        };
+        use std::io::Seek;
+        t.file.seek(io::SeekFrom::Start(keep))?;
+        Ok(Some(t))
+    }
+
+    /// Reads up to `max` bytes of the file from `offset` (to load a kept
+    /// prefix in slices).
+    pub fn read_at(&mut self, offset: u64, max: usize) -> io::Result<Vec<u8>> {
+        use std::io::{Read, Seek};
+        self.file.seek(io::SeekFrom::Start(offset))?;
+        let mut buf = Vec::with_capacity(max);
+        (&mut self.file).take(max as u64).read_to_end(&mut buf)?;
+        self.file.seek(io::SeekFrom::Start(self.len))?;
+        Ok(buf)
+    }
+
+    /// Appends `bytes`; syncs every 1 MiB or second, so a crash keeps most
+    /// of a download and the final fsync stays short.
     pub fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
         self.file.write_all(bytes)?;
-        self.unsynced += bytes.len() as u64;
-        if self.unsynced >= SYNC_EVERY_BYTES {
-            self.file.sync_data()?;
-            self.unsynced = 0;
+        self.len += bytes.len() as u64;
+        if self.len - self.synced >= SYNC_EVERY_BYTES
+            || (self.len > self.synced && self.synced_at.elapsed() >= SYNC_EVERY)
+        {
+            self.sync()?;
         }
         Ok(())
     }
 
-    /// Replaces everything written so far with `bytes` (re-encoded JPEGs).
+    /// Makes everything written so far durable.
+    pub fn sync(&mut self) -> io::Result<()> {
+        self.file.sync_data()?;
+        self.synced = self.len;
+        self.synced_at = std::time::Instant::now();
+        Ok(())
+    }
+
+    /// Bytes known to be on disk.
+    pub fn synced(&self) -> u64 {
+        self.synced
+    }
+
+    /// Bytes written.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether nothing was written.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Replaces everything written so far with `bytes` (re-encoded JPEGs, or
+    /// a download that starts over).
     pub fn rewrite(&mut self, bytes: &[u8]) -> io::Result<()> {
         use std::io::Seek;
         self.file.set_len(0)?;
         self.file.seek(io::SeekFrom::Start(0))?;
+        self.len = 0;
+        self.synced = 0;
         self.write(bytes)
     }
 
@@ -249,6 +328,20 @@ impl TempFile {
         drop(self.file);
         let _ = fs::remove_file(&self.tmp);
     }
+
+    /// Closes the file, keeping it for a later attempt; returns the bytes
+    /// known to be on disk.
+    pub fn keep(mut self) -> u64 {
+        if self.len > self.synced && self.sync().is_err() {
+            return self.synced;
+        }
+        self.synced
+    }
+}
+
+/// The temporary file a download of `final_path` writes (kept to resume).
+pub fn temp_file_of(final_path: &Path) -> PathBuf {
+    temp_path(final_path)
 }
 
 /// Writes `bytes` to `path` so that a reader sees the old file or the complete
@@ -274,8 +367,10 @@ fn sync_dir(dir: &Path) {
     let _ = dir;
 }
 
-/// Removes temporary files a crash left anywhere under `root`; returns how many.
-pub fn remove_temp_files(root: &Path) -> usize {
+/// Removes temporary files left anywhere under `root` (by a crash, or by
+/// downloads no longer queued), except those in `keep` (interrupted
+/// downloads to resume); returns how many were removed.
+pub fn remove_temp_files(root: &Path, keep: &std::collections::HashSet<PathBuf>) -> usize {
     let mut removed = 0;
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
@@ -292,6 +387,7 @@ pub fn remove_temp_files(root: &Path) -> usize {
                 .file_name()
                 .as_encoded_bytes()
                 .starts_with(TEMP_PREFIX.as_bytes())
+                && !keep.contains(&entry.path())
                 && fs::remove_file(entry.path()).is_ok()
             {
                 log::warn!(
@@ -410,7 +506,7 @@ mod tests {
         write_atomic(&path, b"second").unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"second");
         fs::write(dir.join("works").join(format!("{TEMP_PREFIX}dead")), b"x").unwrap();
-        assert_eq!(remove_temp_files(&dir), 1);
+        assert_eq!(remove_temp_files(&dir, &Default::default()), 1);
         let names: Vec<_> = fs::read_dir(path.parent().unwrap()).unwrap().collect();
         assert_eq!(names.len(), 1);
         fs::remove_dir_all(&dir).unwrap();

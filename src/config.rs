@@ -96,6 +96,10 @@ pub struct Download {
     /// Largest body accepted.
     #[serde(default = "default_max_bytes")]
     pub max_bytes: u64,
+    /// Read downloads no faster than this (bytes per second), so the
+    /// display's own streaming keeps its share of the link; none: unlimited.
+    #[serde(default)]
+    pub max_bytes_per_sec: Option<u64>,
     /// Attempts before a transiently failing URL is marked failed.
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
@@ -449,6 +453,12 @@ impl Config {
             return Err((
                 "download.max_secs",
                 "must be at least download.timeout_secs and at most 604800 (a week)".into(),
+            ));
+        }
+        if d.max_bytes_per_sec == Some(0) {
+            return Err((
+                "download.max_bytes_per_sec",
+                "must be at least 1 (or absent: unlimited)".into(),
             ));
         }
         if d.max_bytes == 0 {

@@ -45,6 +45,19 @@ impl Dial {
     /// Starts resolving `host` and connecting to `port`, trying each address
     /// with `connect_timeout`; the whole dial is abandoned after `limit`.
     pub fn start(host: &str, port: u16, connect_timeout: Duration, limit: Duration) -> Dial {
+        Dial::start_with(host, port, connect_timeout, limit, None)
+    }
+
+    /// Like [`Dial::start`], with the socket's receive buffer set to
+    /// `recv_buffer` bytes before connecting (a small window lets a reader
+    /// that paces itself pace the sender too).
+    pub fn start_with(
+        host: &str,
+        port: u16,
+        connect_timeout: Duration,
+        limit: Duration,
+        recv_buffer: Option<usize>,
+    ) -> Dial {
         let target = if host.contains(':') {
             format!("[{host}]:{port}")
         } else {
@@ -69,7 +82,7 @@ impl Dial {
             .name("holosync-dial".into())
             .spawn(move || {
                 let _guard = guard;
-                let _ = tx.send(connect(&host, port, connect_timeout));
+                let _ = tx.send(connect(&host, port, connect_timeout, recv_buffer));
             });
         if let Err(e) = spawned {
             // The closure (and with it the guard and the sender) is dropped:
@@ -104,19 +117,43 @@ impl Dial {
 }
 
 /// Resolves and connects (on the helper thread): every address in turn, the last error wins.
-fn connect(host: &str, port: u16, timeout: Duration) -> io::Result<TcpStream> {
+fn connect(
+    host: &str,
+    port: u16,
+    timeout: Duration,
+    recv_buffer: Option<usize>,
+) -> io::Result<TcpStream> {
     let addrs: Vec<SocketAddr> = (host, port)
         .to_socket_addrs()
         .map_err(|e| io::Error::new(e.kind(), format!("cannot resolve {host}: {e}")))?
         .collect();
     let mut last = io::Error::new(io::ErrorKind::NotFound, format!("{host} has no address"));
     for addr in addrs {
-        match TcpStream::connect_timeout(&addr, timeout) {
+        match connect_one(addr, timeout, recv_buffer) {
             Ok(s) => return Ok(s),
             Err(e) => last = io::Error::new(e.kind(), format!("connect to {addr} failed: {e}")),
         }
     }
     Err(last)
+}
+
+fn connect_one(
+    addr: SocketAddr,
+    timeout: Duration,
+    recv_buffer: Option<usize>,
+) -> io::Result<TcpStream> {
+    let Some(size) = recv_buffer else {
+        return TcpStream::connect_timeout(&addr, timeout);
+    };
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    // Before the connect, so the window offered to the server is small.
+    socket.set_recv_buffer_size(size)?;
+    socket.connect_timeout(&addr.into(), timeout)?;
+    Ok(socket.into())
 }
 
 #[cfg(test)]

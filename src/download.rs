@@ -2,6 +2,12 @@
 //! body verified as it arrives and written to a temporary file beside its
 //! final name, renamed into place only once complete and verified. Failures
 //! are split into worth retrying and will not get better.
+//!
+//! An interrupted download keeps its temporary file (synced every 1 MiB or
+//! second) and the server's validator, so the next attempt asks only for the
+//! rest (`Range` + `If-Range`); a URL synced again while its file is in place
+//! is asked for with `If-None-Match` / `If-Modified-Since`, and a `304` keeps
+//! the file as it is.
 
 use std::path::{Path, PathBuf};
 use std::task::Poll;
@@ -9,20 +15,39 @@ use std::time::{Duration, Instant};
 
 use crate::cache::{self, TempFile};
 pub use crate::http::Failure;
-use crate::http::{Get, Limits, Progress};
-use crate::queue::Job;
+use crate::http::{Get, Head, Limits, Progress};
+use crate::queue::{Job, Validators};
 use crate::verify::{self, Kind, Verifier};
 
 /// Longest `Retry-After` honoured, so a hostile header cannot park a URL for days.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
 
+/// Bytes of a kept partial file read back into memory per step (resuming).
+const LOAD_STEP_BYTES: usize = 4 << 20;
+
 /// How downloads are done, from the config.
 #[derive(Debug, Clone, Copy)]
 pub struct Settings {
-    /// Time and size limits of one attempt.
+    /// Time, size and rate limits of one attempt.
     pub limits: Limits,
     /// Re-encode JPEGs at this quality instead of storing the bytes unchanged.
     pub reencode_jpeg_quality: Option<u8>,
+}
+
+/// How a download ended well.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Done {
+    /// A new file is in place.
+    Stored(Stored),
+    /// The server said the file in place is current (`304`); nothing written.
+    NotModified {
+        /// The file.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+        /// The validators, as the server repeated them.
+        validators: Validators,
+    },
 }
 
 /// A file that is in place.
@@ -34,6 +59,31 @@ pub struct Stored {
     pub kind: Kind,
     /// Bytes written.
     pub bytes: usize,
+    /// Bytes fetched in this attempt (less than `bytes` when resumed).
+    pub fetched: u64,
+    /// The server's validators for this version.
+    pub validators: Validators,
+}
+
+/// How far an interrupted download got: what the queue keeps so the next
+/// attempt (even after a restart) can resume.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Resume {
+    /// Bytes safely in the temporary file (0: nothing to resume).
+    pub partial: u64,
+    /// The validators those bytes belong to.
+    pub validators: Validators,
+}
+
+/// What the request asks the server for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// The whole file.
+    Whole,
+    /// The rest, from this offset, if the file did not change.
+    Rest(u64),
+    /// The whole file, unless the one in place is current.
+    IfChanged,
 }
 
 /// One download in progress.
@@ -44,10 +94,14 @@ pub struct Download {
     root: PathBuf,
     /// Where the file goes.
     path: PathBuf,
-    /// The request.
-    get: Get,
-    /// The body so far.
+    /// What is being asked for.
+    mode: Mode,
+    /// The request (None while a kept prefix is read back in).
+    get: Option<Get>,
+    /// The body so far (a resumed download's kept prefix first).
     body: Vec<u8>,
+    /// Bytes of a kept prefix still to read back into `body`.
+    loading: u64,
     /// Whether the whole body is in.
     complete: bool,
     /// Checks the body as it arrives; made when the head is in.
@@ -56,43 +110,77 @@ pub struct Download {
     kind: Option<Kind>,
     /// The temporary file, once the first byte is in.
     temp: Option<TempFile>,
-    /// Body bytes written to the temporary file.
+    /// Body bytes in the temporary file.
     written: usize,
+    /// Bytes of the temporary file kept for the next attempt, once set aside.
+    kept: u64,
+    /// The validators of the bytes being fetched.
+    validators: Validators,
+    /// The resume state changed since the queue last heard of it.
+    resume_dirty: bool,
     /// The settings.
     settings: Settings,
     /// When the attempt began.
     started: Instant,
+    /// Whether the attempt has already started over once (a 416, a changed file).
+    restarted: bool,
 }
 
 impl Download {
     /// Starts downloading `job` into the cache under `root`, or says at once
     /// why it cannot be (a bad URL or a path clash).
-    pub fn start(job: Job, root: &Path, settings: Settings) -> Result<Download, (Job, Failure)> {
-        let path = match cache::local_path(root, &job.url) {
-            Ok(p) => p,
-            Err(e) => return Err((job, Failure::Permanent(format!("rejected path: {e}")))),
-        };
+    pub fn start(job: &Job, root: &Path, settings: Settings) -> Result<Download, Failure> {
+        let path = cache::local_path(root, &job.url)
+            .map_err(|e| Failure::Permanent(format!("rejected path: {e}")))?;
         if let Some(why) = cache::clash(root, &path) {
-            return Err((job, Failure::Permanent(why)));
+            return Err(Failure::Permanent(why));
         }
-        let get = match Get::start(&job.url, Vec::new(), settings.limits) {
-            Ok(g) => g,
-            Err(f) => return Err((job, f)),
-        };
-        Ok(Download {
-            job,
+        let resumable = settings.reencode_jpeg_quality.is_none();
+        let mut temp = None;
+        let mut mode = Mode::Whole;
+        if job.partial > 0 {
+            match (resumable && if_range(&job.validators).is_some())
+                .then(|| TempFile::reopen(&path, job.partial))
+            {
+                Some(Ok(Some(t))) => {
+                    mode = Mode::Rest(job.partial);
+                    temp = Some(t);
+                }
+                _ => {
+                    let _ = std::fs::remove_file(cache::temp_file_of(&path));
+                }
+            }
+        }
+        if mode == Mode::Whole && job.size.is_some_and(|n| file_size(&path) == Some(n)) {
+            let v = &job.validators;
+            if v.etag.is_some() || v.last_modified.is_some() {
+                mode = Mode::IfChanged;
+            }
+        }
+        let mut dl = Download {
+            loading: if let Mode::Rest(n) = mode { n } else { 0 },
+            validators: job.validators.clone(),
+            job: job.clone(),
             root: root.to_path_buf(),
             path,
-            get,
+            mode,
+            get: None,
             body: Vec::new(),
             complete: false,
             verifier: None,
             kind: None,
-            temp: None,
+            temp,
             written: 0,
+            kept: 0,
+            resume_dirty: false,
             settings,
             started: Instant::now(),
-        })
+            restarted: false,
+        };
+        if dl.loading == 0 {
+            dl.request()?;
+        }
+        Ok(dl)
     }
 
     /// The queue row being downloaded.
@@ -105,36 +193,127 @@ impl Download {
         self.started.elapsed()
     }
 
+    /// The resume state, when it changed since the last call (for the queue).
+    pub fn take_resume(&mut self) -> Option<Resume> {
+        if !self.resume_dirty {
+            return None;
+        }
+        self.resume_dirty = false;
+        Some(self.resume())
+    }
+
+    fn resume(&self) -> Resume {
+        if !self.resumable() {
+            return Resume::default();
+        }
+        Resume {
+            partial: self.temp.as_ref().map_or(self.kept, TempFile::synced),
+            validators: self.validators.clone(),
+        }
+    }
+
+    /// Whether what is being fetched could be resumed: the bytes go to the
+    /// temporary file as they come, and the server named the version.
+    fn resumable(&self) -> bool {
+        self.settings.reencode_jpeg_quality.is_none() && if_range(&self.validators).is_some()
+    }
+
     /// Does a bounded piece of work, returning by `deadline` (give or take a
     /// few ms); `Ready` with the file in place or the reason it is not.
-    pub fn step(&mut self, deadline: Instant) -> Poll<Result<Stored, Failure>> {
+    /// After a transient failure the temporary file is kept when the next
+    /// attempt can resume ([`Download::take_resume`] then says how far).
+    pub fn step(&mut self, deadline: Instant) -> Poll<Result<Done, Failure>> {
         match self.advance(deadline) {
             Ok(None) => Poll::Pending,
-            Ok(Some(stored)) => Poll::Ready(Ok(stored)),
+            Ok(Some(done)) => Poll::Ready(Ok(done)),
             Err(f) => {
-                if let Some(t) = self.temp.take() {
-                    t.discard();
-                }
+                self.set_aside(matches!(f, Failure::Transient { .. }));
                 Poll::Ready(Err(f))
             }
         }
     }
 
-    /// Consumes the download, removing its temporary file.
-    pub fn abandon(mut self) {
-        if let Some(t) = self.temp.take() {
+    /// Ends the download without a result (the agent is stopping): the
+    /// temporary file stays if the next start can resume from it.
+    pub fn abandon(mut self) -> Resume {
+        self.set_aside(true);
+        self.resume()
+    }
+
+    /// Keeps the temporary file for a later attempt (when `keep` and it can
+    /// be resumed), else removes it.
+    fn set_aside(&mut self, keep: bool) {
+        // Bytes that came in the failing step are not written yet.
+        if keep && self.resumable() && self.write_new().is_err() {
+            if let Some(t) = self.temp.take() {
+                t.discard();
+            }
+        }
+        let Some(t) = self.temp.take() else {
+            return;
+        };
+        self.resume_dirty = true;
+        if keep && self.resumable() && !t.is_empty() {
+            self.kept = t.keep();
+        } else {
             t.discard();
+            self.kept = 0;
         }
     }
 
-    fn advance(&mut self, deadline: Instant) -> Result<Option<Stored>, Failure> {
+    /// Starts the request for `mode`.
+    fn request(&mut self) -> Result<(), Failure> {
+        let mut headers = Vec::new();
+        let mut limits = self.settings.limits;
+        match self.mode {
+            Mode::Whole => {}
+            Mode::Rest(from) => {
+                headers.push(("Range", format!("bytes={from}-")));
+                headers.push((
+                    "If-Range",
+                    if_range(&self.validators)
+                        .expect("resuming needs a validator")
+                        .to_string(),
+                ));
+                limits.max_bytes = limits.max_bytes.saturating_sub(from);
+            }
+            Mode::IfChanged => {
+                if let Some(etag) = &self.validators.etag {
+                    headers.push(("If-None-Match", etag.clone()));
+                }
+                if let Some(lm) = &self.validators.last_modified {
+                    headers.push(("If-Modified-Since", lm.clone()));
+                }
+            }
+        }
+        self.get = Some(Get::start(&self.job.url, headers, limits)?);
+        Ok(())
+    }
+
+    fn advance(&mut self, deadline: Instant) -> Result<Option<Done>, Failure> {
+        if self.loading > 0 {
+            self.load()?;
+            if self.loading > 0 {
+                return Ok(None);
+            }
+            self.request()?;
+        }
         if !self.complete {
             // Half the slice for the network, the rest for checking what came.
             let now = Instant::now();
             let fetch_until = now + deadline.saturating_duration_since(now) / 2;
-            match self.get.step(&mut self.body, fetch_until)? {
+            let get = self.get.as_mut().expect("requested above");
+            match get.step(&mut self.body, fetch_until)? {
                 Progress::Pending => {}
-                Progress::Head => self.on_head()?,
+                Progress::Head => {
+                    let head = get
+                        .head()
+                        .expect("Progress::Head comes with a head")
+                        .clone();
+                    if let Some(done) = self.on_head(&head)? {
+                        return Ok(Some(done));
+                    }
+                }
                 Progress::Body(_) => self.write_new()?,
                 Progress::End => self.complete = true,
             }
@@ -150,18 +329,140 @@ impl Download {
             }
         }
         match (self.complete, self.kind) {
-            (true, Some(kind)) => self.finish(kind).map(Some),
+            (true, Some(kind)) => self.finish(kind).map(|s| Some(Done::Stored(s))),
             _ => Ok(None),
         }
     }
 
-    /// The final head is in: refuse error statuses before any byte is kept.
-    fn on_head(&mut self) -> Result<(), Failure> {
-        let head = self.get.head().expect("Progress::Head comes with a head");
-        if let Some(f) = status_failure(head.status, head.header("retry-after")) {
-            return Err(f);
+    /// Reads a slice of the kept prefix back into memory (the verifier checks
+    /// the whole file).
+    fn load(&mut self) -> Result<(), Failure> {
+        let temp = self.temp.as_mut().expect("resuming keeps a temp file");
+        let offset = self.body.len() as u64;
+        let n = usize::try_from(self.loading)
+            .unwrap_or(usize::MAX)
+            .min(LOAD_STEP_BYTES);
+        let bytes = temp
+            .read_at(offset, n)
+            .map_err(|e| write_failure(&self.root, &self.path, e))?;
+        if bytes.len() < n {
+            return Err(Failure::transient(format!(
+                "the kept part of {} is shorter than recorded",
+                self.path.display()
+            )));
         }
+        self.body.extend_from_slice(&bytes);
+        self.loading -= bytes.len() as u64;
+        self.written = self.body.len();
+        Ok(())
+    }
+
+    /// The final head is in: refuse error statuses before any byte is kept,
+    /// handle a resumed or conditional answer; `Some` when the download is
+    /// over (not modified).
+    fn on_head(&mut self, head: &Head) -> Result<Option<Done>, Failure> {
+        let served = Validators {
+            etag: head.header("etag").map(str::to_string),
+            last_modified: head.header("last-modified").map(str::to_string),
+        };
+        match (self.mode, head.status) {
+            (Mode::IfChanged, 304) => {
+                let validators = Validators {
+                    etag: served.etag.or(self.validators.etag.take()),
+                    last_modified: served
+                        .last_modified
+                        .or(self.validators.last_modified.take()),
+                };
+                return Ok(Some(Done::NotModified {
+                    path: self.path.clone(),
+                    size: self.job.size.unwrap_or_default(),
+                    validators,
+                }));
+            }
+            (Mode::Rest(from), 206) => {
+                let range = head.header("content-range").and_then(content_range);
+                let same = match (&served.etag, &self.validators.etag) {
+                    (Some(now), Some(then)) => now == then,
+                    _ => true,
+                };
+                match range {
+                    Some((start, total)) if start == from && same => {
+                        log::info!(
+                            "resumed {} at {from} of {} bytes",
+                            self.job.url,
+                            total.map_or("?".to_string(), |t| t.to_string())
+                        );
+                    }
+                    _ => {
+                        return self
+                            .start_over("the server's range did not fit")
+                            .map(|()| None)
+                    }
+                }
+            }
+            (Mode::Rest(_), 416) => {
+                return self
+                    .start_over("the server refused the range (416)")
+                    .map(|()| None)
+            }
+            (Mode::Rest(_), 200) => {
+                log::info!(
+                    "{} changed on the server (or the server ignores ranges): starting over",
+                    self.job.url
+                );
+                self.drop_prefix()?;
+                self.mode = Mode::Whole;
+            }
+            (_, 206) => {
+                return Err(Failure::Permanent(
+                    "HTTP 206 to a request for the whole file".into(),
+                ))
+            }
+            (_, 304) => {
+                return Err(Failure::Permanent(
+                    "HTTP 304 to a request that was not conditional".into(),
+                ))
+            }
+            (_, code) => {
+                if let Some(f) = status_failure(code, head.header("retry-after")) {
+                    return Err(f);
+                }
+                if self.mode == Mode::IfChanged {
+                    self.mode = Mode::Whole;
+                }
+            }
+        }
+        self.validators = Validators {
+            etag: served.etag,
+            last_modified: served.last_modified,
+        };
+        self.resume_dirty = true;
         self.verifier = Some(Verifier::new(&self.job.url, head.header("content-type")));
+        Ok(None)
+    }
+
+    /// Forgets the kept prefix and asks for the whole file again (once per attempt).
+    fn start_over(&mut self, why: &str) -> Result<(), Failure> {
+        if self.restarted {
+            return Err(Failure::transient(format!("{why}, again")));
+        }
+        log::info!("{}: {why}; starting over", self.job.url);
+        self.restarted = true;
+        self.drop_prefix()?;
+        self.mode = Mode::Whole;
+        self.validators = Validators::default();
+        self.request()
+    }
+
+    /// Empties the body and the temporary file.
+    fn drop_prefix(&mut self) -> Result<(), Failure> {
+        self.body.clear();
+        self.written = 0;
+        if let Some(t) = &mut self.temp {
+            t.rewrite(&[])
+                .map_err(|e| write_failure(&self.root, &self.path, e))?;
+        }
+        self.resume_dirty = true;
         Ok(())
     }
 
@@ -176,9 +477,13 @@ impl Download {
             self.temp = Some(temp);
         }
         let temp = self.temp.as_mut().expect("made above");
+        let synced = temp.synced();
         temp.write(&self.body[self.written..])
             .map_err(|e| write_failure(&self.root, &self.path, e))?;
         self.written = self.body.len();
+        if temp.synced() != synced {
+            self.resume_dirty = true;
+        }
         Ok(())
     }
 
@@ -209,12 +514,43 @@ impl Download {
             path: self.path.clone(),
             kind,
             bytes: reencoded.map_or(self.body.len(), |b| b.len()),
+            fetched: self.get.as_ref().map_or(0, Get::received),
+            validators: self.validators.clone(),
         })
     }
 
     fn write_failure(&self, e: std::io::Error) -> Failure {
         write_failure(&self.root, &self.path, e)
     }
+}
+
+/// The validator to send as `If-Range`: a strong ETag, else Last-Modified
+/// (a weak ETag may not be used for ranges).
+fn if_range(v: &Validators) -> Option<&str> {
+    v.etag
+        .as_deref()
+        .filter(|e| !e.starts_with("W/"))
+        .or(v.last_modified.as_deref())
+}
+
+/// `bytes START-END/TOTAL` (TOTAL may be `*`): the start and the total.
+fn content_range(v: &str) -> Option<(u64, Option<u64>)> {
+    let rest = v.trim().strip_prefix("bytes")?.trim_start();
+    let (range, total) = rest.split_once('/')?;
+    let (start, _end) = range.split_once('-')?;
+    let total = match total.trim() {
+        "*" => None,
+        t => Some(t.parse().ok()?),
+    };
+    Some((start.trim().parse().ok()?, total))
+}
+
+/// Size of a regular file, if there is one.
+fn file_size(path: &Path) -> Option<u64> {
+    std::fs::metadata(path)
+        .ok()
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
 }
 
 /// A failed write: a path clash (permanent), a full disk or a file held open
@@ -293,6 +629,28 @@ mod tests {
         let capped = status_failure(503, Some("99999999"));
         assert!(
             matches!(capped, Some(Failure::Transient { retry_after: Some(d), .. }) if d == MAX_RETRY_AFTER)
+        );
+    }
+
+    #[test]
+    fn content_range_gives_start_and_total() {
+        assert_eq!(content_range("bytes 100-199/1000"), Some((100, Some(1000))));
+        assert_eq!(content_range("bytes 5-9/*"), Some((5, None)));
+        assert_eq!(content_range("items 1-2/3"), None);
+        assert_eq!(content_range("bytes x-9/10"), None);
+    }
+
+    #[test]
+    fn if_range_wants_a_strong_etag_or_a_date() {
+        let v = |e: Option<&str>, l: Option<&str>| Validators {
+            etag: e.map(str::to_string),
+            last_modified: l.map(str::to_string),
+        };
+        assert_eq!(if_range(&v(Some("\"a\""), None)), Some("\"a\""));
+        assert_eq!(if_range(&v(Some("W/\"a\""), None)), None);
+        assert_eq!(
+            if_range(&v(Some("W/\"a\""), Some("Tue, 01 Dec 2026 10:00:00 GMT"))),
+            Some("Tue, 01 Dec 2026 10:00:00 GMT")
         );
     }
 }

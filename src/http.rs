@@ -431,6 +431,14 @@ pub struct Limits {
     pub max_time: Duration,
     /// Largest body accepted.
     pub max_bytes: u64,
+    /// Read the body no faster than this (bytes per second); None: as fast as it comes.
+    pub max_bytes_per_sec: Option<u64>,
+}
+
+/// Bytes the throttle lets through at once (a tenth of a second's worth, at
+/// least one read's worth of a slow link).
+fn throttle_burst(rate: u64) -> u64 {
+    (rate / 10).max(4096)
 }
 
 /// What one [`Get::step`] achieved.
@@ -617,6 +625,8 @@ pub struct Get {
     last_progress: Instant,
     /// Body bytes received.
     received: u64,
+    /// When the body began (the throttle counts from here).
+    body_started: Instant,
 }
 
 impl Get {
@@ -638,6 +648,7 @@ impl Get {
             started: now,
             last_progress: now,
             received: 0,
+            body_started: now,
         };
         get.state = get.dial()?;
         Ok(get)
@@ -680,11 +691,19 @@ impl Get {
             .max_time
             .saturating_sub(self.started.elapsed())
             .max(MIN_SOCKET_WAIT);
-        Ok(State::Dialing(Dial::start(
+        // Throttled, a small receive window makes the server send no faster
+        // than we read (else the kernel would buffer megabytes at link speed).
+        let window = self.limits.max_bytes_per_sec.map(|r| {
+            usize::try_from(r / 4)
+                .unwrap_or(usize::MAX)
+                .clamp(16 << 10, 256 << 10)
+        });
+        Ok(State::Dialing(Dial::start_with(
             &self.url.host,
             self.url.port,
             self.limits.stall,
             self.limits.stall.min(left),
+            window,
         )))
     }
 
@@ -923,6 +942,7 @@ impl Get {
             }
         }
         self.head = Some(head);
+        self.body_started = Instant::now();
         Ok(Some(State::Body {
             conn,
             framing,
@@ -945,7 +965,23 @@ impl Get {
         let mut chunk = vec![0u8; READ_BUFFER_BYTES];
         conn.wait_until(deadline).map_err(net_failure)?;
         loop {
-            match conn.recv(&mut chunk) {
+            let cap = match self.allowance() {
+                None => chunk.len(),
+                Some(0) => {
+                    // Ahead of the throttle: wait for it (not a stall), within the slice.
+                    let wait = self
+                        .until_allowed()
+                        .min(deadline.saturating_duration_since(Instant::now()));
+                    std::thread::sleep(wait);
+                    self.last_progress = Instant::now();
+                    if Instant::now() >= deadline {
+                        return Ok(false);
+                    }
+                    continue;
+                }
+                Some(n) => chunk.len().min(usize::try_from(n).unwrap_or(usize::MAX)),
+            };
+            match conn.recv(&mut chunk[..cap]) {
                 Ok(0) => {
                     return match framing {
                         Framing::UntilClose | Framing::Empty => Ok(true),
@@ -977,6 +1013,25 @@ impl Get {
                 return Ok(false);
             }
         }
+    }
+
+    /// Body bytes the throttle allows now beyond those received; None when unthrottled.
+    fn allowance(&self) -> Option<u64> {
+        let rate = self.limits.max_bytes_per_sec?;
+        let allowed =
+            (rate as f64 * self.body_started.elapsed().as_secs_f64()) as u64 + throttle_burst(rate);
+        Some(allowed.saturating_sub(self.received))
+    }
+
+    /// How long until the throttle allows another read's worth.
+    fn until_allowed(&self) -> Duration {
+        let Some(rate) = self.limits.max_bytes_per_sec.filter(|&r| r > 0) else {
+            return Duration::ZERO;
+        };
+        let want = self.received + 1024 - throttle_burst(rate).min(self.received + 1024);
+        let at = Duration::from_secs_f64(want as f64 / rate as f64);
+        at.saturating_sub(self.body_started.elapsed())
+            .max(MIN_SOCKET_WAIT)
     }
 
     /// Adds `data` to the body as the framing says; true when the body is complete.

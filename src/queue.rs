@@ -33,7 +33,11 @@ CREATE TABLE IF NOT EXISTS queue (
     attempts      INTEGER NOT NULL DEFAULT 0,
     next_attempt  INTEGER NOT NULL,
     last_error    TEXT,
-    updated       INTEGER NOT NULL
+    updated       INTEGER NOT NULL,
+    etag          TEXT,
+    last_modified TEXT,
+    partial       INTEGER NOT NULL DEFAULT 0,
+    size          INTEGER
 );
 CREATE INDEX IF NOT EXISTS queue_due ON queue (next_attempt, id)
     WHERE state IN ('pending', 'retry');
@@ -52,6 +56,19 @@ const QUEUE_COLUMNS: &[&str] = &[
     "next_attempt",
     "last_error",
     "updated",
+    "etag",
+    "last_modified",
+    "partial",
+    "size",
+];
+
+/// Columns added since the first release, with their definitions: an older
+/// queue gets them (`ALTER TABLE ... ADD COLUMN`) when it is opened.
+const ADDED_COLUMNS: &[(&str, &str)] = &[
+    ("etag", "TEXT"),
+    ("last_modified", "TEXT"),
+    ("partial", "INTEGER NOT NULL DEFAULT 0"),
+    ("size", "INTEGER"),
 ];
 const META_COLUMNS: &[&str] = &["key", "value"];
 
@@ -116,7 +133,7 @@ pub struct Queue {
 }
 
 /// One URL to download now.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Job {
     /// Row id.
     pub id: i64,
@@ -124,6 +141,22 @@ pub struct Job {
     pub url: String,
     /// Attempts made before this one.
     pub attempts: u32,
+    /// What the server said of the file: of the partial download if there is
+    /// one, else of the file in the cache.
+    pub validators: Validators,
+    /// Bytes of an interrupted download kept (synced) in its temporary file.
+    pub partial: u64,
+    /// Size of the file in the cache, when the row was done before.
+    pub size: Option<u64>,
+}
+
+/// A server's validators for one version of a file.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Validators {
+    /// `ETag`, as sent (quotes and any `W/` included).
+    pub etag: Option<String>,
+    /// `Last-Modified`, as sent.
+    pub last_modified: Option<String>,
 }
 
 /// Counts per state and the most recent failures, for `holosync status`
@@ -242,10 +275,23 @@ impl Queue {
             let have: Vec<String> = s
                 .query_map([table], |r| r.get(0))?
                 .collect::<rusqlite::Result<_>>()?;
-            if !have.is_empty() && have != want {
+            // An older holosync queue has a prefix of today's columns.
+            let older = table == "queue"
+                && have.len() >= want.len() - ADDED_COLUMNS.len()
+                && want.starts_with(&have.iter().map(String::as_str).collect::<Vec<_>>());
+            if !have.is_empty() && have != want && !older {
                 return Err(InitError::Foreign(format!(
                     "its `{table}` table has columns {have:?}: it belongs to another program"
                 )));
+            }
+            if older && have.len() < want.len() {
+                for (name, definition) in
+                    &ADDED_COLUMNS[ADDED_COLUMNS.len() - (want.len() - have.len())..]
+                {
+                    conn.execute_batch(&format!(
+                        "ALTER TABLE queue ADD COLUMN {name} {definition}"
+                    ))?;
+                }
             }
         }
         conn.execute_batch(SCHEMA)?;
@@ -350,21 +396,36 @@ impl Queue {
     pub fn next_due(&self, now_ms: i64) -> Result<Option<Job>> {
         self.conn
             .prepare_cached(
-                "SELECT id, url, attempts FROM queue
+                "SELECT id, url, attempts, etag, last_modified, partial, size FROM queue
                  WHERE state IN ('pending', 'retry') AND next_attempt <= ?1
                  ORDER BY next_attempt, id LIMIT 1",
             )
-            .and_then(|mut s| {
-                s.query_row([now_ms], |r| {
-                    Ok(Job {
-                        id: r.get(0)?,
-                        url: r.get(1)?,
-                        attempts: r.get(2)?,
-                    })
-                })
-                .optional()
-            })
+            .and_then(|mut s| s.query_row([now_ms], job_from_row).optional())
             .context(|| "could not read the queue")
+    }
+
+    /// Rows whose interrupted download is kept in a temporary file (pending
+    /// or retry, with partial bytes): their temp files survive the start-up sweep.
+    pub fn partial_downloads(&self) -> Result<Vec<Job>> {
+        let read = || -> rusqlite::Result<Vec<Job>> {
+            let mut s = self.conn.prepare(
+                "SELECT id, url, attempts, etag, last_modified, partial, size FROM queue
+                 WHERE state IN ('pending', 'retry') AND partial > 0",
+            )?;
+            let rows = s.query_map([], job_from_row)?;
+            rows.collect()
+        };
+        read().context(|| "could not read the queue")
+    }
+
+    /// Records how far an interrupted download got (synced bytes in its
+    /// temporary file) and the validators those bytes belong to.
+    pub fn set_partial(&self, job: &Job, partial: u64, v: &Validators) -> Result<()> {
+        self.update(
+            "UPDATE queue SET partial = ?2, etag = ?3, last_modified = ?4 WHERE id = ?1",
+            params![job.id, partial as i64, v.etag, v.last_modified],
+            &job.url,
+        )
     }
 
     /// When the next pending or retry row becomes due, if there is one.
@@ -378,20 +439,30 @@ impl Queue {
             .context(|| "could not read the queue")
     }
 
-    /// The download succeeded and the file is in place.
-    pub fn mark_done(&self, job: &Job, now_ms: i64) -> Result<()> {
+    /// The download succeeded (or the server said the file in place is
+    /// current): `size` bytes are in place, of the version `v` names.
+    pub fn mark_done(&self, job: &Job, size: u64, v: &Validators, now_ms: i64) -> Result<()> {
         self.update(
-            "UPDATE queue SET state = 'done', attempts = ?2, last_error = NULL, updated = ?3
+            "UPDATE queue SET state = 'done', attempts = ?2, last_error = NULL, updated = ?3,
+                 partial = 0, size = ?4, etag = ?5, last_modified = ?6
              WHERE id = ?1",
-            params![job.id, job.attempts + 1, now_ms],
+            params![
+                job.id,
+                job.attempts + 1,
+                now_ms,
+                size as i64,
+                v.etag,
+                v.last_modified
+            ],
             &job.url,
         )
     }
 
-    /// Gives up on the URL, keeping the reason.
+    /// Gives up on the URL, keeping the reason (and forgetting any partial download).
     pub fn mark_failed(&self, job: &Job, error: &str, now_ms: i64) -> Result<()> {
         self.update(
-            "UPDATE queue SET state = 'failed', attempts = ?2, last_error = ?3, updated = ?4
+            "UPDATE queue SET state = 'failed', attempts = ?2, last_error = ?3, updated = ?4,
+                 partial = 0
              WHERE id = ?1",
             params![job.id, job.attempts + 1, error, now_ms],
             &job.url,
@@ -473,6 +544,21 @@ impl Queue {
             .map(drop)
             .context(|| format!("could not store {key} in the queue database"))
     }
+}
+
+/// A [`Job`] from `id, url, attempts, etag, last_modified, partial, size`.
+fn job_from_row(r: &rusqlite::Row) -> rusqlite::Result<Job> {
+    Ok(Job {
+        id: r.get(0)?,
+        url: r.get(1)?,
+        attempts: r.get(2)?,
+        validators: Validators {
+            etag: r.get(3)?,
+            last_modified: r.get(4)?,
+        },
+        partial: r.get::<_, i64>(5)?.max(0) as u64,
+        size: r.get::<_, Option<i64>>(6)?.map(|n| n.max(0) as u64),
+    })
 }
 
 /// See [`Queue::clamp_schedule`].
@@ -572,7 +658,7 @@ mod tests {
         // The failing URL does not block the next one.
         assert_eq!(q.next_due(10).unwrap().unwrap().url, "http://h/2");
         let second = q.next_due(10).unwrap().unwrap();
-        q.mark_done(&second, 11).unwrap();
+        q.mark_done(&second, 5, &Validators::default(), 11).unwrap();
         assert_eq!(q.next_due(500).unwrap(), None);
         assert_eq!(q.next_due_time().unwrap(), Some(1000));
         let again = q.next_due(1000).unwrap().unwrap();
@@ -585,7 +671,7 @@ mod tests {
         q.enqueue(&ok(&["http://h/a", "http://h/b"]), 1, MAX)
             .unwrap();
         let a = q.next_due(1).unwrap().unwrap();
-        q.mark_done(&a, 2).unwrap();
+        q.mark_done(&a, 5, &Validators::default(), 2).unwrap();
         let b = q.next_due(2).unwrap().unwrap();
         q.mark_failed(&b, "HTTP 404", 3).unwrap();
         let r = q

@@ -134,3 +134,45 @@ fn database_locked_for_a_few_seconds_delays_but_loses_nothing() {
         "a held message is logged once, not on every retry:\n{log}"
     );
 }
+
+/// A queue written by the first release (seven columns, no resume or
+/// revalidation data) is upgraded in place: its rows stay, pending ones are
+/// fetched, nothing is moved aside.
+#[test]
+fn a_first_release_queue_is_upgraded_in_place() {
+    let (broker, http, dir) = (
+        Mosquitto::start(),
+        HttpServer::start(),
+        TempDir::new("db-upgrade"),
+    );
+    let bytes = png(7, 7, 43);
+    http.set("/db/old.png", Route::Ok(bytes.clone()));
+    let db = rusqlite::Connection::open(dir.path().join("holosync.db")).unwrap();
+    db.execute_batch(
+        "PRAGMA journal_mode = WAL;
+         CREATE TABLE queue (
+             id INTEGER PRIMARY KEY, url TEXT NOT NULL UNIQUE,
+             state TEXT NOT NULL CHECK (state IN ('pending', 'retry', 'done', 'failed')),
+             attempts INTEGER NOT NULL DEFAULT 0, next_attempt INTEGER NOT NULL,
+             last_error TEXT, updated INTEGER NOT NULL);
+         CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
+    )
+    .unwrap();
+    db.execute(
+        "INSERT INTO queue (url, state, attempts, next_attempt, updated) VALUES (?1, 'pending', 0, 0, 0)",
+        [http.url("/db/old.png")],
+    )
+    .unwrap();
+    drop(db);
+    let mut agent = Agent::new(dir.path(), Agent::default_config(broker.port));
+    agent.start();
+    agent.wait_log("subscribed to", WAIT);
+    let newer = png(6, 6, 44);
+    http.set("/db/new.png", Route::Ok(newer.clone()));
+    broker.publish("sync", http.url("/db/new.png").as_bytes(), 1);
+    agent.wait_done(2, WAIT);
+    for (name, want) in [("db/old.png", &bytes), ("db/new.png", &newer)] {
+        assert_eq!(&std::fs::read(agent.cache().join(name)).unwrap(), want);
+    }
+    assert!(moved_aside(dir.path()).is_empty());
+}

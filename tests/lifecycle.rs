@@ -42,8 +42,7 @@ fn a_stop_is_logged_and_told_apart_from_a_crash() {
     assert!(log.contains("stopping: SIGTERM"), "{log}");
     assert!(log.contains("holosync stopped (SIGTERM)"), "{log}");
 
-    agent.start();
-    agent.wait_log("subscribed to", WAIT);
+    start_and_wait(&mut agent);
     assert!(
         !agent.log().contains("ended without stopping"),
         "{}",

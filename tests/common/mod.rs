@@ -685,6 +685,40 @@ pub enum Route {
     /// These bytes, then an endless stream of `b` until the client goes away
     /// (or 120 s pass): a hostile server.
     Endless(Vec<u8>),
+    /// A file served as a real static server does: validators, ranges,
+    /// conditional requests, and scripted cuts, stalls and a rate (see [`Ranged`]).
+    Ranged(Arc<Ranged>),
+}
+
+/// A file for [`Route::Ranged`]. Requests are numbered from 0 per route
+/// (since it was set); `cuts[n]` closes the n-th response's connection once
+/// the file up to that offset has been sent.
+#[derive(Debug, Default)]
+pub struct Ranged {
+    /// The file.
+    pub body: Vec<u8>,
+    /// `ETag`, if sent (with its quotes).
+    pub etag: Option<String>,
+    /// `Last-Modified`, if sent.
+    pub last_modified: Option<String>,
+    /// Body bytes per second, if throttled.
+    pub rate: Option<u64>,
+    /// Per request: the file offset at which the connection is closed.
+    pub cuts: Vec<Option<u64>>,
+    /// Per request: the file offset at which sending pauses, and for how long.
+    pub stalls: Vec<Option<(u64, Duration)>>,
+}
+
+impl Ranged {
+    /// A file with a strong ETag and a Last-Modified date.
+    pub fn new(body: Vec<u8>, etag: &str) -> Ranged {
+        Ranged {
+            body,
+            etag: Some(format!("\"{etag}\"")),
+            last_modified: Some("Tue, 01 Dec 2026 10:00:00 GMT".into()),
+            ..Ranged::default()
+        }
+    }
 }
 
 /// Safety cap for [`Route::Hold`] so a forgotten release cannot leak a thread.
@@ -709,6 +743,10 @@ struct ServerState {
     hits: HashMap<String, usize>,
     /// All raw targets in arrival order.
     requests: Vec<String>,
+    /// Body bytes written per raw target (all requests).
+    sent: HashMap<String, u64>,
+    /// Request heads per raw target, in arrival order.
+    heads: HashMap<String, Vec<Vec<(String, String)>>>,
     /// Targets whose Hold has been released (until the next `set`).
     released: HashSet<String>,
 }
@@ -827,6 +865,24 @@ impl HttpServer {
     pub fn requests(&self) -> Vec<String> {
         lock(&self.shared.state).requests.clone()
     }
+
+    /// Body bytes written for this raw target so far, all requests together.
+    pub fn sent(&self, path: &str) -> u64 {
+        lock(&self.shared.state)
+            .sent
+            .get(path)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// The request headers of each request for this raw target, in order.
+    pub fn request_headers(&self, path: &str) -> Vec<Vec<(String, String)>> {
+        lock(&self.shared.state)
+            .heads
+            .get(path)
+            .cloned()
+            .unwrap_or_default()
+    }
 }
 
 impl Drop for HttpServer {
@@ -853,6 +909,18 @@ struct RequestHead {
     head_len: usize,
     /// Declared request body length.
     body_len: usize,
+    /// Header names and values.
+    headers: Vec<(String, String)>,
+}
+
+impl RequestHead {
+    /// The first value of header `name` (any case).
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
 }
 
 /// Reads the request head with `peek` (leaving it in the socket so that
@@ -873,16 +941,21 @@ fn peek_request(stream: &TcpStream) -> io::Result<RequestHead> {
             let mut parts = lines.next().unwrap_or("").split(' ');
             let method = parts.next().unwrap_or("").to_owned();
             let target = parts.next().unwrap_or("").to_owned();
-            let body_len = lines
+            let headers: Vec<(String, String)> = lines
                 .filter_map(|l| l.split_once(':'))
-                .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
-                .and_then(|(_, v)| v.trim().parse().ok())
+                .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+                .collect();
+            let body_len = headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+                .and_then(|(_, v)| v.parse().ok())
                 .unwrap_or(0);
             return Ok(RequestHead {
                 method,
                 target,
                 head_len: pos + 4,
                 body_len,
+                headers,
             });
         }
         if n == buf.len() || Instant::now() >= deadline {
@@ -960,12 +1033,17 @@ fn handle_http(stream: TcpStream, shared: &ServerShared) {
     let Ok(head) = peek_request(&stream) else {
         return;
     };
+    let mut n = 0;
     let route = {
         let mut st = lock(&shared.state);
         *st.hits.entry(head.target.clone()).or_insert(0) += 1;
         st.requests.push(head.target.clone());
+        st.heads
+            .entry(head.target.clone())
+            .or_default()
+            .push(head.headers.clone());
         st.routes.get_mut(&head.target).map(|slot| {
-            let n = slot.served;
+            n = slot.served;
             slot.served += 1;
             match &slot.route {
                 Route::Sequence(seq) if seq.is_empty() => {
@@ -979,8 +1057,101 @@ fn handle_http(stream: TcpStream, shared: &ServerShared) {
     if !matches!(route, Some(Route::Reset(_))) {
         consume_request(&stream, &head);
     }
+    if let Some(Route::Ranged(file)) = &route {
+        let _ = serve_ranged(&stream, file, n, &head, shared);
+        return;
+    }
     let head_only = head.method.eq_ignore_ascii_case("HEAD");
     let _ = respond(&stream, route, &head.target, head_only, shared);
+}
+
+/// Serves the n-th request for a [`Route::Ranged`] file.
+fn serve_ranged(
+    mut stream: &TcpStream,
+    file: &Ranged,
+    n: usize,
+    head: &RequestHead,
+    shared: &ServerShared,
+) -> io::Result<()> {
+    let len = file.body.len() as u64;
+    let matches =
+        |v: &str| file.etag.as_deref() == Some(v) || file.last_modified.as_deref() == Some(v);
+    let mut validators = String::new();
+    if let Some(e) = &file.etag {
+        validators.push_str(&format!("ETag: {e}\r\n"));
+    }
+    if let Some(l) = &file.last_modified {
+        validators.push_str(&format!("Last-Modified: {l}\r\n"));
+    }
+    let not_modified = head
+        .header("if-none-match")
+        .map(|v| file.etag.as_deref() == Some(v))
+        .or_else(|| {
+            head.header("if-modified-since")
+                .map(|v| file.last_modified.as_deref() == Some(v))
+        })
+        .unwrap_or(false);
+    if not_modified {
+        stream.write_all(
+            format!("HTTP/1.1 304 Not Modified\r\nConnection: close\r\n{validators}\r\n")
+                .as_bytes(),
+        )?;
+        return stream.flush();
+    }
+    let range_start = head
+        .header("range")
+        .and_then(|r| r.strip_prefix("bytes="))
+        .and_then(|r| r.strip_suffix('-'))
+        .and_then(|r| r.parse::<u64>().ok())
+        .filter(|_| head.header("if-range").is_none_or(matches));
+    let start = match range_start {
+        Some(s) if s >= len => {
+            stream.write_all(format!("HTTP/1.1 416 Range Not Satisfiable\r\nContent-Range: bytes */{len}\r\nContent-Length: 0\r\nConnection: close\r\n{validators}\r\n").as_bytes())?;
+            return stream.flush();
+        }
+        Some(s) => {
+            stream.write_all(format!("HTTP/1.1 206 Partial Content\r\nContent-Range: bytes {s}-{}/{len}\r\nContent-Length: {}\r\nAccept-Ranges: bytes\r\nConnection: close\r\n{validators}\r\n", len - 1, len - s).as_bytes())?;
+            s
+        }
+        None => {
+            stream.write_all(format!("HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {len}\r\nAccept-Ranges: bytes\r\nConnection: close\r\n{validators}\r\n").as_bytes())?;
+            0
+        }
+    };
+    let cut = file.cuts.get(n).copied().flatten().unwrap_or(len).min(len);
+    let stall = file.stalls.get(n).copied().flatten();
+    let started = Instant::now();
+    let mut offset = start;
+    let mut stalled = false;
+    while offset < cut {
+        let mut step = (64 * 1024).min(cut - offset);
+        if let Some(rate) = file.rate {
+            step = step.min((rate / 100).max(1));
+        }
+        if let Some((at, pause)) = stall {
+            if !stalled && offset >= at {
+                stalled = true;
+                if shared.wait(pause, |_| false) {
+                    return Ok(());
+                }
+            } else if !stalled && offset + step > at {
+                step = at - offset;
+            }
+        }
+        stream.write_all(&file.body[offset as usize..(offset + step) as usize])?;
+        offset += step;
+        *lock(&shared.state)
+            .sent
+            .entry(head.target.clone())
+            .or_insert(0) += step;
+        if let Some(rate) = file.rate {
+            let due = started + Duration::from_secs_f64((offset - start) as f64 / rate as f64);
+            if shared.wait(due.saturating_duration_since(Instant::now()), |_| false) {
+                return Ok(());
+            }
+        }
+    }
+    stream.flush()
 }
 
 /// Writes the response for `route` (None → 404).
@@ -1091,6 +1262,7 @@ fn respond(
                 &body,
             )
         }
+        Some(Route::Ranged(_)) => unreachable!("served by serve_ranged"),
         Some(Route::Endless(prefix)) => {
             stream.write_all(&prefix)?;
             let junk = vec![b'b'; 64 * 1024];
