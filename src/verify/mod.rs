@@ -1,32 +1,58 @@
 //! Bytes to a verified image kind, before anything becomes visible (pure).
 //!
-//! PNG and JPEG are recognised by their magic bytes and must decode
-//! completely; their dimensions are checked before any pixel buffer is
-//! allocated. Other files only need to be non-empty (the length check against
-//! Content-Length happens in `download`).
+//! The rule: accept exactly what a normal viewer shows completely; refuse
+//! what it would show torn or not at all. PNG and JPEG (recognised by their
+//! magic bytes) are checked by walkers written here: every chunk and every
+//! inflated byte of a PNG, every entropy-coded bit of every scan of a JPEG,
+//! without making pixels. An error confined to an ancillary part that
+//! viewers skip (a PNG text or colour chunk, APNG animation chunks, a JPEG
+//! comment) does not refuse the picture. Other files only need to be
+//! non-empty (the length check against Content-Length happens in
+//! `download`).
+//!
+//! [`Verifier`] does the work incrementally on the caller's thread: in
+//! slices that end at a deadline, and while the body is still arriving.
+//! [`verify`] runs it to the verdict over a whole body.
+
+mod jpeg;
+mod jpeg_arith;
+mod jpeg_huffman;
+mod png;
 
 use std::fmt;
+use std::time::{Duration, Instant};
 
 /// Largest picture accepted; a tiny file claiming more is a decompression bomb.
 pub const MAX_PIXELS: u64 = 100_000_000;
 
-/// Pixels a JPEG byte can plausibly hold; far above what any real encoder reaches.
-const MAX_PIXELS_PER_BYTE: u64 = 1024;
+/// Most memory one [`Verifier`] may hold (tables, inflater, and for a
+/// progressive JPEG one bit per coefficient: 37.5 MB at 100 MP, 3 components
+/// at full resolution). Anything that would need more is refused first.
+pub const MAX_VERIFIER_BYTES: u64 = 64 << 20;
 
-/// Most memory a JPEG decode may need for buffers that cannot be scaled down.
+/// Most memory re-encoding may take for its full-size picture
+/// (jpeg-decoder's output buffer and its planes).
 pub const MAX_JPEG_DECODE_BYTES: u64 = 128 << 20;
+
+/// Work units between two reads of the clock. A unit is roughly one 8x8
+/// block decoded or 1 KiB inflated (0.1-2 us), so a step overshoots its
+/// deadline by well under a millisecond.
+const UNITS_PER_CLOCK_READ: u32 = 256;
+
+/// How long [`verify`] lets one step run: it wants the verdict, not slices.
+const NO_DEADLINE: Duration = Duration::from_secs(24 * 3600);
 
 /// What the bytes turned out to be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
-    /// A JPEG that decoded completely.
+    /// A JPEG whose every scan decoded completely.
     Jpeg {
         /// Width in pixels.
         width: u32,
         /// Height in pixels.
         height: u32,
     },
-    /// A PNG that decoded completely, CRCs included.
+    /// A PNG whose image data inflated completely, checksums included.
     Png {
         /// Width in pixels.
         width: u32,
@@ -47,19 +73,179 @@ impl fmt::Display for Kind {
     }
 }
 
-const PNG_MAGIC: &[u8] = b"\x89PNG\r\n\x1a\n";
-const JPEG_MAGIC: &[u8] = b"\xff\xd8\xff";
+/// How far a [`Verifier::step`] got.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Progress {
+    /// Every byte given so far is checked; call again when more have arrived.
+    NeedMore,
+    /// The deadline came first; call again (same or more data) to go on.
+    Paused,
+    /// The verdict.
+    Done(Result<Kind, String>),
+}
 
-/// Checks `bytes` fetched for `url` (whose server said `content_type`).
+/// Counts work between reads of the clock.
+pub(crate) struct Clock {
+    /// When the step must return.
+    deadline: Instant,
+    /// Units left before the next read.
+    budget: u32,
+}
+
+impl Clock {
+    fn new(deadline: Instant) -> Clock {
+        Clock {
+            deadline,
+            budget: UNITS_PER_CLOCK_READ,
+        }
+    }
+
+    /// Charges `units` of work; true once the deadline has passed. Work is
+    /// always done before the first read, so every step makes progress.
+    #[inline]
+    pub(crate) fn spend(&mut self, units: u32) -> bool {
+        match self.budget.checked_sub(units) {
+            Some(left) if left > 0 => {
+                self.budget = left;
+                false
+            }
+            _ => {
+                self.budget = UNITS_PER_CLOCK_READ;
+                Instant::now() >= self.deadline
+            }
+        }
+    }
+}
+
+/// Checks one body, a slice at a time, as its bytes arrive.
+pub struct Verifier {
+    /// The URL, for the "no image at an image URL" rule.
+    url: String,
+    /// The server's Content-Type, for the HTML rule.
+    content_type: Option<String>,
+    /// How far the check is.
+    state: State,
+}
+
+/// The format being checked, once the first bytes say which.
+enum State {
+    /// Too few bytes to tell yet (or not PNG/JPEG: judged when complete).
+    Sniffing,
+    /// A JPEG.
+    Jpeg(Box<jpeg::Checker>),
+    /// A PNG.
+    Png(Box<png::Checker>),
+    /// The verdict, repeated to later calls.
+    Done(Result<Kind, String>),
+}
+
+const JPEG_SOI: &[u8] = b"\xff\xd8";
+
+impl Verifier {
+    /// A verifier for the body fetched from `url`, whose server said `content_type`.
+    pub fn new(url: &str, content_type: Option<&str>) -> Verifier {
+        Verifier {
+            url: url.to_owned(),
+            content_type: content_type.map(str::to_owned),
+            state: State::Sniffing,
+        }
+    }
+
+    /// `data` is the whole body received so far (it only grows between
+    /// calls, the prefix never changes); `complete` says no more bytes will
+    /// come. Works until `deadline`, or until it needs bytes past `data`.
+    /// With `complete` true it never returns NeedMore: a body that ends too
+    /// early is Done(Err(..)).
+    pub fn step(&mut self, data: &[u8], complete: bool, deadline: Instant) -> Progress {
+        let mut clock = Clock::new(deadline);
+        if let State::Sniffing = self.state {
+            match self.sniff(data, complete) {
+                Some(state) => self.state = state,
+                None => return Progress::NeedMore,
+            }
+        }
+        let progress = match &mut self.state {
+            State::Sniffing => unreachable!("sniffing ended above"),
+            State::Jpeg(c) => c.step(data, complete, &mut clock),
+            State::Png(c) => c.step(data, complete, &mut clock),
+            State::Done(result) => return Progress::Done(result.clone()),
+        };
+        match progress {
+            Progress::Done(result) => {
+                self.state = State::Done(result.clone());
+                Progress::Done(result)
+            }
+            Progress::NeedMore if complete => {
+                // A checker must not wait for bytes that will never come.
+                let result = Err("internal error: verifier waited past the end".to_owned());
+                self.state = State::Done(result.clone());
+                Progress::Done(result)
+            }
+            other => other,
+        }
+    }
+
+    /// Bytes of memory this verifier holds now (the checkers' tables,
+    /// inflater and bitmaps; the body itself is the caller's).
+    pub fn memory_bytes(&self) -> usize {
+        let own = std::mem::size_of::<Verifier>()
+            + self.url.capacity()
+            + self.content_type.as_ref().map_or(0, String::capacity);
+        own + match &self.state {
+            State::Jpeg(c) => c.memory_bytes(),
+            State::Png(c) => c.memory_bytes(),
+            State::Sniffing | State::Done(_) => 0,
+        }
+    }
+
+    /// Which checker the first bytes call for; `None` to wait for more.
+    fn sniff(&self, data: &[u8], complete: bool) -> Option<State> {
+        if data.starts_with(png::MAGIC) {
+            return Some(State::Png(png::Checker::new()));
+        }
+        if data.starts_with(JPEG_SOI) {
+            return match data.get(2) {
+                Some(0xff) => Some(State::Jpeg(jpeg::Checker::new())),
+                // libjpeg would hunt for a marker, but Pillow and browsers
+                // do not take this for a JPEG at all.
+                Some(b) => Some(State::Done(Err(format!(
+                    "broken JPEG: the first marker is damaged (0x{b:02X} after SOI)"
+                )))),
+                None if complete => {
+                    Some(State::Done(Err("broken JPEG: cut short after SOI".into())))
+                }
+                None => None,
+            };
+        }
+        if !complete {
+            // Other files are judged whole (HTML, emptiness, the URL rule).
+            return None;
+        }
+        Some(State::Done(other(
+            data,
+            &self.url,
+            self.content_type.as_deref(),
+        )))
+    }
+}
+
+/// Checks `bytes` fetched for `url` (whose server said `content_type`): the
+/// whole body at once, to the verdict.
 pub fn verify(bytes: &[u8], url: &str, content_type: Option<&str>) -> Result<Kind, String> {
+    let mut verifier = Verifier::new(url, content_type);
+    loop {
+        match verifier.step(bytes, true, Instant::now() + NO_DEADLINE) {
+            Progress::Done(result) => return result,
+            Progress::Paused => {}
+            Progress::NeedMore => unreachable!("a complete body never needs more"),
+        }
+    }
+}
+
+/// A body that is neither PNG nor JPEG.
+fn other(bytes: &[u8], url: &str, content_type: Option<&str>) -> Result<Kind, String> {
     if bytes.is_empty() {
         return Err("empty body".into());
-    }
-    if bytes.starts_with(PNG_MAGIC) {
-        return verify_png(bytes);
-    }
-    if bytes.starts_with(JPEG_MAGIC) {
-        return verify_jpeg(bytes);
     }
     let html_type = content_type.is_some_and(|t| {
         t.trim_start()
@@ -73,70 +259,6 @@ pub fn verify(bytes: &[u8], url: &str, content_type: Option<&str>) -> Result<Kin
         return Err("not an image (no PNG, JPEG, GIF, WebP or BMP signature)".into());
     }
     Ok(Kind::Other)
-}
-
-fn verify_png(bytes: &[u8]) -> Result<Kind, String> {
-    let bad = |e: png::DecodingError| format!("broken PNG: {e}");
-    let mut decoder = png::Decoder::new(bytes);
-    decoder.set_limits(png::Limits { bytes: 64 << 20 });
-    let mut reader = decoder.read_info().map_err(bad)?;
-    let (width, height) = (reader.info().width, reader.info().height);
-    check_pixels(width, height)?;
-    // Row by row: memory stays at one row, whatever the picture's size.
-    let mut rows = 0u32;
-    while reader.next_row().map_err(bad)?.is_some() {
-        rows += 1;
-    }
-    if rows == 0 {
-        return Err("broken PNG: no image rows".into());
-    }
-    reader.finish().map_err(bad)?;
-    Ok(Kind::Png { width, height })
-}
-
-fn verify_jpeg(bytes: &[u8]) -> Result<Kind, String> {
-    let mut decoder = jpeg_decoder::Decoder::new(bytes);
-    decoder
-        .read_info()
-        .map_err(|e| format!("broken JPEG header: {e}"))?;
-    let info = decoder.info().ok_or("broken JPEG: no frame header")?;
-    let (width, height) = (u32::from(info.width), u32::from(info.height));
-    check_pixels(width, height)?;
-    // Even a flat picture costs a few bits per 8x8 block (about one byte per
-    // 170-340 pixels); a file claiming over 1024 pixels per byte is cut short
-    // or a bomb, which jpeg-decoder would quietly fill with zeros.
-    if u64::from(width) * u64::from(height) > bytes.len() as u64 * MAX_PIXELS_PER_BYTE {
-        return Err(format!(
-            "broken JPEG: {width}x{height} cannot fit in {} bytes (truncated, or a decompression bomb)",
-            bytes.len()
-        ));
-    }
-    // jpeg-decoder keeps whole-picture buffers. Progressive and lossless files
-    // need some at full size (16-bit coefficients or samples), so bound those;
-    // everything is decoded at 1/8 scale, which still reads and checks every
-    // entropy-coded bit but needs 1/64 of the pixel memory (and IDCT time).
-    let components: u64 = match info.pixel_format {
-        jpeg_decoder::PixelFormat::L8 | jpeg_decoder::PixelFormat::L16 => 1,
-        jpeg_decoder::PixelFormat::RGB24 => 3,
-        jpeg_decoder::PixelFormat::CMYK32 => 4,
-    };
-    let full_size_bytes_per_sample = match info.coding_process {
-        jpeg_decoder::CodingProcess::DctSequential => 0,
-        jpeg_decoder::CodingProcess::DctProgressive => 2,
-        jpeg_decoder::CodingProcess::Lossless => 4,
-    };
-    let needed = u64::from(width) * u64::from(height) * components * full_size_bytes_per_sample;
-    if needed > MAX_JPEG_DECODE_BYTES {
-        return Err(format!(
-            "image too large: decoding this {width}x{height} JPEG needs over {} MiB",
-            MAX_JPEG_DECODE_BYTES >> 20
-        ));
-    }
-    decoder
-        .scale(1, 1)
-        .map_err(|e| format!("broken JPEG: {e}"))?;
-    decoder.decode().map_err(|e| format!("broken JPEG: {e}"))?;
-    Ok(Kind::Jpeg { width, height })
 }
 
 fn check_pixels(width: u32, height: u32) -> Result<(), String> {
@@ -226,8 +348,8 @@ mod tests {
 
     fn png(w: u32, h: u32) -> Vec<u8> {
         let mut out = Vec::new();
-        let mut enc = png::Encoder::new(&mut out, w, h);
-        enc.set_color(png::ColorType::Rgb);
+        let mut enc = ::png::Encoder::new(&mut out, w, h);
+        enc.set_color(::png::ColorType::Rgb);
         let mut writer = enc.write_header().unwrap();
         let data: Vec<u8> = (0..w * h * 3).map(|i| (i % 256) as u8).collect();
         writer.write_image_data(&data).unwrap();
@@ -264,7 +386,7 @@ mod tests {
     #[test]
     fn truncated_jpeg_fails() {
         let j = jpeg(128, 128);
-        for cut in [j.len() / 2, j.len() - 2, 200] {
+        for cut in [j.len() / 2, j.len() - 3, 200] {
             assert!(
                 verify(&j[..cut], "http://h/a.jpg", None).is_err(),
                 "cut at {cut}"
@@ -316,7 +438,7 @@ mod tests {
     fn png_bomb_is_rejected_before_decoding() {
         // A real 1x1 PNG whose IHDR is patched to claim 60000x60000.
         let mut file = png(1, 1);
-        let ihdr = PNG_MAGIC.len() + 4;
+        let ihdr = png::MAGIC.len() + 4;
         file[ihdr + 4..ihdr + 8].copy_from_slice(&60000u32.to_be_bytes());
         file[ihdr + 8..ihdr + 12].copy_from_slice(&60000u32.to_be_bytes());
         let crc = crc32(&file[ihdr..ihdr + 17]);
@@ -343,7 +465,7 @@ mod tests {
         j[sof + 5..sof + 7].copy_from_slice(&10000u16.to_be_bytes());
         j[sof + 7..sof + 9].copy_from_slice(&10000u16.to_be_bytes());
         let err = verify(&j, "http://h/a.jpg", None).unwrap_err();
-        assert!(err.contains("cannot fit"), "{err}");
+        assert!(err.contains("ends early"), "{err}");
         assert!(reencode_jpeg(&j, 80).is_err());
     }
 
