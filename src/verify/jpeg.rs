@@ -827,9 +827,9 @@ impl Checker {
             }
         };
         match result {
-            Ok(ScanEnd::At(pos)) => {
+            Ok(ScanEnd::At(pos, limit)) => {
                 self.pos = pos;
-                self.after_scan = true;
+                self.after_scan = limit.is_none();
                 Ok(Flow::Continue)
             }
             Ok(ScanEnd::NotYet(flow)) => {
@@ -843,8 +843,9 @@ impl Checker {
 
 /// How decoding a scan's MCUs stopped.
 enum ScanEnd {
-    /// All MCUs are decoded; the bytes after them start here.
-    At(usize),
+    /// All MCUs are decoded; the bytes after them start here, and so many
+    /// of them may come before the next marker (`None`: any number).
+    At(usize, Option<usize>),
     /// Not finished: waiting for bytes or paused.
     NotYet(Flow),
 }
@@ -949,8 +950,14 @@ fn read_restart(
     data: &[u8],
     complete: bool,
     pos: usize,
+    limit: Option<usize>,
 ) -> Result<Option<usize>, String> {
     match find_marker(data, pos) {
+        Ok((at, skipped)) if limit.is_some_and(|l| skipped > l) => Err(format!(
+            "scan {}: {skipped} bytes of data past MCU {} of {}, before marker 0xFF{:02X} \
+             (corrupt data)",
+            scan.number, scan.done, scan.mcus, data[at]
+        )),
         Ok((at, _)) if data[at] == RST0 + scan.next_rst => {
             scan.next_rst = (scan.next_rst + 1) & 7;
             scan.left = scan.interval;
@@ -1014,7 +1021,7 @@ fn run_huffman(
     while scan.done < scan.mcus {
         if scan.restart_due {
             r.bits.drop_loaded();
-            match read_restart(scan, data, complete, r.bits.pos)? {
+            match read_restart(scan, data, complete, r.bits.pos, None)? {
                 Some(next) => {
                     r.bits = Bits::at(next);
                     eobrun = 0;
@@ -1070,7 +1077,7 @@ fn run_huffman(
     }
     // Bits left in the last byte are padding; what follows up to the next
     // marker is extraneous (libjpeg warns and skips it).
-    Ok(ScanEnd::At(r.bits.pos))
+    Ok(ScanEnd::At(r.bits.pos, None))
 }
 
 /// Decodes an arithmetic scan's MCUs until its end, the deadline, or too
@@ -1098,7 +1105,7 @@ fn run_arith(
     let mut flow = None;
     while scan.done < scan.mcus {
         if scan.restart_due {
-            match read_restart(scan, data, complete, r.qm.pos)? {
+            match read_restart(scan, data, complete, r.qm.pos, Some(MAX_EXTRANEOUS_BYTES))? {
                 Some(next) => {
                     r.qm = Qm::at(next);
                     started = false;
@@ -1166,7 +1173,10 @@ fn run_arith(
         }
         // Bytes the decoder did not need before the next marker are the
         // encoder's flush; the marker search skips them.
-        None => Ok(ScanEnd::At(r.qm.pos)),
+        // Bytes the decoder did not need before the next marker: an
+        // arithmetic decoder uses its data exactly (0 left in every scan of
+        // libjpeg's files), so more than a few mean it lost its way.
+        None => Ok(ScanEnd::At(r.qm.pos, Some(MAX_EXTRANEOUS_BYTES))),
     }
 }
 
