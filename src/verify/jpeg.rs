@@ -1223,3 +1223,280 @@ fn arith_mcu(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testutil::*;
+    use super::super::{verify, Kind, Progress, Verifier};
+    use std::time::Instant;
+
+    fn accept(file: &[u8]) -> Kind {
+        verify(file, "http://h/a.jpg", None).unwrap_or_else(|e| panic!("refused: {e}"))
+    }
+
+    fn refuse(file: &[u8], needle: &str) {
+        let err = verify(file, "http://h/a.jpg", None).expect_err("accepted");
+        assert!(err.contains(needle), "{err}");
+    }
+
+    /// Sets the frame header's height and width.
+    fn patch_size(file: &mut [u8], sof: u8, width: u16, height: u16) {
+        let at = marker(file, sof);
+        file[at + 5..at + 7].copy_from_slice(&height.to_be_bytes());
+        file[at + 7..at + 9].copy_from_slice(&width.to_be_bytes());
+    }
+
+    /// Every kind of scan the tests have a file for.
+    fn all_kinds() -> Vec<(&'static str, Vec<u8>)> {
+        vec![
+            ("baseline", jpeg(48, 40)),
+            ("progressive", jpeg_progressive(48, 40)),
+            ("baseline with restarts", jpeg_restarts(48, 40, 2)),
+            ("progressive with restarts", PROGRESSIVE_RESTARTS.to_vec()),
+            ("arithmetic", TESTIMGARI.to_vec()),
+            ("arithmetic with restarts", ARITH_RESTARTS.to_vec()),
+            ("arithmetic progressive", ARITH_PROGRESSIVE.to_vec()),
+            (
+                "arithmetic progressive with restarts",
+                ARITH_PROGRESSIVE_RESTARTS.to_vec(),
+            ),
+        ]
+    }
+
+    #[test]
+    fn every_kind_of_scan_is_accepted() {
+        for (name, file) in all_kinds() {
+            assert!(matches!(accept(&file), Kind::Jpeg { .. }), "{name}");
+        }
+    }
+
+    #[test]
+    fn every_cut_from_the_first_scan_on_is_refused() {
+        for (name, file) in all_kinds() {
+            let sos = marker(&file, 0xda);
+            // Every 5th cut, and each of the last 40 (unoptimised builds
+            // are slow; each cut is verified from scratch).
+            let cuts = (sos..file.len() - 2).filter(|c| c % 5 == 0 || c + 42 > file.len());
+            for cut in cuts {
+                assert!(
+                    verify(&file[..cut], "http://h/a.jpg", None).is_err(),
+                    "{name} cut at {cut} of {}",
+                    file.len()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn sequential_picture_without_eoi_is_complete_but_progressive_is_not() {
+        let baseline = jpeg(32, 32);
+        accept(&baseline[..baseline.len() - 2]);
+        let progressive = jpeg_progressive(32, 32);
+        refuse(&progressive[..progressive.len() - 2], "without an EOI");
+    }
+
+    #[test]
+    fn scan_cut_short_and_closed_with_eoi_is_refused() {
+        for (name, file) in all_kinds() {
+            let data = first_scan_data(&file);
+            for tenth in 1..10 {
+                let cut = data.start + data.len() * tenth / 10;
+                let mut short = file[..cut].to_vec();
+                short.extend([0xff, 0xd9]);
+                let err = verify(&short, "http://h/a.jpg", None).expect_err(name);
+                assert!(
+                    err.contains("ends early") || err.contains("instead of RST"),
+                    "{name} cut at {tenth}/10: {err}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn header_claiming_more_rows_than_the_data_holds_is_refused() {
+        let mut file = jpeg(64, 64);
+        patch_size(&mut file, 0xc0, 64, 128);
+        refuse(&file, "ends early");
+    }
+
+    #[test]
+    fn damaged_entropy_bytes_are_refused() {
+        // 0xFF 0x00 pairs are data bytes of ones: no Huffman code is 16 ones.
+        let mut file = jpeg(64, 64);
+        let data = first_scan_data(&file);
+        let mid = data.start + data.len() / 2;
+        file.splice(mid..mid + 8, [0xff, 0, 0xff, 0, 0xff, 0, 0xff, 0]);
+        refuse(&file, "bad Huffman code");
+    }
+
+    #[test]
+    fn coefficient_index_overflow_is_refused() {
+        // 8x8 grey, one component: DC category 0, then three ZRL (k = 49)
+        // and a run of 15 zeros before a coefficient: index 64.
+        let mut file = vec![0xff, 0xd8, 0xff, 0xdb, 0, 67, 0];
+        file.extend([1u8; 64]);
+        file.extend([0xff, 0xc0, 0, 11, 8, 0, 8, 0, 8, 1, 1, 0x11, 0]);
+        // DC table 0: symbol 0 as code "0". AC table 0: EOB, ZRL, 0xF1 as 2-bit codes.
+        file.extend([
+            0xff, 0xc4, 0, 20, 0x00, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        ]);
+        file.extend([
+            0xff, 0xc4, 0, 22, 0x10, 0, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        ]);
+        file.extend([0x00, 0xf0, 0xf1]);
+        file.extend([0xff, 0xda, 0, 8, 1, 1, 0x00, 0, 63, 0]);
+        let mut bits = BitWriter::default();
+        bits.put(0, 1); // DC: category 0
+        for _ in 0..3 {
+            bits.put(0b01, 2); // ZRL
+        }
+        bits.put(0b10, 2); // run 15, size 1
+        bits.put(1, 1);
+        file.extend(bits.finish());
+        file.extend([0xff, 0xd9]);
+        refuse(&file, "coefficient index overflow");
+        // The same block ending with EOB after the ZRLs is fine.
+        let mut good = file[..file.len() - 4].to_vec();
+        let mut bits = BitWriter::default();
+        bits.put(0, 1);
+        for _ in 0..3 {
+            bits.put(0b01, 2);
+        }
+        bits.put(0b00, 2);
+        good.truncate(marker(&good, 0xda) + 10);
+        good.extend(bits.finish());
+        good.extend([0xff, 0xd9]);
+        accept(&good);
+    }
+
+    #[test]
+    fn zero_in_a_quantization_table_is_accepted() {
+        let mut file = jpeg(32, 32);
+        let dqt = marker(&file, 0xdb);
+        file[dqt + 5 + 10] = 0;
+        accept(&file);
+    }
+
+    #[test]
+    fn comments_of_length_0_and_1_are_read_as_empty() {
+        for len in [0u8, 1] {
+            let mut file = jpeg(16, 16);
+            file.splice(2..2, [0xff, 0xfe, 0, len]);
+            accept(&file);
+        }
+    }
+
+    #[test]
+    fn a_few_stray_bytes_between_segments_pass_but_a_lost_segment_does_not() {
+        let mut file = jpeg(16, 16);
+        let dqt = marker(&file, 0xdb);
+        file.splice(dqt..dqt, [0, 0]);
+        accept(&file);
+        // A damaged marker: the whole DQT segment becomes extraneous bytes.
+        let mut file = jpeg(16, 16);
+        let dqt = marker(&file, 0xdb);
+        file[dqt] = 0x7f;
+        refuse(&file, "a damaged marker");
+    }
+
+    #[test]
+    fn sequential_frame_without_huffman_tables_uses_the_standard_ones() {
+        // jpeg-encoder writes T.81's typical tables; Motion-JPEG drops them.
+        let mut file = jpeg(32, 32);
+        while let Some(dht) = file.windows(2).position(|w| w == [0xff, 0xc4]) {
+            let len = usize::from(u16::from_be_bytes([file[dht + 2], file[dht + 3]]));
+            file.drain(dht..dht + 2 + len);
+        }
+        accept(&file);
+    }
+
+    #[test]
+    fn wrong_restart_marker_is_refused() {
+        let mut file = jpeg_restarts(64, 64, 1);
+        let rst = marker(&file, 0xd0);
+        file[rst + 1] = 0xd3;
+        refuse(&file, "instead of RST0");
+    }
+
+    #[test]
+    fn twelve_bit_and_hierarchical_jpegs_are_refused() {
+        let mut file = jpeg(16, 16);
+        let sof = marker(&file, 0xc0);
+        file[sof + 4] = 12;
+        refuse(&file, "12-bit");
+        let mut file = jpeg(16, 16);
+        file[sof + 1] = 0xc5;
+        refuse(&file, "unsupported JPEG process");
+    }
+
+    #[test]
+    fn bomb_over_max_pixels_is_refused_before_decoding() {
+        let mut file = jpeg(16, 16);
+        patch_size(&mut file, 0xc0, 60000, 60000);
+        refuse(&file, "too large");
+    }
+
+    #[test]
+    fn tiny_file_claiming_100_megapixels_runs_out_of_bits_without_allocating() {
+        for mut file in [jpeg(8, 8), jpeg_progressive(8, 8)] {
+            let sof = if file.windows(2).any(|w| w == [0xff, 0xc2]) {
+                0xc2
+            } else {
+                0xc0
+            };
+            patch_size(&mut file, sof, 10000, 10000);
+            let mut v = Verifier::new("http://h/a.jpg", None);
+            let mut most = 0;
+            let verdict = loop {
+                match v.step(&file, true, Instant::now()) {
+                    Progress::Done(r) => break r,
+                    _ => most = most.max(v.memory_bytes()),
+                }
+            };
+            assert!(verdict.unwrap_err().contains("ends early"));
+            assert!(most < 64 << 10, "{most} bytes");
+        }
+    }
+
+    #[test]
+    fn progressive_memory_is_one_bit_per_coefficient() {
+        // 2000x2000, 3 components at full resolution: 187,500 blocks.
+        let file = ac_only_progressive(2000, 2000, 3, 8 << 10);
+        let mut v = Verifier::new("http://h/a.jpg", None);
+        let mut most = 0;
+        let verdict = loop {
+            match v.step(&file, true, Instant::now()) {
+                Progress::Done(r) => break r,
+                _ => most = most.max(v.memory_bytes()),
+            }
+        };
+        assert_eq!(
+            verdict,
+            Ok(Kind::Jpeg {
+                width: 2000,
+                height: 2000
+            })
+        );
+        let bitmaps = 3 * 250 * 250 * 8;
+        assert!(
+            most >= bitmaps && most < bitmaps + (64 << 10),
+            "{most} bytes"
+        );
+    }
+
+    #[test]
+    fn progressive_bitmap_must_be_justified_by_the_bytes_read() {
+        refuse(&ac_only_progressive(10000, 10000, 1, 0), "cannot fit");
+    }
+
+    #[test]
+    fn progressive_picture_over_the_memory_bound_is_refused() {
+        // Six full-resolution components of 100 MP need 75 MB of bitmaps;
+        // the padding justifies them, the bound does not.
+        refuse(
+            &ac_only_progressive(10000, 10000, 6, 300 << 10),
+            "too large",
+        );
+        accept(&ac_only_progressive(10000, 10000, 3, 300 << 10));
+    }
+}

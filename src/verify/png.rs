@@ -509,3 +509,175 @@ fn parse_ihdr(body: &[u8]) -> Result<Header, String> {
 fn name(kind: &[u8; 4]) -> String {
     String::from_utf8_lossy(kind).into_owned()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testutil::*;
+    use super::super::{verify, Kind};
+
+    fn accept(file: &[u8]) {
+        let kind = verify(file, "http://h/a.png", None).unwrap_or_else(|e| panic!("refused: {e}"));
+        assert!(matches!(kind, Kind::Png { .. }));
+    }
+
+    fn refuse(file: &[u8], needle: &str) {
+        let err = verify(file, "http://h/a.png", None).expect_err("accepted");
+        assert!(err.contains(needle), "{err}");
+    }
+
+    /// Rows of a 4x3 grey picture, filter type 0.
+    fn rows() -> Vec<u8> {
+        (0..3).flat_map(|y| [0, y, y + 1, y + 2, y + 3]).collect()
+    }
+
+    /// `file` with the data of its first chunk `kind` replaced by `data`.
+    fn replace_chunk(file: &[u8], kind: &[u8; 4], data: &[u8]) -> Vec<u8> {
+        let (at, _, range) = png_chunks(file)
+            .into_iter()
+            .find(|(_, k, _)| k == kind)
+            .expect("chunk present");
+        let mut out = file[..at].to_vec();
+        out.extend(png_chunk(kind, data));
+        out.extend(&file[range.end + 4..]);
+        out
+    }
+
+    /// `file` with `chunk` inserted before its first chunk `before`.
+    fn insert_before(file: &[u8], before: &[u8; 4], chunk: &[u8]) -> Vec<u8> {
+        let (at, _, _) = png_chunks(file)
+            .into_iter()
+            .find(|(_, k, _)| k == before)
+            .expect("chunk present");
+        let mut out = file[..at].to_vec();
+        out.extend(chunk);
+        out.extend(&file[at..]);
+        out
+    }
+
+    fn idat(file: &[u8]) -> Vec<u8> {
+        let (_, _, range) = png_chunks(file)
+            .into_iter()
+            .find(|(_, k, _)| k == b"IDAT")
+            .unwrap();
+        file[range].to_vec()
+    }
+
+    #[test]
+    fn built_picture_is_accepted() {
+        accept(&grey_png(4, 3, &rows(), &[]));
+        accept(&png(37, 21));
+    }
+
+    #[test]
+    fn every_cut_is_refused() {
+        let file = png(16, 12);
+        for cut in 8..file.len() {
+            assert!(
+                verify(&file[..cut], "http://h/a.png", None).is_err(),
+                "cut at {cut}"
+            );
+        }
+    }
+
+    #[test]
+    fn corrupt_deflate_data_with_good_crcs_is_refused() {
+        let file = grey_png(4, 3, &rows(), &[]);
+        let mut data = idat(&file);
+        data[2] ^= 0xff; // the first deflate block header
+        let err = verify(
+            &replace_chunk(&file, b"IDAT", &data),
+            "http://h/a.png",
+            None,
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("corrupt image data") || err.contains("not enough"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bad_adler32_with_good_crcs_is_refused() {
+        let file = grey_png(4, 3, &rows(), &[]);
+        let mut data = idat(&file);
+        let last = data.len() - 1;
+        data[last] ^= 1;
+        refuse(&replace_chunk(&file, b"IDAT", &data), "Adler-32");
+    }
+
+    #[test]
+    fn bad_filter_type_is_refused() {
+        let mut bad = rows();
+        bad[5] = 5;
+        refuse(&grey_png(4, 3, &bad, &[]), "filter type 5");
+    }
+
+    #[test]
+    fn image_data_must_fill_the_rows_exactly() {
+        refuse(&grey_png(4, 3, &rows()[..14], &[]), "not enough image data");
+        let mut more = rows();
+        more.extend([0, 1, 2, 3, 4]);
+        refuse(&grey_png(4, 3, &more, &[]), "more image data");
+    }
+
+    #[test]
+    fn text_chunk_without_its_null_separator_is_ignored() {
+        let text = png_chunk(b"tEXt", b"no separator here");
+        accept(&grey_png(4, 3, &rows(), &[text]));
+    }
+
+    #[test]
+    fn animation_control_after_idat_is_ignored() {
+        let file = grey_png(4, 3, &rows(), &[]);
+        let actl = png_chunk(b"acTL", &[0, 0, 0, 1, 0, 0, 0, 0]);
+        accept(&insert_before(&file, b"IEND", &actl));
+    }
+
+    #[test]
+    fn ancillary_chunk_with_a_bad_crc_is_skipped_but_a_critical_one_is_refused() {
+        let mut gama = png_chunk(b"gAMA", &[0, 1, 0x86, 0xa0]);
+        let last = gama.len() - 1;
+        gama[last] ^= 1;
+        accept(&grey_png(4, 3, &rows(), &[gama]));
+        let mut file = grey_png(4, 3, &rows(), &[]);
+        let (_, _, range) = png_chunks(&file)
+            .into_iter()
+            .find(|(_, k, _)| k == b"IDAT")
+            .unwrap();
+        file[range.end] ^= 1;
+        refuse(&file, "CRC error in chunk IDAT");
+    }
+
+    #[test]
+    fn unknown_critical_chunk_and_missing_iend_are_refused() {
+        let file = grey_png(4, 3, &rows(), &[png_chunk(b"ABCD", &[])]);
+        refuse(&file, "unknown critical chunk ABCD");
+        let file = grey_png(4, 3, &rows(), &[]);
+        refuse(&file[..file.len() - 12], "cut short");
+    }
+
+    #[test]
+    fn palette_picture_needs_its_palette() {
+        let mut ihdr = Vec::new();
+        ihdr.extend(4u32.to_be_bytes());
+        ihdr.extend(3u32.to_be_bytes());
+        ihdr.extend([8, 3, 0, 0, 0]);
+        let file = grey_png(4, 3, &rows(), &[]);
+        let paletted = replace_chunk(&file, b"IHDR", &ihdr);
+        refuse(&paletted, "without PLTE");
+        accept(&insert_before(
+            &paletted,
+            b"IDAT",
+            &png_chunk(b"PLTE", &[0; 12]),
+        ));
+    }
+
+    #[test]
+    fn bomb_is_refused_before_inflating() {
+        let mut ihdr = Vec::new();
+        ihdr.extend(60000u32.to_be_bytes());
+        ihdr.extend(60000u32.to_be_bytes());
+        ihdr.extend([8, 0, 0, 0, 0]);
+        refuse(&replace_chunk(&png(1, 1), b"IHDR", &ihdr), "too large");
+    }
+}
