@@ -275,15 +275,31 @@ fn check_pixels(width: u32, height: u32) -> Result<(), String> {
 }
 
 /// Decodes a verified JPEG and encodes it again at `quality` (opt-in; the
-/// default is to store the bytes unchanged).
+/// default is to store the bytes unchanged). This is the one place
+/// jpeg-decoder still runs: it decodes pictures over 128 pixels wide on one
+/// worker thread per colour component (its own choice, with no option to
+/// turn it off), and it has no arithmetic decoding.
 pub fn reencode_jpeg(bytes: &[u8], quality: u8) -> Result<Vec<u8>, String> {
     let mut decoder = jpeg_decoder::Decoder::new(bytes);
     decoder
         .read_info()
         .map_err(|e| format!("broken JPEG header: {e}"))?;
     let info = decoder.info().ok_or("broken JPEG: no frame header")?;
-    // Re-encoding needs the full-size pixels: bound them like verify does.
-    let full = u64::from(info.width) * u64::from(info.height) * 4;
+    // jpeg-decoder keeps the full-size output, and a plane per component of
+    // 16-bit coefficients (progressive) or samples (lossless): bound them
+    // all before it allocates.
+    let components: u64 = match info.pixel_format {
+        jpeg_decoder::PixelFormat::L8 | jpeg_decoder::PixelFormat::L16 => 1,
+        jpeg_decoder::PixelFormat::RGB24 => 3,
+        jpeg_decoder::PixelFormat::CMYK32 => 4,
+    };
+    let planes_per_sample = match info.coding_process {
+        jpeg_decoder::CodingProcess::DctSequential => 0,
+        jpeg_decoder::CodingProcess::DctProgressive => 2,
+        jpeg_decoder::CodingProcess::Lossless => 4,
+    };
+    let full =
+        u64::from(info.width) * u64::from(info.height) * (4 + components * planes_per_sample);
     if full > MAX_JPEG_DECODE_BYTES {
         return Err(format!(
             "image too large to re-encode: {}x{} needs over {} MiB",
