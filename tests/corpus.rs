@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{agent_with, HttpServer, Mosquitto, Route, TempDir};
+use common::{agent_with, poll_until, HttpServer, Mosquitto, Route, TempDir};
 use holosync::verify;
 use serde_json::json;
 
@@ -326,33 +326,29 @@ fn agent_syncs_every_corpus_file_as_the_manifest_expects() {
         broker.publish("sync", list.join(",").as_bytes(), 1);
     }
     // Settled: every URL is queued and none is pending or retrying.
-    let deadline = Instant::now() + SETTLE;
-    let rows = loop {
-        let rows = if dir.path().join("holosync.db").exists() {
+    let mut rows = BTreeMap::new();
+    let settled = poll_until(SETTLE, || {
+        rows = if dir.path().join("holosync.db").exists() {
             queue_rows(dir.path())
         } else {
             BTreeMap::new()
         };
-        let settled = rows.len() == urls.len()
+        rows.len() == urls.len()
             && rows
                 .values()
-                .all(|(state, _)| state == "done" || state == "failed");
-        if settled {
-            break rows;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not settled after {SETTLE:?}: {} of {} rows, states {:?}\n{}",
-            rows.len(),
-            urls.len(),
-            rows.values().fold(BTreeMap::new(), |mut m, (s, _)| {
-                *m.entry(s.clone()).or_insert(0) += 1;
-                m
-            }),
-            agent.diagnostics()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
+                .all(|(state, _)| state == "done" || state == "failed")
+    });
+    assert!(
+        settled,
+        "not settled after {SETTLE:?}: {} of {} rows, states {:?}\n{}",
+        rows.len(),
+        urls.len(),
+        rows.values().fold(BTreeMap::new(), |mut m, (s, _)| {
+            *m.entry(s.clone()).or_insert(0) += 1;
+            m
+        }),
+        agent.diagnostics()
+    );
     let mut counts: BTreeMap<String, Counts> = BTreeMap::new();
     let mut misses = Vec::new();
     for (url, entry) in &urls {
