@@ -461,8 +461,12 @@ impl Inflater {
                 return Ok((input.len(), true));
             }
             let blocked = self.at == self.buf.len();
-            if !blocked && (used == input.len() || (consumed == 0 && produced == 0)) {
+            if !blocked && used == input.len() {
                 return Ok((used, false));
+            }
+            if !blocked && consumed == 0 && produced == 0 {
+                // fdeflate promises progress; never spin on a stuck stream.
+                return Err("corrupt image data (the inflater made no progress)".into());
             }
         }
     }
