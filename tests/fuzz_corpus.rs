@@ -214,3 +214,16 @@ fn regression_tiny_progressive_jpeg_claiming_36_megapixels_is_refused() {
     assert!(err.contains("ends early"), "{err}");
     image_within_heap_limit(&file);
 }
+
+/// Found by `image` once it compared sliced and whole verdicts (corpus
+/// `image/crash-sliced-segment-after-scan-leftover`): bytes left after a
+/// scan's last MCU are tolerated, but when the DHT segment after them had
+/// not fully arrived, the next step searched again from before those bytes
+/// with the "after a scan" allowance already spent, and refused a JPEG that
+/// verify() accepts whole.
+#[test]
+fn regression_segment_after_scan_leftovers_arriving_in_slices_is_read_once() {
+    let file = include_bytes!("../fuzz/corpus/image/crash-sliced-segment-after-scan-leftover");
+    assert!(verify::verify(file, "http://h.com/a.jpg", None).is_ok());
+    fuzz_checks::image(file);
+}

@@ -358,6 +358,9 @@ impl Checker {
                 return Err(self.cut_short());
             }
         };
+        // Resume at this marker, not before the bytes skipped to reach it:
+        // its segment may not have arrived whole.
+        self.pos = at - 1;
         let code = data[at];
         let seg = at + 1;
         // Restart markers past a scan's last MCU belong to its data (a
