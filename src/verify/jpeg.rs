@@ -291,7 +291,9 @@ impl Checker {
                     .sum::<usize>()
         });
         let scan = self.scan.as_ref().map_or(0, |s| {
-            std::mem::size_of::<Scan>() + s.comps.capacity() * 24 + s.mcu.capacity()
+            std::mem::size_of::<Scan>()
+                + s.comps.capacity() * std::mem::size_of::<ScanComp>()
+                + s.mcu.capacity()
         });
         std::mem::size_of::<Checker>()
             + tables * HuffTable::BYTES
