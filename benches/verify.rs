@@ -4,13 +4,23 @@
 //!   measures `holosync::verify::verify` on a 1920x1080 JPEG, a 4000x3000
 //!   JPEG and a 1920x1080 PNG. Each figure is the median of RUNS calls
 //!   (default 15) of the process's CPU time, all threads
-//!   (`clock_gettime(CLOCK_PROCESS_CPUTIME_ID)`; jpeg-decoder decodes on
-//!   worker threads), with the calling thread's share and the wall-clock
+//!   (`clock_gettime(CLOCK_PROCESS_CPUTIME_ID)`; verification no longer
+//!   starts threads, so it equals the calling thread's), with the calling
+//!   thread's share and the wall-clock
 //!   median beside it. With `--json` one JSON object is printed instead of a table.
 //! - `gen DIR JPEGS PNGS`: writes the deterministic images `bench/run`
 //!   serves: `DIR/drain/jNNNN.jpg` (1920x1080), `DIR/drain/pNNNN.png`
 //!   (1920x1080) and `DIR/big/photo-4000x3000.jpg`, then prints one line
 //!   per file group with the byte counts.
+//! - `huge DIR`: writes the 100-megapixel pictures (10000x10000) of the
+//!   verifier's memory promise, unless already there: `DIR/progressive-
+//!   10000x10000.jpg` (RGB, 4:4:4, the most memory a progressive JPEG of
+//!   that size needs) and `DIR/rgb-10000x10000.png`; prints their paths.
+//! - `peak FILE`: reads FILE, verifies it with `verify::Verifier` in 5 ms
+//!   slices on this thread, and prints one JSON object: the verdict, the
+//!   verifier's largest `memory_bytes()`, the process's VmHWM before and
+//!   after (from /proc/self/status), its thread count, and the longest
+//!   step against its deadline. Run it in a fresh process per file.
 //!
 //! The images are a pure function of their seed: smooth colour fields with
 //! a little per-pixel noise, so a 1080p JPEG at quality 85 is 300-500 KB,
@@ -18,7 +28,7 @@
 
 use std::fs;
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// `struct timespec` on 64-bit Linux.
 #[cfg(target_os = "linux")]
@@ -34,9 +44,8 @@ extern "C" {
 }
 
 /// `CLOCK_PROCESS_CPUTIME_ID`: all threads of this process, including
-/// threads that already exited (jpeg-decoder without rayon decodes each
-/// colour component on a thread of its own, so the calling thread's clock
-/// alone would miss most of the work).
+/// threads that already exited (kept from when jpeg-decoder decoded each
+/// colour component on a thread of its own: a check that nothing does now).
 const PROCESS: i32 = 2;
 /// `CLOCK_THREAD_CPUTIME_ID`: the calling thread only.
 const THREAD: i32 = 3;
@@ -119,7 +128,12 @@ fn jpeg(width: u16, height: u16, seed: u64) -> Vec<u8> {
 
 /// A deterministic RGB8 PNG (default compression).
 fn png(width: u32, height: u32, seed: u64) -> Vec<u8> {
-    let data = pixels(width as usize, height as usize, seed, 2);
+    png_with_noise(width, height, seed, 2)
+}
+
+/// A deterministic RGB8 PNG with `noise` levels of noise per channel.
+fn png_with_noise(width: u32, height: u32, seed: u64, noise: u8) -> Vec<u8> {
+    let data = pixels(width as usize, height as usize, seed, noise);
     let mut out = Vec::new();
     let mut encoder = png::Encoder::new(&mut out, width, height);
     encoder.set_color(png::ColorType::Rgb);
@@ -264,6 +278,104 @@ fn run_gen(args: &[String]) {
     println!("big 1 {}", photo.len());
 }
 
+/// Side of the 100-megapixel pictures.
+const HUGE_SIDE: u16 = 10_000;
+/// Deadline of each slice in `peak`: what an agent turn could allow.
+const PEAK_SLICE: Duration = Duration::from_millis(5);
+
+/// `huge DIR`.
+fn run_huge(args: &[String]) {
+    let dir = Path::new(args.first().expect("usage: verify huge DIR"));
+    fs::create_dir_all(dir).expect("create huge dir");
+    let jpeg_path = dir.join(format!("progressive-{HUGE_SIDE}x{HUGE_SIDE}.jpg"));
+    if !jpeg_path.exists() {
+        let side = usize::from(HUGE_SIDE);
+        let data = pixels(side, side, 77, 28);
+        let mut out = Vec::new();
+        let mut encoder = jpeg_encoder::Encoder::new(&mut out, 85);
+        encoder.set_progressive(true);
+        encoder.set_sampling_factor(jpeg_encoder::SamplingFactor::F_1_1);
+        encoder
+            .encode(&data, HUGE_SIDE, HUGE_SIDE, jpeg_encoder::ColorType::Rgb)
+            .expect("encode huge jpeg");
+        drop(data);
+        write_whole(&jpeg_path, &out);
+    }
+    let png_path = dir.join(format!("rgb-{HUGE_SIDE}x{HUGE_SIDE}.png"));
+    if !png_path.exists() {
+        let side = u32::from(HUGE_SIDE);
+        write_whole(&png_path, &png_with_noise(side, side, 78, 0));
+    }
+    println!("{}", jpeg_path.display());
+    println!("{}", png_path.display());
+}
+
+/// Writes `bytes` to a temporary name, then renames: a killed run leaves no
+/// half file for the next one to trust.
+fn write_whole(path: &Path, bytes: &[u8]) {
+    let tmp = path.with_extension("partial");
+    fs::write(&tmp, bytes).expect("write huge picture");
+    fs::rename(&tmp, path).expect("rename huge picture");
+}
+
+/// A field of /proc/self/status in kB (0 elsewhere).
+fn status_field(name: &str) -> u64 {
+    let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// `peak FILE`.
+fn run_peak(args: &[String]) {
+    let path = args.first().expect("usage: verify peak FILE");
+    let bytes = fs::read(path).expect("read file");
+    let hwm_before = status_field("VmHWM");
+    let url = format!(
+        "http://bench/{}",
+        Path::new(path).file_name().unwrap().to_string_lossy()
+    );
+    let mut verifier = holosync::verify::Verifier::new(&url, None);
+    let (cpu0, wall0) = (cpu_ns(THREAD), Instant::now());
+    let (mut steps, mut most_memory, mut most_threads) = (0u64, 0usize, 0u64);
+    let mut overshoot = Duration::ZERO;
+    let verdict = loop {
+        let deadline = Instant::now() + PEAK_SLICE;
+        let progress = verifier.step(&bytes, true, deadline);
+        overshoot = overshoot.max(Instant::now().saturating_duration_since(deadline));
+        steps += 1;
+        most_memory = most_memory.max(verifier.memory_bytes());
+        if steps % 64 == 1 {
+            most_threads = most_threads.max(status_field("Threads"));
+        }
+        match progress {
+            holosync::verify::Progress::Done(result) => break result,
+            holosync::verify::Progress::Paused => {}
+            holosync::verify::Progress::NeedMore => panic!("NeedMore on a complete body"),
+        }
+    };
+    let (cpu, wall) = ((cpu_ns(THREAD) - cpu0) as f64 / 1e6, wall0.elapsed());
+    let verdict = match verdict {
+        Ok(kind) => format!("{kind}"),
+        Err(e) => format!("refused: {e}"),
+    };
+    println!(
+        "{{\"file\":{:?},\"bytes\":{},\"verdict\":{:?},\"steps\":{steps},\"slice_ms\":{},\
+         \"max_overshoot_ms\":{:.3},\"cpu_ms\":{cpu:.1},\"wall_ms\":{:.1},\
+         \"verifier_peak_bytes\":{most_memory},\"vmhwm_before_kb\":{hwm_before},\
+         \"vmhwm_kb\":{},\"threads\":{most_threads}}}",
+        path,
+        bytes.len(),
+        verdict,
+        PEAK_SLICE.as_millis(),
+        overshoot.as_secs_f64() * 1e3,
+        wall.as_secs_f64() * 1e3,
+        status_field("VmHWM"),
+    );
+}
+
 fn main() {
     // `cargo bench` appends `--bench`; anything else is ours.
     let args: Vec<String> = std::env::args()
@@ -273,10 +385,13 @@ fn main() {
     match args.first().map(String::as_str) {
         Some("gen") => run_gen(&args[1..]),
         Some("verify") => run_verify(&args[1..]),
+        Some("huge") => run_huge(&args[1..]),
+        Some("peak") => run_peak(&args[1..]),
         None => run_verify(&[]),
         Some(other) => {
             eprintln!(
-                "unknown command {other:?}; use `verify [RUNS] [--json]` or `gen DIR JPEGS PNGS`"
+                "unknown command {other:?}; use `verify [RUNS] [--json]`, `gen DIR JPEGS PNGS`, \
+                 `huge DIR` or `peak FILE`"
             );
             std::process::exit(2);
         }

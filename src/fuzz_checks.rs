@@ -197,9 +197,21 @@ pub fn pjlink_reply(data: &[u8]) {
 /// (the fuzz target runs with `-malloc_limit_mb`); a PNG or JPEG it accepts
 /// starts with that format's magic bytes, has 1 to `MAX_PIXELS` pixels, and
 /// (for PNG) the size its IHDR chunk says. A JPEG it accepts can be re-encoded
-/// without a panic. Non-image bytes are tried under a `.jpg` and a `.gif` URL.
+/// without a panic. The incremental `verify::Verifier`, fed the bytes in three
+/// slices and paused at every chance, reaches the same verdict (not always
+/// for the same reason) and never holds more than `MAX_VERIFIER_BYTES`.
+/// Non-image bytes are tried under a `.jpg` and a `.gif` URL.
 pub fn image(data: &[u8]) {
-    let result = verify::verify(data, "http://h.com/works/a.jpg!preview", None);
+    let url = "http://h.com/works/a.jpg!preview";
+    let result = verify::verify(data, url, None);
+    // The same verdict; the reason may differ (a PNG's bad Adler-32 and a
+    // bad filter byte in the same inflater call are found in either order).
+    let sliced = verify_in_slices(data, url);
+    assert_eq!(
+        sliced.as_ref().ok(),
+        result.as_ref().ok(),
+        "sliced verdict differs: {sliced:?}"
+    );
     match result {
         Ok(verify::Kind::Png { width, height }) => {
             assert!(data.starts_with(b"\x89PNG\r\n\x1a\n"));
@@ -226,6 +238,35 @@ pub fn image(data: &[u8]) {
         let other = verify::verify(data, "http://h.com/a.gif", Some("image/gif"));
         assert_eq!(other.is_ok(), !data.is_empty() && !looks_like_html(data));
     }
+}
+
+/// The verdict of a `Verifier` given `data` in three slices (the last one
+/// complete), with a deadline already past at every step.
+fn verify_in_slices(data: &[u8], url: &str) -> Result<verify::Kind, String> {
+    let mut verifier = verify::Verifier::new(url, None);
+    for (i, cut) in [data.len() / 3, data.len() * 2 / 3, data.len()]
+        .into_iter()
+        .enumerate()
+    {
+        let complete = i == 2;
+        loop {
+            let progress = verifier.step(&data[..cut], complete, std::time::Instant::now());
+            assert!(
+                verifier.memory_bytes() as u64 <= verify::MAX_VERIFIER_BYTES,
+                "verifier holds {} bytes",
+                verifier.memory_bytes()
+            );
+            match progress {
+                verify::Progress::Done(result) => return result,
+                verify::Progress::Paused => {}
+                verify::Progress::NeedMore => {
+                    assert!(!complete, "NeedMore on a complete body");
+                    break;
+                }
+            }
+        }
+    }
+    unreachable!("the complete slice ends in Done")
 }
 
 fn check_size(width: u32, height: u32) {

@@ -603,7 +603,10 @@ impl Subscriber {
     /// newlines spans several lines), without the readiness probes.
     pub fn lines(&self) -> Vec<String> {
         let probe_prefix = format!("{} ", self.probe);
-        read_lossy(&self.out_path)
+        let text = read_lossy(&self.out_path);
+        // Only whole lines: mosquitto_sub may be half-way through writing one.
+        let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+        complete
             .lines()
             .filter(|l| !l.starts_with(&probe_prefix))
             .map(str::to_owned)
