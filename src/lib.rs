@@ -15,6 +15,7 @@ pub mod download;
 pub mod error;
 pub mod fuzz_checks;
 pub mod http;
+pub mod inbox;
 pub mod link;
 pub mod logger;
 pub mod message;
@@ -23,4 +24,5 @@ pub mod projector;
 pub mod queue;
 #[cfg(feature = "tls")]
 pub mod tls;
+pub mod transfers;
 pub mod verify;
