@@ -8,7 +8,7 @@ use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use rumqttc::{MqttOptions, QoS};
+use rumqttc::{LastWill, MqttOptions, QoS};
 
 use crate::cache;
 use crate::config::Config;
@@ -19,6 +19,7 @@ use crate::inbox::{self, Inbox, Kind};
 use crate::link::{Delivery, Link};
 use crate::projector::{self, Batch};
 use crate::queue::Queue;
+use crate::report::{Acked, Identity, Report};
 use crate::transfers::Transfers;
 
 /// Longest time one piece of work (a download, a projector) runs per turn
@@ -54,6 +55,8 @@ pub struct Agent {
     transfers: Transfers,
     /// Projector messages in progress, oldest first.
     projectors: VecDeque<Batch>,
+    /// What the fleet hears of this kiosk, and its commands.
+    report: Report,
     /// The wall clock and monotonic clock at the last turn, to see jumps.
     clock: (Instant, i64),
 }
@@ -97,10 +100,8 @@ impl Agent {
                 "the previous run (started {since}) ended without stopping: a crash, a kill, a power cut or a Windows log-off"
             );
         }
-        queue.set_meta(
-            RUNNING_KEY,
-            &crate::logger::utc_timestamp(SystemTime::now()),
-        )?;
+        let started_at = crate::logger::utc_timestamp(SystemTime::now());
+        queue.set_meta(RUNNING_KEY, &started_at)?;
         let moved = queue.clamp_schedule(unix_ms(), config.download.retry_max_ms)?;
         if moved > 0 {
             log::warn!(
@@ -108,9 +109,21 @@ impl Agent {
             );
         }
 
+        let identity = Identity {
+            client_id: client_id.clone(),
+            started_at,
+            host: hostname(),
+        };
+        let mut report = Report::new(&config, identity);
+        // A technician who deleted the cache gets it back without a message.
+        report.start_audit(None, None);
         let m = &config.mqtt;
         let mut options = MqttOptions::new(client_id, m.host.clone(), m.port);
         options.set_keep_alive(Duration::from_secs(m.keep_alive_secs));
+        if let Some(state) = &report.topics().state {
+            let will = report.identity().offline("connection lost");
+            options.set_last_will(LastWill::new(state, will, QoS::AtLeastOnce, true));
+        }
         if let Some(user) = &m.username {
             let password = m.password.as_ref().map_or("", |p| p.expose());
             options.set_credentials(user.clone(), password);
@@ -121,8 +134,18 @@ impl Agent {
             .map(|t| (t.clone(), QoS::AtLeastOnce))
             // QoS 0: a stale power command must not fire hours later.
             .chain([(m.projector_topic.clone(), QoS::AtMostOnce)])
+            .chain(
+                report
+                    .topics()
+                    .commands
+                    .iter()
+                    .map(|t| (t.clone(), QoS::AtLeastOnce)),
+            )
             .collect();
-        let link = Link::new(options, topics);
+        let mut link = Link::new(options, topics, Duration::from_millis(m.connect_jitter_ms));
+        if let Some(state) = &report.topics().state {
+            link.set_birth(state.clone(), report.identity().online());
+        }
 
         let d = &config.download;
         let settings = download::Settings {
@@ -142,13 +165,20 @@ impl Agent {
             inbox: Inbox::default(),
             transfers,
             projectors: VecDeque::new(),
+            report,
             clock: (Instant::now(), unix_ms()),
         })
     }
 
     /// Runs until a stop is requested (see `os::watch_stop`), then stops cleanly.
     pub fn run(mut self) {
-        crate::os::on_stop_wake(self.link.stop_waker());
+        let goodbye = self
+            .report
+            .topics()
+            .state
+            .clone()
+            .map(|t| (t, self.report.identity().offline("stopped")));
+        crate::os::on_stop_wake(self.link.stop_waker(goodbye));
         loop {
             if let Some(why) = crate::os::stop_requested() {
                 self.stop(why);
@@ -183,13 +213,22 @@ impl Agent {
     fn turn(&mut self) {
         let idle_until = self.idle_until();
         self.link.poll(idle_until);
+        if self.link.take_connected() {
+            self.report.connected();
+        }
         while let Some(d) = self.link.next_delivery() {
             self.dispatch(d);
         }
         self.watch_clock();
-        let (queue, config, transfers) = (&mut self.queue, &self.config, &mut self.transfers);
-        self.inbox.retry(&self.link, &mut |kind, d| {
-            commit(queue, config, transfers, kind, d)
+        let (queue, config, transfers, report, link) = (
+            &mut self.queue,
+            &self.config,
+            &mut self.transfers,
+            &mut self.report,
+            &self.link,
+        );
+        self.inbox.retry(link, &mut |kind, d| {
+            commit(queue, config, transfers, report, link, kind, d)
         });
         if let Some(batch) = self.projectors.front_mut() {
             if batch.step(&self.config.projector, Instant::now() + WORK_SLICE) {
@@ -198,23 +237,39 @@ impl Agent {
             }
         }
         self.transfers.record_pending(&self.queue);
-        let _finished = self
+        if let Some(finished) = self
             .transfers
-            .step(&self.queue, Instant::now() + WORK_SLICE);
+            .step(&self.queue, Instant::now() + WORK_SLICE)
+        {
+            self.report.finished(&self.link, &finished);
+        }
+        let done = self.report.step(
+            &self.link,
+            &mut self.queue,
+            &mut self.transfers,
+            Instant::now() + WORK_SLICE,
+        );
+        for d in done {
+            inbox::ack(&self.link, &d);
+        }
     }
 
     /// None when work is due now; else when the loop next has something to do.
     fn idle_until(&self) -> Option<Instant> {
-        if !self.projectors.is_empty() {
+        if !self.projectors.is_empty() || self.report.busy() {
             return None;
         }
         let now = Instant::now();
-        let retry_at = self.inbox.retry_at().unwrap_or(now + IDLE_RECHECK);
-        let until = self
+        let mut until = self
             .transfers
             .idle_until(now + inbox::COMMIT_RETRY)?
-            .min(retry_at)
             .min(now + IDLE_RECHECK);
+        for t in [self.inbox.retry_at(), self.report.next_due()]
+            .into_iter()
+            .flatten()
+        {
+            until = until.min(t);
+        }
         (until > now).then_some(until)
     }
 
@@ -232,11 +287,9 @@ impl Agent {
                 inbox::ack(&self.link, &d);
                 return;
             }
-            let (queue, config, transfers) = (&mut self.queue, &self.config, &mut self.transfers);
-            self.inbox
-                .receive(Kind::Sync, d, &self.link, &mut |kind, d| {
-                    commit(queue, config, transfers, kind, d)
-                });
+            self.receive(Kind::Sync, d);
+        } else if self.report.is_command_topic(topic) {
+            self.receive(Kind::Command, d);
         } else if *topic == m.projector_topic {
             if let Some(batch) = projector::parse_batch(&d.publish.payload, &self.config.projector)
             {
@@ -247,6 +300,20 @@ impl Agent {
             log::debug!("ignored a message on unexpected topic {topic}");
             inbox::ack(&self.link, &d);
         }
+    }
+
+    /// Hands a message whose effect must be committed before its ack to the inbox.
+    fn receive(&mut self, kind: Kind, d: Delivery) {
+        let (queue, config, transfers, report, link) = (
+            &mut self.queue,
+            &self.config,
+            &mut self.transfers,
+            &mut self.report,
+            &self.link,
+        );
+        self.inbox.receive(kind, d, link, &mut |kind, d| {
+            commit(queue, config, transfers, report, link, kind, d)
+        });
     }
 
     fn publish_results(&self, batch: &Batch) {
@@ -287,18 +354,21 @@ fn commit(
     queue: &mut Queue,
     config: &Config,
     transfers: &mut Transfers,
+    report: &mut Report,
+    link: &Link,
     kind: Kind,
     d: &Delivery,
-) -> Result<()> {
+) -> Result<Acked> {
     match kind {
         Kind::Sync => {
             let r = inbox::commit_sync(queue, d, config.download.retry_max_ms)?;
             if r.queued > 0 {
                 transfers.wake();
             }
-            Ok(())
+            report.changed();
+            Ok(Acked::Now)
         }
-        Kind::Command => Ok(()),
+        Kind::Command => report.command(link, queue, transfers, d),
     }
 }
 
@@ -310,14 +380,18 @@ fn client_id(config: &Config, queue: &Queue) -> Result<String> {
     if let Some(id) = queue.meta("client_id")? {
         return Ok(id);
     }
-    let id = format!("holosync-{}-{:08x}", hostname(), random_u32());
+    let id = format!(
+        "holosync-{}-{:08x}",
+        hostname(),
+        crate::random::u64() as u32
+    );
     queue.set_meta("client_id", &id)?;
     log::info!("made a new MQTT client id {id}; it is kept in the database and reused");
     Ok(id)
 }
 
 /// The machine's name, reduced to characters every broker accepts in a client id.
-fn hostname() -> String {
+pub fn hostname() -> String {
     let raw = std::env::var("COMPUTERNAME")
         .or_else(|_| std::fs::read_to_string("/proc/sys/kernel/hostname"))
         .or_else(|_| std::env::var("HOSTNAME"))
@@ -333,18 +407,4 @@ fn hostname() -> String {
     } else {
         clean.to_ascii_lowercase()
     }
-}
-
-/// 32 random bits from std's randomly keyed hasher (no extra crate needed).
-fn random_u32() -> u32 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos(),
-    );
-    h.write_u32(std::process::id());
-    h.finish() as u32
 }

@@ -14,9 +14,6 @@ use crate::logger::{utc_timestamp, FileLogger};
 use crate::message;
 use crate::queue::Queue;
 
-/// Failures shown in `holosync status`.
-const STATUS_FAILURES: usize = 20;
-
 const HELP: &str = "\
 holosync - keeps a kiosk's pictures cached locally, synced over MQTT
 
@@ -225,7 +222,8 @@ fn single_instance(database: &Path) -> Result<std::fs::File> {
 }
 
 fn status(config: &Config, json: bool) -> Result<()> {
-    let st = Queue::open(&config.database)?.status(STATUS_FAILURES)?;
+    let mut st = Queue::open(&config.database)?.status(crate::report::STATUS_FAILURES)?;
+    st.cache_free_bytes = crate::os::free_bytes(&config.cache_dir);
     if json {
         let out = serde_json::to_string(&st).expect("a status always serializes");
         println!("{out}");
@@ -238,6 +236,30 @@ fn status(config: &Config, json: bool) -> Result<()> {
         st.retry,
         st.done,
         st.failed
+    );
+    let mb = |b: u64| b as f64 / 1e6;
+    println!(
+        "cache {}: {} files, {:.1} MB{}",
+        config.cache_dir.display(),
+        st.cache_files,
+        mb(st.cache_bytes),
+        st.cache_free_bytes.map_or(String::new(), |f| format!(
+            ", {:.1} MB free on its disk",
+            mb(f)
+        ))
+    );
+    if let Some(secs) = st.oldest_pending_secs {
+        println!("oldest waiting URL queued {secs} s ago");
+    }
+    println!(
+        "last sync message: {}; last download: {}",
+        st.last_sync.as_deref().unwrap_or("none"),
+        st.last_download
+            .as_ref()
+            .map_or("none".to_string(), |l| format!(
+                "{} {} at {}",
+                l.state, l.url, l.at
+            ))
     );
     if !st.failures.is_empty() {
         println!("last failures (failed first, newest first):");

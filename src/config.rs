@@ -41,6 +41,36 @@ pub struct Config {
     /// Defaults for projector commands.
     #[serde(default)]
     pub projector: Projector,
+    /// What the kiosk reports about itself over MQTT, and the commands it takes.
+    #[serde(default)]
+    pub report: Report,
+}
+
+/// `report` section: the fleet's view of this kiosk.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Report {
+    /// Topic prefix; default `holosync/<client id>`.
+    #[serde(default)]
+    pub prefix: Option<String>,
+    /// `<prefix>/state`: retained online/offline, with a Last Will.
+    #[serde(default = "yes")]
+    pub state: bool,
+    /// `<prefix>/status`: retained queue and cache figures, when they change.
+    #[serde(default = "yes")]
+    pub status: bool,
+    /// `<prefix>/events`: one message per finished download or command.
+    #[serde(default = "yes")]
+    pub events: bool,
+    /// `<prefix>/cmd` and the fleet topic: commands (status, retry-failed, audit, forget).
+    #[serde(default = "yes")]
+    pub commands: bool,
+    /// The command topic every kiosk of the fleet listens on; empty: none.
+    #[serde(default = "default_fleet_topic")]
+    pub fleet_topic: String,
+    /// Least time between two status messages.
+    #[serde(default = "default_status_interval")]
+    pub status_interval_secs: u64,
 }
 
 /// `mqtt` section.
@@ -77,6 +107,10 @@ pub struct Mqtt {
     /// Sync payloads larger than this are logged, acknowledged and dropped.
     #[serde(default = "default_max_payload_bytes")]
     pub max_payload_bytes: usize,
+    /// The first connect after start-up waits a random 0 to this many ms,
+    /// so a fleet powered on at once does not connect in one burst.
+    #[serde(default)]
+    pub connect_jitter_ms: u64,
 }
 
 /// `download` section.
@@ -187,6 +221,15 @@ impl fmt::Debug for Secret {
     }
 }
 
+fn yes() -> bool {
+    true
+}
+fn default_fleet_topic() -> String {
+    "holosync/all/cmd".into()
+}
+fn default_status_interval() -> u64 {
+    5
+}
 fn default_cache_dir() -> PathBuf {
     PathBuf::from("images")
 }
@@ -294,6 +337,11 @@ impl Default for Download {
     }
 }
 impl Default for Log {
+    fn default() -> Self {
+        from_empty_object()
+    }
+}
+impl Default for Report {
     fn default() -> Self {
         from_empty_object()
     }
@@ -514,6 +562,27 @@ impl Config {
         }
         if p.terminator.is_empty() || p.terminator.len() > 4 {
             return Err(("projector.terminator", "must be 1-4 characters".into()));
+        }
+        let r = &self.report;
+        if let Some(prefix) = &r.prefix {
+            if prefix.is_empty() || prefix.contains(['#', '+', '\0']) || prefix.ends_with('/') {
+                return Err((
+                    "report.prefix",
+                    format!("{prefix:?} is not a topic prefix (no # +, no trailing /)"),
+                ));
+            }
+        }
+        if r.fleet_topic.contains('\0') || r.fleet_topic.len() > 65_535 {
+            return Err(("report.fleet_topic", "is not a topic filter".into()));
+        }
+        if !(1..=3600).contains(&r.status_interval_secs) {
+            return Err(("report.status_interval_secs", "must be 1-3600".into()));
+        }
+        if m.connect_jitter_ms > 3_600_000 {
+            return Err((
+                "mqtt.connect_jitter_ms",
+                "must be at most 3600000 (an hour)".into(),
+            ));
         }
         if let Some(t) = &p.result_topic {
             if t.is_empty() || t.contains(['#', '+', '\0']) {

@@ -9,6 +9,7 @@ use crate::error::Error;
 use crate::link::{Ack, Delivery, Link};
 use crate::message;
 use crate::queue::{Enqueued, Queue};
+pub use crate::report::Acked;
 
 /// How often a commit that failed (database locked) is tried again.
 pub const COMMIT_RETRY: Duration = Duration::from_millis(500);
@@ -28,8 +29,9 @@ pub enum Kind {
     Command,
 }
 
-/// Commits one message's effect (durably: the ack follows).
-pub type Commit<'a> = dyn FnMut(Kind, &Delivery) -> Result<(), Error> + 'a;
+/// Commits one message's effect (durably: the ack follows, now or, for an
+/// effect that takes a while, when the caller says so).
+pub type Commit<'a> = dyn FnMut(Kind, &Delivery) -> Result<Acked, Error> + 'a;
 
 /// Messages held until their commit succeeds.
 #[derive(Default)]
@@ -83,9 +85,11 @@ impl Inbox {
 
     fn try_commit(&mut self, kind: Kind, d: &Delivery, link: &Link, commit: &mut Commit) -> bool {
         match commit(kind, d) {
-            Ok(()) => {
+            Ok(acked) => {
                 self.failure_logged = None;
-                ack(link, d);
+                if acked == Acked::Now {
+                    ack(link, d);
+                }
                 true
             }
             Err(e) => {

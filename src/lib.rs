@@ -22,6 +22,8 @@ pub mod message;
 pub mod os;
 pub mod projector;
 pub mod queue;
+pub mod random;
+pub mod report;
 #[cfg(feature = "tls")]
 pub mod tls;
 pub mod transfers;

@@ -33,8 +33,9 @@ const CONNECT_TIMEOUT_SECS: u64 = 5;
 /// the one wait in the loop longer than a work slice; no ping is due then.
 const CONNECT_POLL_TIMEOUT: Duration = Duration::from_secs(CONNECT_TIMEOUT_SECS + 2);
 
-/// First reconnect delay; doubles per failed attempt.
-const RECONNECT_MIN: Duration = Duration::from_secs(1);
+/// First reconnect delay after a connection is lost (then doubling per
+/// failed attempt); every delay is jittered by ±50% (see `random::jitter`).
+const RECONNECT_MIN: Duration = Duration::from_secs(2);
 
 /// Longest reconnect delay.
 const RECONNECT_MAX: Duration = Duration::from_secs(60);
@@ -109,12 +110,22 @@ pub struct Link {
     last_run: Instant,
     /// Messages received, not yet taken by the loop.
     inbox: VecDeque<Delivery>,
+    /// Published (retained, QoS 1) on every ConnAck, before subscribing:
+    /// the "online" state.
+    birth: Option<(String, Vec<u8>)>,
+    /// A ConnAck came since [`Link::take_connected`] was last asked.
+    connected: bool,
 }
 
 impl Link {
-    /// A link for `options` (client id, broker, keep-alive, credentials); it
-    /// connects on the first [`Link::poll`].
-    pub fn new(mut options: MqttOptions, topics: Vec<(String, QoS)>) -> Link {
+    /// A link for `options` (client id, broker, keep-alive, credentials, the
+    /// Last Will); it connects on the first [`Link::poll`] after a random
+    /// 0..`connect_jitter` (so a fleet that boots together spreads out).
+    pub fn new(
+        mut options: MqttOptions,
+        topics: Vec<(String, QoS)>,
+        connect_jitter: Duration,
+    ) -> Link {
         let broker = {
             let (host, port) = options.broker_address();
             format!("{host}:{port}")
@@ -131,7 +142,7 @@ impl Link {
             client,
             connection,
             state: State::Down {
-                retry_at: Instant::now(),
+                retry_at: Instant::now() + crate::random::up_to(connect_jitter),
                 backoff: RECONNECT_MIN,
             },
             generation: 0,
@@ -139,7 +150,19 @@ impl Link {
             topics,
             last_run: Instant::now(),
             inbox: VecDeque::new(),
+            birth: None,
+            connected: false,
         }
+    }
+
+    /// Sets what is published (retained, QoS 1) on every ConnAck, first.
+    pub fn set_birth(&mut self, topic: String, payload: Vec<u8>) {
+        self.birth = Some((topic, payload));
+    }
+
+    /// Whether a ConnAck came since the last call.
+    pub fn take_connected(&mut self) -> bool {
+        std::mem::take(&mut self.connected)
     }
 
     /// Whether the broker connection is up.
@@ -229,11 +252,20 @@ impl Link {
             Event::Incoming(Packet::ConnAck(ack)) => {
                 self.generation += 1;
                 self.state = State::Up;
+                self.connected = true;
                 log::info!(
                     "connected to broker {} (session present: {})",
                     self.broker,
                     ack.session_present
                 );
+                if let Some((topic, payload)) = &self.birth {
+                    if let Err(e) =
+                        self.client
+                            .try_publish(topic, QoS::AtLeastOnce, true, payload.clone())
+                    {
+                        log::warn!("could not publish the online state to {topic}: {e}");
+                    }
+                }
                 self.subscribe();
             }
             Event::Incoming(Packet::SubAck(ack)) => {
@@ -274,16 +306,22 @@ impl Link {
         }
         let (retry_in, next) = match self.state {
             State::Up => {
-                log::warn!("lost connection to broker {}: {why}", self.broker);
-                (RECONNECT_MIN, RECONNECT_MIN * 2)
+                let retry_in = crate::random::jitter(RECONNECT_MIN);
+                log::warn!(
+                    "lost connection to broker {}: {why}; reconnecting in {:.1} s",
+                    self.broker,
+                    retry_in.as_secs_f64()
+                );
+                (retry_in, RECONNECT_MIN * 2)
             }
             State::Down { backoff, .. } => {
+                let retry_in = crate::random::jitter(backoff);
                 log::warn!(
-                    "could not connect to broker {}: {why}; next attempt in {} s",
+                    "could not connect to broker {}: {why}; next attempt in {:.1} s",
                     self.broker,
-                    backoff.as_secs()
+                    retry_in.as_secs_f64()
                 );
-                (backoff, (backoff * 2).min(RECONNECT_MAX))
+                (retry_in, (backoff * 2).min(RECONNECT_MAX))
             }
         };
         self.state = State::Down {
@@ -339,11 +377,19 @@ impl Link {
     }
 
     /// Something another thread can call to wake a loop blocked in
-    /// [`Link::poll`] when the agent must stop: it asks rumqttc to send a
-    /// DISCONNECT (a clean goodbye to the broker), which ends any wait.
-    pub fn stop_waker(&self) -> impl Fn() + Send + Sync + 'static {
+    /// [`Link::poll`] when the agent must stop: it asks rumqttc to send
+    /// `goodbye` (retained, QoS 1: the "offline" state) and a DISCONNECT (a
+    /// clean goodbye, after which the broker sends no Last Will), which ends
+    /// any wait.
+    pub fn stop_waker(
+        &self,
+        goodbye: Option<(String, Vec<u8>)>,
+    ) -> impl Fn() + Send + Sync + 'static {
         let client = self.client.clone();
         move || {
+            if let Some((topic, payload)) = &goodbye {
+                let _ = client.try_publish(topic, QoS::AtLeastOnce, true, payload.clone());
+            }
             let _ = client.try_disconnect();
         }
     }
@@ -367,7 +413,7 @@ impl Link {
         }
     }
 
-    /// Publishes without blocking (QoS 0 results and reports).
+    /// Publishes without blocking (QoS 0: results, reports, events).
     pub fn publish(&self, topic: &str, retain: bool, payload: Vec<u8>) -> Result<(), String> {
         self.client
             .try_publish(topic, QoS::AtMostOnce, retain, payload)

@@ -168,6 +168,42 @@ unsafe extern "system" fn console_event(event: u32) -> windows_sys::core::BOOL {
     1
 }
 
+/// Free bytes (for an unprivileged user) on the disk holding `path`.
+#[cfg(unix)]
+pub fn free_bytes(path: &std::path::Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a plain struct
+    // that statvfs fills in; nothing is kept past the call.
+    unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(c.as_ptr(), &mut st) != 0 {
+            return None;
+        }
+        Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+    }
+}
+
+/// Free bytes (for this user) on the disk holding `path`.
+#[cfg(windows)]
+pub fn free_bytes(path: &std::path::Path) -> Option<u64> {
+    use std::os::windows::ffi::OsStrExt;
+    use windows_sys::Win32::Storage::FileSystem::GetDiskFreeSpaceExW;
+    let wide: Vec<u16> = path.as_os_str().encode_wide().chain([0]).collect();
+    let mut free = 0u64;
+    // SAFETY: `wide` is NUL-terminated; the out pointer is a valid u64; the
+    // other outputs may be null.
+    let ok = unsafe {
+        GetDiskFreeSpaceExW(
+            wide.as_ptr(),
+            &mut free,
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+        )
+    };
+    (ok != 0).then_some(free)
+}
+
 /// Attaches to the parent process's console when stdout has no handle of
 /// its own (a GUI-subsystem program started from a command prompt).
 #[cfg(windows)]

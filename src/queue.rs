@@ -37,7 +37,8 @@ CREATE TABLE IF NOT EXISTS queue (
     etag          TEXT,
     last_modified TEXT,
     partial       INTEGER NOT NULL DEFAULT 0,
-    size          INTEGER
+    size          INTEGER,
+    queued        INTEGER
 );
 CREATE INDEX IF NOT EXISTS queue_due ON queue (next_attempt, id)
     WHERE state IN ('pending', 'retry');
@@ -60,6 +61,7 @@ const QUEUE_COLUMNS: &[&str] = &[
     "last_modified",
     "partial",
     "size",
+    "queued",
 ];
 
 /// Columns added since the first release, with their definitions: an older
@@ -69,6 +71,7 @@ const ADDED_COLUMNS: &[(&str, &str)] = &[
     ("last_modified", "TEXT"),
     ("partial", "INTEGER NOT NULL DEFAULT 0"),
     ("size", "INTEGER"),
+    ("queued", "INTEGER"),
 ];
 const META_COLUMNS: &[&str] = &["key", "value"];
 
@@ -159,8 +162,9 @@ pub struct Validators {
     pub last_modified: Option<String>,
 }
 
-/// Counts per state and the most recent failures, for `holosync status`
-/// (its `--json` form is this struct, fields in this order).
+/// What the queue says of the kiosk, for `holosync status` and the fleet's
+/// status topic (one definition: `status --json` prints this struct, fields
+/// in this order; the agent adds the free space).
 #[derive(Debug, Default, PartialEq, serde::Serialize)]
 pub struct Status {
     /// Queued, never tried.
@@ -173,6 +177,29 @@ pub struct Status {
     pub failed: u64,
     /// The last failures, newest first: failed rows, then retry rows.
     pub failures: Vec<FailureRow>,
+    /// How long the longest-waiting pending or retry row has been queued, in seconds.
+    pub oldest_pending_secs: Option<u64>,
+    /// Files in the cache (done rows).
+    pub cache_files: u64,
+    /// Their bytes.
+    pub cache_bytes: u64,
+    /// Free bytes on the cache's disk (filled in by the caller).
+    pub cache_free_bytes: Option<u64>,
+    /// When the last sync message was queued (UTC).
+    pub last_sync: Option<String>,
+    /// The download that finished last.
+    pub last_download: Option<LastDownload>,
+}
+
+/// The download that finished last, for the status.
+#[derive(Debug, Default, PartialEq, serde::Serialize)]
+pub struct LastDownload {
+    /// The URL.
+    pub url: String,
+    /// Its state now: done, retry or failed.
+    pub state: String,
+    /// When (UTC).
+    pub at: String,
 }
 
 /// A row that failed, for `holosync status`.
@@ -343,11 +370,11 @@ impl Queue {
         {
             let mut ok = tx
                 .prepare_cached(
-                    "INSERT INTO queue (url, state, attempts, next_attempt, updated)
-                     VALUES (?1, 'pending', 0, ?2, ?2)
+                    "INSERT INTO queue (url, state, attempts, next_attempt, updated, queued)
+                     VALUES (?1, 'pending', 0, ?2, ?2, ?2)
                      ON CONFLICT (url) DO UPDATE SET
                          state = 'pending', attempts = 0, next_attempt = excluded.next_attempt,
-                         last_error = NULL, updated = excluded.updated
+                         last_error = NULL, updated = excluded.updated, queued = excluded.queued
                      WHERE state IN ('done', 'failed')",
                 )
                 .context(|| "could not prepare the enqueue statement")?;
@@ -379,6 +406,12 @@ impl Queue {
                 }
             }
         }
+        tx.execute(
+            "INSERT INTO meta (key, value) VALUES ('last_sync_ms', ?1)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            [now_ms.to_string()],
+        )
+        .context(|| "could not note the sync time")?;
         tx.commit().context(|| "could not commit queued URLs")?;
         Ok(out)
     }
@@ -488,8 +521,14 @@ impl Queue {
             .context(|| format!("could not update the queue row of {url}"))
     }
 
-    /// Counts per state and the last `limit` failures.
+    /// Counts per state, the last `limit` failures and the rest of [`Status`]
+    /// (all from the queue; URLs and errors cut to a few hundred characters,
+    /// so a status message stays small).
     pub fn status(&self, limit: usize) -> Result<Status> {
+        self.status_at(limit, crate::agent::unix_ms())
+    }
+
+    fn status_at(&self, limit: usize, now_ms: i64) -> Result<Status> {
         let read = || -> rusqlite::Result<Status> {
             let mut st = Status::default();
             let mut s = self
@@ -520,9 +559,132 @@ impl Queue {
                     })
                 })?
                 .collect::<rusqlite::Result<_>>()?;
+            for f in &mut st.failures {
+                cut(&mut f.url);
+                cut(&mut f.error);
+            }
+            let oldest: Option<i64> = self.conn.query_row(
+                "SELECT MIN(COALESCE(queued, updated)) FROM queue WHERE state IN ('pending', 'retry')",
+                [],
+                |r| r.get(0),
+            )?;
+            st.oldest_pending_secs =
+                oldest.map(|t| (now_ms.saturating_sub(t).max(0) / 1000) as u64);
+            let (files, bytes): (i64, i64) = self.conn.query_row(
+                "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM queue WHERE state = 'done'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?;
+            (st.cache_files, st.cache_bytes) = (files.max(0) as u64, bytes.max(0) as u64);
+            let stamp = |ms: i64| {
+                crate::logger::utc_timestamp(
+                    std::time::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64),
+                )
+            };
+            let last_sync: Option<String> = self
+                .conn
+                .query_row(
+                    "SELECT value FROM meta WHERE key = 'last_sync_ms'",
+                    [],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            st.last_sync = last_sync.and_then(|v| v.parse().ok()).map(stamp);
+            st.last_download = self
+                .conn
+                .query_row(
+                    "SELECT url, state, updated FROM queue WHERE state IN ('done', 'retry', 'failed')
+                     AND attempts > 0 ORDER BY updated DESC, id DESC LIMIT 1",
+                    [],
+                    |r| {
+                        Ok(LastDownload {
+                            url: r.get(0)?,
+                            state: r.get(1)?,
+                            at: stamp(r.get(2)?),
+                        })
+                    },
+                )
+                .optional()?;
             Ok(st)
         };
         read().context(|| "could not read the queue status")
+    }
+
+    /// Puts failed rows back to pending (all, or those of `urls`); returns
+    /// how many. Durable, like [`Queue::enqueue`] (an ack follows).
+    pub fn retry_failed(&mut self, urls: Option<&[String]>, now_ms: i64) -> Result<usize> {
+        let sql = "UPDATE queue SET state = 'pending', attempts = 0, next_attempt = ?1,
+                       last_error = NULL, updated = ?1, queued = ?1
+                   WHERE state = 'failed' AND (?2 IS NULL OR url = ?2)";
+        self.durably(|tx| match urls {
+            None => tx.execute(sql, params![now_ms, None::<String>]),
+            Some(urls) => urls
+                .iter()
+                .try_fold(0, |n, u| Ok(n + tx.execute(sql, params![now_ms, u])?)),
+        })
+        .context(|| "could not put failed URLs back in the queue")
+    }
+
+    /// Removes the rows of `urls` (their files stay); returns how many. Durable.
+    pub fn forget(&mut self, urls: &[String]) -> Result<usize> {
+        self.durably(|tx| {
+            urls.iter().try_fold(0, |n, u| {
+                Ok(n + tx.execute("DELETE FROM queue WHERE url = ?1", [u])?)
+            })
+        })
+        .context(|| "could not forget URLs")
+    }
+
+    /// Every done row: id, URL and the size of its file (if known).
+    pub fn done_files(&self) -> Result<Vec<(i64, String, Option<u64>)>> {
+        let read = || -> rusqlite::Result<Vec<(i64, String, Option<u64>)>> {
+            let mut s = self
+                .conn
+                .prepare("SELECT id, url, size FROM queue WHERE state = 'done' ORDER BY id")?;
+            let rows = s.query_map([], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get::<_, Option<i64>>(2)?.map(|n| n.max(0) as u64),
+                ))
+            })?;
+            rows.collect()
+        };
+        read().context(|| "could not read the queue")
+    }
+
+    /// Puts done rows whose file is missing or changed back to pending
+    /// (without validators: the file must be fetched whole); returns how
+    /// many. Durable.
+    pub fn requeue(&mut self, ids: &[i64], now_ms: i64) -> Result<usize> {
+        self.durably(|tx| {
+            ids.iter().try_fold(0, |n, id| {
+                Ok(n + tx.execute(
+                    "UPDATE queue SET state = 'pending', attempts = 0, next_attempt = ?2,
+                         last_error = NULL, updated = ?2, queued = ?2, etag = NULL,
+                         last_modified = NULL, size = NULL, partial = 0
+                     WHERE id = ?1 AND state = 'done'",
+                    params![id, now_ms],
+                )?)
+            })
+        })
+        .context(|| "could not queue missing files again")
+    }
+
+    /// Runs `f` in one transaction committed with `synchronous = FULL`.
+    fn durably<T>(
+        &mut self,
+        f: impl FnOnce(&rusqlite::Transaction) -> rusqlite::Result<T>,
+    ) -> rusqlite::Result<T> {
+        self.conn.execute_batch("PRAGMA synchronous = FULL;")?;
+        let result = (|| {
+            let tx = self.conn.transaction()?;
+            let out = f(&tx)?;
+            tx.commit()?;
+            Ok(out)
+        })();
+        let _ = self.conn.execute_batch("PRAGMA synchronous = NORMAL;");
+        result
     }
 
     /// A value kept across restarts (the generated client id).
@@ -543,6 +705,17 @@ impl Queue {
             )
             .map(drop)
             .context(|| format!("could not store {key} in the queue database"))
+    }
+}
+
+/// Longest URL or error text in a status, in characters.
+const MAX_STATUS_TEXT: usize = 300;
+
+/// Cuts `s` to [`MAX_STATUS_TEXT`] characters, marking the cut.
+fn cut(s: &mut String) {
+    if let Some((i, _)) = s.char_indices().nth(MAX_STATUS_TEXT) {
+        s.truncate(i);
+        s.push_str("...");
     }
 }
 

@@ -275,7 +275,12 @@ impl Transfers {
                     finished.error = Some(reason.clone());
                     Record::Failed(job, reason)
                 } else {
-                    let delay = queue::retry_delay(attempt, r.base_ms, r.max_ms, retry_after);
+                    // Jittered, so kiosks that met the same outage do not all come back at once.
+                    let backoff = crate::random::jitter(queue::retry_delay(
+                        attempt, r.base_ms, r.max_ms, None,
+                    ))
+                    .min(Duration::from_millis(r.max_ms));
+                    let delay = backoff.max(queue::retry_delay(0, 0, r.max_ms, retry_after));
                     let kept = if resume.partial > 0 {
                         format!("; {} bytes kept to resume", resume.partial)
                     } else {

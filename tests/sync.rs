@@ -687,7 +687,7 @@ fn the_old_scripts_config_with_mall_syncs_through_its_topics() {
     let mut agent = Agent::new(dir.path(), config);
     agent.start();
     agent.wait_log(
-        "subscribed to sync, sync-single-work-m01, holo-file-sync-m01, projector-remote-control",
+        "subscribed to sync, sync-single-work-m01, holo-file-sync-m01, projector-remote-control, ",
         WAIT,
     );
     broker.publish(
