@@ -460,18 +460,68 @@ impl Mosquitto {
         self.child = Some(child);
     }
 
+    /// The broker as a client sees it (for `mosquitto_pub` and `mosquitto_sub`).
+    pub fn endpoint(&self) -> Endpoint {
+        Endpoint {
+            port: self.port,
+            login: None,
+        }
+    }
+
     /// Publishes `payload` (any bytes, any size, may be empty) to `topic`
     /// with `mosquitto_pub`, asserting it succeeded.
     pub fn publish(&self, topic: &str, payload: &[u8], qos: u8) {
-        self.publish_with(topic, payload, qos, &[]);
+        self.endpoint().publish_with(topic, payload, qos, &[]);
     }
 
     /// Like [`Mosquitto::publish`] with extra `mosquitto_pub` arguments
     /// (e.g. `&["-r"]` to retain).
     pub fn publish_with(&self, topic: &str, payload: &[u8], qos: u8, extra_args: &[&str]) {
+        self.endpoint()
+            .publish_with(topic, payload, qos, extra_args);
+    }
+
+    /// Subscribes to `topic` (QoS 1) with `mosquitto_sub -v`; returns once
+    /// the subscription is live. Output lines are `"<topic> <payload>"`.
+    pub fn subscribe(&self, topic: &str) -> Subscriber {
+        self.endpoint().subscribe_with(topic, &[])
+    }
+
+    /// Like [`Mosquitto::subscribe`] with extra `mosquitto_sub` arguments
+    /// (e.g. `&["-c", "-i", "fixed-id"]` for a persistent session).
+    pub fn subscribe_with(&self, topic: &str, extra_args: &[&str]) -> Subscriber {
+        self.endpoint().subscribe_with(topic, extra_args)
+    }
+}
+
+/// An MQTT broker on 127.0.0.1 as the mosquitto command-line clients reach it.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    /// The broker's port.
+    pub port: u16,
+    /// User name and password, if the broker wants them.
+    pub login: Option<(String, String)>,
+}
+
+impl Endpoint {
+    /// Host, port and login arguments for mosquitto_pub / mosquitto_sub.
+    fn args(&self, cmd: &mut Command) {
+        cmd.args(["-h", "127.0.0.1", "-p", &self.port.to_string()]);
+        if let Some((user, password)) = &self.login {
+            cmd.args(["-u", user, "-P", password]);
+        }
+    }
+
+    /// Publishes `payload` (any bytes, may be empty) to `topic`, asserting it succeeded.
+    pub fn publish(&self, topic: &str, payload: &[u8], qos: u8) {
+        self.publish_with(topic, payload, qos, &[]);
+    }
+
+    /// Like [`Endpoint::publish`] with extra `mosquitto_pub` arguments.
+    pub fn publish_with(&self, topic: &str, payload: &[u8], qos: u8, extra_args: &[&str]) {
         let mut cmd = Command::new(find_program("mosquitto_pub"));
-        cmd.args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
-            .args(["-i", &format!("hspub-{}", unique())])
+        self.args(&mut cmd);
+        cmd.args(["-i", &format!("hspub-{}", unique())])
             .args(["-t", topic, "-q", &qos.to_string()])
             .args(extra_args);
         // `-s` refuses empty input ("Zero length input"); `-n` sends a null message.
@@ -482,7 +532,7 @@ impl Mosquitto {
             cmd.arg("-s");
             Some(payload.to_vec())
         };
-        let out = run_bounded(cmd, stdin, Duration::from_secs(30));
+        let out = run_bounded(cmd, stdin, Duration::from_secs(60));
         assert!(
             out.status.success(),
             "mosquitto_pub to {topic} failed ({}): {}{}",
@@ -492,21 +542,15 @@ impl Mosquitto {
         );
     }
 
-    /// Subscribes to `topic` (QoS 1) with `mosquitto_sub -v`; returns once
-    /// the subscription is live. Output lines are `"<topic> <payload>"`.
-    pub fn subscribe(&self, topic: &str) -> Subscriber {
-        self.subscribe_with(topic, &[])
-    }
-
-    /// Like [`Mosquitto::subscribe`] with extra `mosquitto_sub` arguments
-    /// (e.g. `&["-c", "-i", "fixed-id"]` for a persistent session).
+    /// Subscribes to `topic` (QoS 1) with `mosquitto_sub -v` and extra
+    /// arguments; returns once the subscription is live.
     pub fn subscribe_with(&self, topic: &str, extra_args: &[&str]) -> Subscriber {
         let dir = TempDir::new("holosync-sub");
         let out_path = dir.path().join("out.txt");
         let probe = format!("holosync-test/probe/{}", unique());
         let mut cmd = Command::new(find_program("mosquitto_sub"));
-        cmd.args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
-            .args(["-q", "1", "-v", "-t", topic, "-t", &probe])
+        self.args(&mut cmd);
+        cmd.args(["-q", "1", "-v", "-t", topic, "-t", &probe])
             .args(extra_args)
             .stdin(Stdio::null())
             .stdout(append_file(&out_path))
@@ -521,9 +565,9 @@ impl Mosquitto {
         // There is no "subscribed" signal without -d, so publish to a private
         // probe topic until the subscriber echoes it.
         let probe_prefix = format!("{} ", sub.probe);
-        let seen = poll_until(Duration::from_secs(10), || {
+        let seen = poll_until(Duration::from_secs(60), || {
             self.publish(&sub.probe, b"probe", 0);
-            poll_until(Duration::from_millis(200), || {
+            poll_until(Duration::from_millis(500), || {
                 read_lossy(&sub.out_path)
                     .lines()
                     .any(|l| l.starts_with(&probe_prefix))
@@ -750,6 +794,8 @@ struct ServerState {
     sent: HashMap<String, u64>,
     /// Request heads per raw target, in arrival order.
     heads: HashMap<String, Vec<Vec<(String, String)>>>,
+    /// When each request for a raw target arrived, in order.
+    times: HashMap<String, Vec<Instant>>,
     /// Targets whose Hold has been released (until the next `set`).
     released: HashSet<String>,
 }
@@ -876,6 +922,15 @@ impl HttpServer {
             .get(path)
             .copied()
             .unwrap_or(0)
+    }
+
+    /// When each request for this raw target arrived, in order.
+    pub fn request_times(&self, path: &str) -> Vec<Instant> {
+        lock(&self.shared.state)
+            .times
+            .get(path)
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// The request headers of each request for this raw target, in order.
@@ -1045,6 +1100,10 @@ fn handle_http(stream: TcpStream, shared: &ServerShared) {
             .entry(head.target.clone())
             .or_default()
             .push(head.headers.clone());
+        st.times
+            .entry(head.target.clone())
+            .or_default()
+            .push(Instant::now());
         st.routes.get_mut(&head.target).map(|slot| {
             n = slot.served;
             slot.served += 1;
@@ -2059,6 +2118,93 @@ fn flaky_respond(
         }
     }
     stream.flush()
+}
+
+// ---------------------------------------------------------------------------
+// RabbitMQ's MQTT plugin
+// ---------------------------------------------------------------------------
+
+/// RabbitMQ's MQTT plugin, served by the RabbitMQ running on this machine
+/// (guest/guest from 127.0.0.1). If the plugin is off, it is turned on with
+/// a listener on a free port (1883 is taken by mosquitto), and off again
+/// when dropped.
+pub struct RabbitMqtt {
+    /// Where MQTT clients reach it.
+    pub endpoint: Endpoint,
+    /// Whether this fixture turned the plugin on (and so turns it off).
+    enabled_here: bool,
+}
+
+impl RabbitMqtt {
+    /// Finds or starts the MQTT listener; Err(reason) when RabbitMQ is not
+    /// installed here (the caller prints the reason and skips). A RabbitMQ
+    /// that is installed but does not answer is a failure, not a skip.
+    pub fn start() -> Result<RabbitMqtt, String> {
+        let ctl = ["/usr/sbin/rabbitmqctl", "/usr/bin/rabbitmqctl"]
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.is_file())
+            .ok_or("RabbitMQ is not installed here (no rabbitmqctl)")?;
+        let sbin = ctl.parent().expect("rabbitmqctl has a folder");
+        let run = |prog: &str, args: &[&str]| {
+            let mut cmd = Command::new(sbin.join(prog));
+            cmd.args(args);
+            run_bounded(cmd, None, Duration::from_secs(120))
+        };
+        let status = run("rabbitmqctl", &["status"]);
+        assert!(
+            status.status.success(),
+            "RabbitMQ is installed but does not answer: {}",
+            String::from_utf8_lossy(&status.stderr)
+        );
+        let listener = |out: &Output| {
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .find(|l| l.contains("protocol: mqtt"))
+                .and_then(|l| l.split("port: ").nth(1))
+                .and_then(|p| p.split(',').next())
+                .and_then(|p| p.trim().parse::<u16>().ok())
+        };
+        let mut enabled_here = false;
+        let port = match listener(&run("rabbitmq-diagnostics", &["-q", "listeners"])) {
+            Some(port) => port,
+            None => {
+                let port = free_port();
+                let set = format!(
+                    "application:load(rabbitmq_mqtt), application:set_env(rabbitmq_mqtt, tcp_listeners, [{port}])."
+                );
+                let out = run("rabbitmqctl", &["eval", &set]);
+                assert!(out.status.success(), "{out:?}");
+                let out = run("rabbitmq-plugins", &["enable", "rabbitmq_mqtt"]);
+                assert!(out.status.success(), "enabling rabbitmq_mqtt: {out:?}");
+                enabled_here = true;
+                port
+            }
+        };
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        wait_until("RabbitMQ's MQTT listener", Duration::from_secs(60), || {
+            TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok()
+        });
+        Ok(RabbitMqtt {
+            endpoint: Endpoint {
+                port,
+                login: Some(("guest".into(), "guest".into())),
+            },
+            enabled_here,
+        })
+    }
+}
+
+impl Drop for RabbitMqtt {
+    /// Turns the plugin off again if this fixture turned it on (a node that
+    /// boots with it on would try port 1883, which mosquitto holds).
+    fn drop(&mut self) {
+        if self.enabled_here {
+            let mut cmd = Command::new("/usr/sbin/rabbitmq-plugins");
+            cmd.args(["disable", "rabbitmq_mqtt"]);
+            let _ = run_bounded(cmd, None, Duration::from_secs(120));
+        }
+    }
 }
 
 /// Applies a JSON merge patch: objects merge key by key, anything else replaces.
