@@ -237,7 +237,7 @@ impl Agent {
             }
         }
         self.transfers.record_pending(&self.queue);
-        if let Some(finished) = self
+        for finished in self
             .transfers
             .step(&self.queue, Instant::now() + WORK_SLICE)
         {

@@ -172,9 +172,10 @@ fn temp_path(final_path: &Path) -> PathBuf {
     final_path.with_file_name(format!("{TEMP_PREFIX}{hash:016x}"))
 }
 
-/// Bytes written between two `sync_data` calls, so the final fsync of a big
-/// file stays short (the loop must not block long on one disk call), and an
-/// interrupted download keeps most of what it got.
+/// Bytes written between two `sync_data` calls by default (a file of unknown
+/// size), so the final fsync of a big file stays short (the loop must not
+/// block long on one disk call), and an interrupted download keeps most of
+/// what it got even through a power cut.
 const SYNC_EVERY_BYTES: u64 = 1 << 20;
 
 /// Longest time written bytes stay unsynced (slow links: keep what came).
@@ -197,6 +198,8 @@ pub struct TempFile {
     synced: u64,
     /// When the file was last synced.
     synced_at: std::time::Instant,
+    /// Bytes between two syncs while writing; None: only the final one.
+    sync_every: Option<u64>,
 }
 
 impl TempFile {
@@ -213,6 +216,7 @@ impl TempFile {
             len: 0,
             synced: 0,
             synced_at: std::time::Instant::now(),
+            sync_every: Some(SYNC_EVERY_BYTES),
         })
     }
 
@@ -239,6 +243,7 @@ impl TempFile {
             len: keep,
             synced: keep,
             synced_at: std::time::Instant::now(),
+            sync_every: Some(SYNC_EVERY_BYTES),
         };
         use std::io::Seek;
         t.file.seek(io::SeekFrom::Start(keep))?;
@@ -256,15 +261,23 @@ impl TempFile {
         Ok(buf)
     }
 
-    /// Appends `bytes`; syncs every 1 MiB or second, so a crash keeps most
-    /// of a download and the final fsync stays short.
+    /// How often [`TempFile::write`] syncs: every `bytes` (and at least every
+    /// second while bytes come), or with None only at the end (a small file:
+    /// one fsync is all it needs, and it is cheap to fetch again).
+    pub fn sync_every(&mut self, bytes: Option<u64>) {
+        self.sync_every = bytes;
+    }
+
+    /// Appends `bytes`, syncing as [`TempFile::sync_every`] says.
     pub fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
         self.file.write_all(bytes)?;
         self.len += bytes.len() as u64;
-        if self.len - self.synced >= SYNC_EVERY_BYTES
-            || (self.len > self.synced && self.synced_at.elapsed() >= SYNC_EVERY)
-        {
-            self.sync()?;
+        if let Some(every) = self.sync_every {
+            if self.len - self.synced >= every
+                || (self.len > self.synced && self.synced_at.elapsed() >= SYNC_EVERY)
+            {
+                self.sync()?;
+            }
         }
         Ok(())
     }
@@ -303,13 +316,18 @@ impl TempFile {
         self.write(bytes)
     }
 
-    /// Flushes, fsyncs and renames over the final name; on error the
-    /// temporary file is removed and the old file (if any) stays.
+    /// Fsyncs and renames over the final name; on error the temporary file
+    /// is removed and the old file (if any) stays.
+    ///
+    /// The file's data is synced before the rename, so a power cut can never
+    /// leave a partial file at the final name. The folder is not synced after
+    /// it: if a power cut undoes the rename, the old file (or none) is there,
+    /// and the audit at start-up queues the URL again.
     pub fn commit(self) -> io::Result<()> {
         let TempFile {
             path, tmp, file, ..
         } = self;
-        let result = file.sync_all().and_then(|()| {
+        let result = file.sync_data().and_then(|()| {
             drop(file);
             // On Windows this fails with a sharing violation while the display
             // program holds the old file open; the caller retries later.
@@ -317,10 +335,8 @@ impl TempFile {
         });
         if result.is_err() {
             let _ = fs::remove_file(&tmp);
-            return result;
         }
-        sync_dir(path.parent().expect("a cache path always has a parent"));
-        Ok(())
+        result
     }
 
     /// Removes the temporary file.
@@ -355,16 +371,6 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
         return Err(e);
     }
     tmp.commit()
-}
-
-/// Makes the rename itself durable (Unix; Windows has no directory handles for this).
-fn sync_dir(dir: &Path) {
-    #[cfg(unix)]
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
-    }
-    #[cfg(not(unix))]
-    let _ = dir;
 }
 
 /// Removes temporary files left anywhere under `root` (by a crash, or by

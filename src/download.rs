@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use crate::cache::{self, TempFile};
 pub use crate::http::Failure;
-use crate::http::{Get, Head, Limits, Progress};
+use crate::http::{Get, Head, Limits, Pool, Progress};
 use crate::queue::{Job, Validators};
 use crate::verify::{self, Kind, Verifier};
 
@@ -114,6 +114,10 @@ pub struct Download {
     written: usize,
     /// Bytes of the temporary file kept for the next attempt, once set aside.
     kept: u64,
+    /// How often the temporary file is synced while it grows.
+    sync_every: Option<u64>,
+    /// CPU time spent on this download: fetching, verifying, writing.
+    cpu: Cpu,
     /// The validators of the bytes being fetched.
     validators: Validators,
     /// The resume state changed since the queue last heard of it.
@@ -129,7 +133,12 @@ pub struct Download {
 impl Download {
     /// Starts downloading `job` into the cache under `root`, or says at once
     /// why it cannot be (a bad URL or a path clash).
-    pub fn start(job: &Job, root: &Path, settings: Settings) -> Result<Download, Failure> {
+    pub fn start(
+        job: &Job,
+        root: &Path,
+        settings: Settings,
+        pool: &mut Pool,
+    ) -> Result<Download, Failure> {
         let path = cache::local_path(root, &job.url)
             .map_err(|e| Failure::Permanent(format!("rejected path: {e}")))?;
         if let Some(why) = cache::clash(root, &path) {
@@ -172,13 +181,15 @@ impl Download {
             temp,
             written: 0,
             kept: 0,
+            sync_every: sync_every(None),
+            cpu: Cpu::default(),
             resume_dirty: false,
             settings,
             started: Instant::now(),
             restarted: false,
         };
         if dl.loading == 0 {
-            dl.request()?;
+            dl.request(pool)?;
         }
         Ok(dl)
     }
@@ -191,6 +202,22 @@ impl Download {
     /// Time since the attempt began.
     pub fn elapsed(&self) -> Duration {
         self.started.elapsed()
+    }
+
+    /// Whether every byte of the body is in (what is left is checking and
+    /// writing, which need no network: the next transfer may start).
+    pub fn body_complete(&self) -> bool {
+        self.complete
+    }
+
+    /// The CPU time this download cost so far, by phase.
+    pub fn cpu(&self) -> Cpu {
+        self.cpu
+    }
+
+    /// Counts queue work done for this download (the caller measures it).
+    pub fn add_queue_cpu(&mut self, d: Duration) {
+        self.cpu.queue += d;
     }
 
     /// The resume state, when it changed since the last call (for the queue).
@@ -222,8 +249,8 @@ impl Download {
     /// few ms); `Ready` with the file in place or the reason it is not.
     /// After a transient failure the temporary file is kept when the next
     /// attempt can resume ([`Download::take_resume`] then says how far).
-    pub fn step(&mut self, deadline: Instant) -> Poll<Result<Done, Failure>> {
-        match self.advance(deadline) {
+    pub fn step(&mut self, deadline: Instant, pool: &mut Pool) -> Poll<Result<Done, Failure>> {
+        match self.advance(deadline, pool) {
             Ok(None) => Poll::Pending,
             Ok(Some(done)) => Poll::Ready(Ok(done)),
             Err(f) => {
@@ -262,7 +289,7 @@ impl Download {
     }
 
     /// Starts the request for `mode`.
-    fn request(&mut self) -> Result<(), Failure> {
+    fn request(&mut self, pool: &mut Pool) -> Result<(), Failure> {
         let mut headers = Vec::new();
         let mut limits = self.settings.limits;
         match self.mode {
@@ -286,50 +313,69 @@ impl Download {
                 }
             }
         }
-        self.get = Some(Get::start(&self.job.url, headers, limits)?);
+        self.get = Some(Get::start(&self.job.url, headers, limits, pool)?);
         Ok(())
     }
 
-    fn advance(&mut self, deadline: Instant) -> Result<Option<Done>, Failure> {
+    fn advance(&mut self, deadline: Instant, pool: &mut Pool) -> Result<Option<Done>, Failure> {
         if self.loading > 0 {
             self.load()?;
             if self.loading > 0 {
                 return Ok(None);
             }
-            self.request()?;
+            self.request(pool)?;
         }
         if !self.complete {
             // Half the slice for the network, the rest for checking what came.
             let now = Instant::now();
             let fetch_until = now + deadline.saturating_duration_since(now) / 2;
             let get = self.get.as_mut().expect("requested above");
-            match get.step(&mut self.body, fetch_until)? {
+            let t = crate::os::thread_cpu();
+            let progress = get.step(&mut self.body, fetch_until);
+            self.cpu.fetch += crate::os::thread_cpu().saturating_sub(t);
+            match progress? {
                 Progress::Pending => {}
                 Progress::Head => {
                     let head = get
                         .head()
                         .expect("Progress::Head comes with a head")
                         .clone();
-                    if let Some(done) = self.on_head(&head)? {
+                    if let Some(done) = self.on_head(&head, pool)? {
                         return Ok(Some(done));
                     }
                 }
-                Progress::Body(_) => self.write_new()?,
-                Progress::End => self.complete = true,
+                Progress::Body(_) => {
+                    let t = crate::os::thread_cpu();
+                    let written = self.write_new();
+                    self.cpu.write += crate::os::thread_cpu().saturating_sub(t);
+                    written?
+                }
+                Progress::End => {
+                    self.complete = true;
+                    get.release(pool);
+                }
             }
         }
         let Some(verifier) = self.verifier.as_mut() else {
             return Ok(None);
         };
         if self.kind.is_none() {
-            match verifier.step(&self.body, self.complete, deadline) {
+            let t = crate::os::thread_cpu();
+            let progress = verifier.step(&self.body, self.complete, deadline);
+            self.cpu.verify += crate::os::thread_cpu().saturating_sub(t);
+            match progress {
                 verify::Progress::NeedMore | verify::Progress::Paused => return Ok(None),
                 verify::Progress::Done(Err(e)) => return Err(Failure::Permanent(e)),
                 verify::Progress::Done(Ok(kind)) => self.kind = Some(kind),
             }
         }
         match (self.complete, self.kind) {
-            (true, Some(kind)) => self.finish(kind).map(|s| Some(Done::Stored(s))),
+            (true, Some(kind)) => {
+                let t = crate::os::thread_cpu();
+                let stored = self.finish(kind);
+                self.cpu.write += crate::os::thread_cpu().saturating_sub(t);
+                stored.map(|s| Some(Done::Stored(s)))
+            }
             _ => Ok(None),
         }
     }
@@ -360,7 +406,7 @@ impl Download {
     /// The final head is in: refuse error statuses before any byte is kept,
     /// handle a resumed or conditional answer; `Some` when the download is
     /// over (not modified).
-    fn on_head(&mut self, head: &Head) -> Result<Option<Done>, Failure> {
+    fn on_head(&mut self, head: &Head, pool: &mut Pool) -> Result<Option<Done>, Failure> {
         let served = Validators {
             etag: head.header("etag").map(str::to_string),
             last_modified: head.header("last-modified").map(str::to_string),
@@ -395,14 +441,14 @@ impl Download {
                     }
                     _ => {
                         return self
-                            .start_over("the server's range did not fit")
+                            .start_over("the server's range did not fit", pool)
                             .map(|()| None)
                     }
                 }
             }
             (Mode::Rest(_), 416) => {
                 return self
-                    .start_over("the server refused the range (416)")
+                    .start_over("the server refused the range (416)", pool)
                     .map(|()| None)
             }
             (Mode::Rest(_), 200) => {
@@ -436,13 +482,18 @@ impl Download {
             etag: served.etag,
             last_modified: served.last_modified,
         };
-        self.resume_dirty = true;
+        // The queue hears of the validators with the first synced bytes (a
+        // small picture, done in one go, costs the queue no extra write).
+        self.sync_every = sync_every(head.header("content-length").and_then(|v| v.parse().ok()));
+        if let Some(t) = &mut self.temp {
+            t.sync_every(self.sync_every);
+        }
         self.verifier = Some(Verifier::new(&self.job.url, head.header("content-type")));
         Ok(None)
     }
 
     /// Forgets the kept prefix and asks for the whole file again (once per attempt).
-    fn start_over(&mut self, why: &str) -> Result<(), Failure> {
+    fn start_over(&mut self, why: &str, pool: &mut Pool) -> Result<(), Failure> {
         if self.restarted {
             return Err(Failure::transient(format!("{why}, again")));
         }
@@ -451,7 +502,7 @@ impl Download {
         self.drop_prefix()?;
         self.mode = Mode::Whole;
         self.validators = Validators::default();
-        self.request()
+        self.request(pool)
     }
 
     /// Empties the body and the temporary file.
@@ -473,7 +524,8 @@ impl Download {
             return Ok(());
         }
         if self.temp.is_none() {
-            let temp = TempFile::create(&self.path).map_err(|e| self.write_failure(e))?;
+            let mut temp = TempFile::create(&self.path).map_err(|e| self.write_failure(e))?;
+            temp.sync_every(self.sync_every);
             self.temp = Some(temp);
         }
         let temp = self.temp.as_mut().expect("made above");
@@ -521,6 +573,34 @@ impl Download {
 
     fn write_failure(&self, e: std::io::Error) -> Failure {
         write_failure(&self.root, &self.path, e)
+    }
+}
+
+/// CPU time one download cost, by phase (for the benchmark's split).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Cpu {
+    /// The HTTP side: dial, TLS, reading and framing the body.
+    pub fetch: Duration,
+    /// Verifying the bytes.
+    pub verify: Duration,
+    /// Writing the temporary file, syncing and renaming it.
+    pub write: Duration,
+    /// Reading and updating the queue for it.
+    pub queue: Duration,
+}
+
+/// Files up to this size are synced once, at the end: a crash costs at most
+/// one small download again. Bigger ones sync in steps, to resume after a
+/// power cut with little lost.
+const SMALL_FILE_BYTES: u64 = 4 << 20;
+
+/// How often a temporary file of `length` bytes (if known) is synced while
+/// it grows: never for a small file, every eighth of a big one (1-8 MiB).
+fn sync_every(length: Option<u64>) -> Option<u64> {
+    match length {
+        Some(n) if n <= SMALL_FILE_BYTES => None,
+        Some(n) => Some((n / 8).clamp(1 << 20, 8 << 20)),
+        None => Some(1 << 20),
     }
 }
 

@@ -38,6 +38,13 @@ const READ_BUFFER_BYTES: usize = 64 * 1024;
 /// Shortest socket timeout set: a zero timeout means "block forever" to the OS.
 const MIN_SOCKET_WAIT: Duration = Duration::from_millis(1);
 
+/// How long an idle kept-alive connection is reused (servers close theirs
+/// after 5-75 s; an older one would mostly fail on first use).
+const POOL_IDLE: Duration = Duration::from_secs(4);
+
+/// Idle connections kept at most (one per picture server, in practice).
+const POOL_MAX: usize = 4;
+
 /// Why a request failed, split by what the queue should do about it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Failure {
@@ -193,6 +200,8 @@ fn encode_target(target: &str) -> String {
 pub struct Head {
     /// The status code.
     pub status: u16,
+    /// An HTTP/1.1 (or later 1.x) response, not 1.0.
+    pub version_1_1: bool,
     /// Header names and values in order (values trimmed).
     pub headers: Vec<(String, String)>,
 }
@@ -269,7 +278,15 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, String> {
             headers.push((k.trim().to_string(), v.trim().to_string()));
         }
     }
-    Ok(Some((Head { status, headers }, end)))
+    let version_1_1 = version != "HTTP/1.0";
+    Ok(Some((
+        Head {
+            status,
+            version_1_1,
+            headers,
+        },
+        end,
+    )))
 }
 
 /// How the body of a response is delimited.
@@ -572,6 +589,54 @@ fn tls_error(e: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, format!("TLS: {e}"))
 }
 
+/// Where a connection goes: scheme, host and port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Origin {
+    /// TLS?
+    https: bool,
+    /// Host name or address.
+    host: String,
+    /// Port.
+    port: u16,
+}
+
+impl Origin {
+    fn of(url: &Url) -> Origin {
+        Origin {
+            https: url.https,
+            host: url.host.clone(),
+            port: url.port,
+        }
+    }
+}
+
+/// Connections kept open between requests to the same server (HTTP/1.1
+/// keep-alive), as curl and browsers do: a drain of many pictures from one
+/// server pays for one connect (and one TLS handshake), not one each.
+#[derive(Default)]
+pub struct Pool {
+    /// Idle connections, oldest first, with when they became idle.
+    idle: Vec<(Origin, Conn, Instant)>,
+}
+
+impl Pool {
+    /// An idle connection to `origin` that is not too old, if there is one.
+    fn take(&mut self, origin: &Origin) -> Option<Conn> {
+        self.idle
+            .retain(|(_, _, since)| since.elapsed() < POOL_IDLE);
+        let i = self.idle.iter().rposition(|(o, _, _)| o == origin)?;
+        Some(self.idle.remove(i).1)
+    }
+
+    /// Keeps `conn` for the next request to `origin`.
+    fn put(&mut self, origin: Origin, conn: Conn) {
+        if self.idle.len() >= POOL_MAX {
+            self.idle.remove(0);
+        }
+        self.idle.push((origin, conn, Instant::now()));
+    }
+}
+
 /// Where a [`Get`] is.
 enum State {
     /// Looking up the host and connecting.
@@ -627,14 +692,23 @@ pub struct Get {
     received: u64,
     /// When the body began (the throttle counts from here).
     body_started: Instant,
+    /// The connection came from the pool: if it fails before any byte of a
+    /// response, the server had closed it meanwhile, and a new one is dialed.
+    reused: bool,
+    /// The server may keep the connection open after this response.
+    keep_alive: bool,
+    /// The connection, once the response is complete and it can be reused.
+    idle: Option<Conn>,
 }
 
 impl Get {
-    /// Starts a GET of `url` with `extra` request headers.
+    /// Starts a GET of `url` with `extra` request headers, on an idle
+    /// connection from `pool` if there is one to the same server.
     pub fn start(
         url: &str,
         extra: Vec<(&'static str, String)>,
         limits: Limits,
+        pool: &mut Pool,
     ) -> Result<Get, Failure> {
         let url = Url::parse(url).map_err(Failure::Permanent)?;
         let now = Instant::now();
@@ -649,9 +723,44 @@ impl Get {
             last_progress: now,
             received: 0,
             body_started: now,
+            reused: false,
+            keep_alive: false,
+            idle: None,
         };
-        get.state = get.dial()?;
+        get.state = match pool.take(&Origin::of(&get.url)) {
+            Some(conn) => {
+                get.reused = true;
+                State::Sending {
+                    conn,
+                    request: get.request(),
+                    sent: 0,
+                }
+            }
+            None => get.dial()?,
+        };
         Ok(get)
+    }
+
+    /// Gives the connection back to `pool` if the response is complete and
+    /// the server keeps it open.
+    pub fn release(&mut self, pool: &mut Pool) {
+        if let Some(conn) = self.idle.take() {
+            pool.put(Origin::of(&self.url), conn);
+        }
+    }
+
+    /// A reused connection failed before any byte of the response: the
+    /// server closed it while it was idle. Dial a new one (once).
+    fn stale(&mut self, e: &str) -> Result<State, Failure> {
+        if !self.reused {
+            return Err(Failure::transient(format!("connection failed: {e}")));
+        }
+        self.reused = false;
+        log::debug!(
+            "{}: a kept-alive connection was closed by the server ({e}); reconnecting",
+            self.url.host
+        );
+        self.dial()
     }
 
     /// The URL fetched now (the last redirect's target).
@@ -709,7 +818,7 @@ impl Get {
 
     fn request(&self) -> Vec<u8> {
         let mut r = format!(
-            "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: holosync/{}\r\nAccept: */*\r\nConnection: close\r\n",
+            "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: holosync/{}\r\nAccept: */*\r\n",
             self.url.target,
             self.url.host_header(),
             env!("CARGO_PKG_VERSION")
@@ -809,7 +918,7 @@ impl Get {
                             };
                             return Ok(Progress::Pending);
                         }
-                        Err(e) => return Err(net_failure(e)),
+                        Err(e) => self.state = self.stale(&e.to_string())?,
                     }
                 }
                 State::Head { mut conn, mut buf } => {
@@ -830,6 +939,9 @@ impl Get {
                     conn.wait_until(deadline).map_err(net_failure)?;
                     let mut chunk = vec![0u8; 8192];
                     match conn.recv(&mut chunk) {
+                        Ok(0) if buf.is_empty() && self.reused => {
+                            self.state = self.stale("closed")?;
+                        }
                         Ok(0) => {
                             return Err(Failure::transient(if buf.is_empty() {
                                 "server closed the connection without a response".to_string()
@@ -846,6 +958,7 @@ impl Get {
                             self.state = State::Head { conn, buf };
                             return Ok(Progress::Pending);
                         }
+                        Err(e) if buf.is_empty() => self.state = self.stale(&e.to_string())?,
                         Err(e) => return Err(net_failure(e)),
                     }
                 }
@@ -859,6 +972,9 @@ impl Get {
                     let appended = body.len() - before;
                     match result? {
                         true => {
+                            if self.keep_alive {
+                                self.idle = Some(conn);
+                            }
                             return Ok(if appended > 0 {
                                 // Report the bytes; the next step reports the end.
                                 Progress::Body(appended)
@@ -941,6 +1057,13 @@ impl Get {
                 return Err(too_large(self.limits.max_bytes));
             }
         }
+        // HTTP/1.1 keeps the connection unless told otherwise; a body that
+        // ends with the connection cannot leave it reusable.
+        self.keep_alive = !matches!(framing, Framing::UntilClose)
+            && head.version_1_1
+            && !head
+                .header("connection")
+                .is_some_and(|v| v.to_ascii_lowercase().contains("close"));
         self.head = Some(head);
         self.body_started = Instant::now();
         Ok(Some(State::Body {
@@ -1046,6 +1169,10 @@ impl Get {
             Framing::Empty => true,
             Framing::Length(n) => {
                 let want = usize::try_from(*n - self.received).unwrap_or(usize::MAX);
+                if data.len() > want {
+                    // Bytes past the body: the connection is not clean.
+                    self.keep_alive = false;
+                }
                 body.extend_from_slice(&data[..data.len().min(want)]);
                 self.received + (body.len() - before) as u64 == *n
             }
@@ -1054,7 +1181,10 @@ impl Get {
                 false
             }
             Framing::Chunked(c) => {
-                c.feed(data, body).map_err(Failure::transient)?;
+                let used = c.feed(data, body).map_err(Failure::transient)?;
+                if used < data.len() {
+                    self.keep_alive = false;
+                }
                 c.is_done()
             }
         };
@@ -1155,6 +1285,7 @@ mod tests {
     fn framing_follows_the_rfc_order() {
         let head = |h: &[(&str, &str)]| Head {
             status: 200,
+            version_1_1: true,
             headers: h
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))

@@ -1,7 +1,13 @@
 //! The downloads side of the loop: which queue row is fetched next and when
 //! (at most one start per `download.interval_ms`; a check answered "not
-//! modified" gives its turn back), the download in progress, and its result
-//! in the queue (kept and written again later if the database is busy).
+//! modified" gives its turn back), the downloads in progress, and their
+//! results in the queue (kept and written again later if the database is
+//! busy).
+//!
+//! Two downloads overlap, still on the one thread: once a download's bytes
+//! are all in, it moves aside to be checked and written while the next one
+//! already transfers, so the link does not idle during that work. Only one
+//! transfer is on the network at a time.
 
 use std::path::PathBuf;
 use std::task::Poll;
@@ -9,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use crate::config;
 use crate::download::{self, Done, Download, Failure, Resume};
+use crate::http::Pool;
 use crate::queue::{self, Job, Queue, Validators};
 
 /// With nothing due, the queue is looked at again after this (rows can also
@@ -54,8 +61,10 @@ pub struct Transfers {
     interval: Duration,
     /// Attempts, backoff.
     retries: Retries,
-    /// The download in progress.
+    /// The download on the network.
     download: Option<Download>,
+    /// The download whose bytes are all in, being checked and written.
+    finishing: Option<Download>,
     /// When the last download started.
     last_start: Option<Instant>,
     /// The start before that (a check that needed no transfer gives its turn back).
@@ -64,6 +73,8 @@ pub struct Transfers {
     next_check: Instant,
     /// Results the queue could not take yet (database busy).
     unrecorded: Vec<Record>,
+    /// Kept-alive connections to picture servers.
+    pool: Pool,
 }
 
 /// The retry settings.
@@ -91,10 +102,12 @@ impl Transfers {
                 max_ms: d.retry_max_ms,
             },
             download: None,
+            finishing: None,
             last_start: None,
             previous_start: None,
             next_check: Instant::now(),
             unrecorded: Vec::new(),
+            pool: Pool::default(),
         }
     }
 
@@ -105,12 +118,12 @@ impl Transfers {
 
     /// Whether a download is in progress.
     pub fn busy(&self) -> bool {
-        self.download.is_some()
+        self.download.is_some() || self.finishing.is_some()
     }
 
     /// When there is something to do (None: now); the loop may wait until then.
     pub fn idle_until(&self, retry_at: Instant) -> Option<Instant> {
-        if self.download.is_some() {
+        if self.busy() {
             return None;
         }
         Some(if self.unrecorded.is_empty() {
@@ -120,19 +133,29 @@ impl Transfers {
         })
     }
 
-    /// One slice: start a due download (if the pace allows), or work on the
-    /// one in progress until `deadline`. Returns the download that finished.
-    pub fn step(&mut self, queue: &Queue, deadline: Instant) -> Option<Finished> {
-        if self.download.is_none() && self.unrecorded.is_empty() {
-            if let Some(finished) = self.start(queue) {
-                return Some(finished);
+    /// One slice: finish the download whose bytes are in, start a due one
+    /// (if the pace allows), work on the one on the network. Returns the
+    /// downloads that finished.
+    pub fn step(&mut self, queue: &Queue, deadline: Instant) -> Vec<Finished> {
+        let mut finished = Vec::new();
+        if let Some(dl) = &mut self.finishing {
+            if let Poll::Ready(result) = dl.step(deadline, &mut self.pool) {
+                let dl = self.finishing.take().expect("stepped above");
+                finished.push(self.finished(queue, dl, result));
             }
         }
-        let dl = self.download.as_mut()?;
-        match dl.step(deadline) {
+        if self.download.is_none() && self.unrecorded.is_empty() {
+            if let Some(f) = self.start(queue) {
+                finished.push(f);
+            }
+        }
+        let Some(dl) = self.download.as_mut() else {
+            return finished;
+        };
+        match dl.step(deadline, &mut self.pool) {
             Poll::Ready(result) => {
                 let dl = self.download.take().expect("stepped above");
-                Some(self.finished(queue, dl, result))
+                finished.push(self.finished(queue, dl, result));
             }
             Poll::Pending => {
                 if let Some(r) = dl.take_resume() {
@@ -141,9 +164,13 @@ impl Transfers {
                         log::debug!("{}", e.chain());
                     }
                 }
-                None
+                if dl.body_complete() && self.finishing.is_none() {
+                    // The network is free: the next download may start.
+                    self.finishing = self.download.take();
+                }
             }
         }
+        finished
     }
 
     /// Looks for a due row and starts downloading it; a row refused before
@@ -159,7 +186,10 @@ impl Transfers {
                 return None;
             }
         }
-        let job = match queue.next_due(crate::agent::unix_ms()) {
+        let cpu = crate::os::thread_cpu();
+        let due = queue.next_due(crate::agent::unix_ms());
+        let queue_cpu = crate::os::thread_cpu().saturating_sub(cpu);
+        let job = match due {
             Ok(Some(job)) => job,
             Ok(None) => {
                 let wait = match queue.next_due_time() {
@@ -177,10 +207,11 @@ impl Transfers {
                 return None;
             }
         };
-        match Download::start(&job, &self.root, self.settings) {
-            Ok(dl) => {
+        match Download::start(&job, &self.root, self.settings, &mut self.pool) {
+            Ok(mut dl) => {
                 self.previous_start = self.last_start;
                 self.last_start = Some(now);
+                dl.add_queue_cpu(queue_cpu);
                 self.download = Some(dl);
                 None
             }
@@ -200,11 +231,22 @@ impl Transfers {
         let elapsed = dl.elapsed();
         let job = dl.job().clone();
         let resume = dl.take_resume().unwrap_or_default();
+        let cpu = dl.cpu();
         if matches!(result, Ok(Done::NotModified { .. })) {
             // A check, not a transfer: the pause between transfers does not apply.
             self.last_start = self.previous_start;
         }
+        let t = crate::os::thread_cpu();
         let finished = self.record(queue, job, result, elapsed, resume);
+        let queue_cpu = cpu.queue + crate::os::thread_cpu().saturating_sub(t);
+        log::debug!(
+            "cpu for {}: fetch {} us, verify {} us, write {} us, queue {} us",
+            finished.url,
+            cpu.fetch.as_micros(),
+            cpu.verify.as_micros(),
+            cpu.write.as_micros(),
+            queue_cpu.as_micros()
+        );
         let allowed = self
             .last_start
             .map_or(Instant::now(), |t| t + self.interval);
@@ -326,7 +368,10 @@ impl Transfers {
     /// The agent stops: the download in progress is left (its temporary
     /// file kept if it can be resumed), what is unrecorded is tried once more.
     pub fn stop(&mut self, queue: &Queue) {
-        if let Some(dl) = self.download.take() {
+        for dl in [self.finishing.take(), self.download.take()]
+            .into_iter()
+            .flatten()
+        {
             let job = dl.job().clone();
             let resume = dl.abandon();
             log::info!(

@@ -708,3 +708,50 @@ fn the_old_scripts_config_with_mall_syncs_through_its_topics() {
         b
     );
 }
+
+/// Pictures from one server come over one kept-alive connection (as curl
+/// does), and a kept connection the server closed meanwhile is replaced
+/// without a failed download.
+#[test]
+fn pictures_from_one_server_share_a_kept_alive_connection() {
+    let broker = Mosquitto::start();
+    let http = HttpServer::start();
+    let dir = TempDir::new("e2e-keepalive");
+    http.set_keep_alive(common::KeepAlive::On);
+    let files: Vec<(String, Vec<u8>)> = (0..10)
+        .map(|i| (format!("/ka/{i}.png"), png(8, 8, 100 + i)))
+        .collect();
+    for (path, bytes) in &files {
+        http.set(path, Route::Ok(bytes.clone()));
+    }
+    let agent = agent_with(dir.path(), &broker, json!({"download": {"interval_ms": 0}}));
+    let urls: Vec<String> = files.iter().map(|(p, _)| http.url(p)).collect();
+    broker.publish("sync", urls.join(",").as_bytes(), 1);
+    agent.wait_done(10, WAIT);
+    assert!(
+        http.connections() <= 3,
+        "{} connections for 10 pictures",
+        http.connections()
+    );
+
+    // Now the server says keep-alive but closes: every reuse finds it closed.
+    http.set_keep_alive(common::KeepAlive::Lies);
+    let more: Vec<(String, Vec<u8>)> = (0..5)
+        .map(|i| (format!("/ka/more-{i}.png"), png(8, 8, 200 + i)))
+        .collect();
+    for (path, bytes) in &more {
+        http.set(path, Route::Ok(bytes.clone()));
+    }
+    let urls: Vec<String> = more.iter().map(|(p, _)| http.url(p)).collect();
+    broker.publish("sync", urls.join(",").as_bytes(), 1);
+    agent.wait_done(15, WAIT);
+    assert!(
+        !agent.log().contains("failed (attempt"),
+        "{}",
+        agent.diagnostics()
+    );
+    for (path, bytes) in files.iter().chain(&more) {
+        let local = agent.cache().join(path.trim_start_matches('/'));
+        assert_eq!(&std::fs::read(&local).unwrap(), bytes);
+    }
+}

@@ -779,6 +779,19 @@ struct Slot {
     served: usize,
 }
 
+/// Whether [`Route::Ok`] answers keep the connection open for more requests.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum KeepAlive {
+    /// `Connection: close` after every answer.
+    #[default]
+    Off,
+    /// HTTP/1.1 keep-alive: more requests on the same connection.
+    On,
+    /// Says keep-alive, but closes after each answer (as a server whose idle
+    /// timeout is shorter than the client thinks).
+    Lies,
+}
+
 /// Server state behind one mutex so waits can use one condvar.
 #[derive(Default)]
 struct ServerState {
@@ -796,6 +809,10 @@ struct ServerState {
     heads: HashMap<String, Vec<Vec<(String, String)>>>,
     /// When each request for a raw target arrived, in order.
     times: HashMap<String, Vec<Instant>>,
+    /// How [`Route::Ok`] answers treat the connection.
+    keep_alive: KeepAlive,
+    /// Connections accepted.
+    connections: usize,
     /// Targets whose Hold has been released (until the next `set`).
     released: HashSet<String>,
 }
@@ -857,6 +874,7 @@ impl HttpServer {
                     break;
                 }
                 if let Ok(stream) = conn {
+                    lock(&s.state).connections += 1;
                     let s = s.clone();
                     thread::spawn(move || handle_http(stream, &s));
                 }
@@ -867,6 +885,16 @@ impl HttpServer {
             shared,
             accept: Some(accept),
         }
+    }
+
+    /// How [`Route::Ok`] answers treat the connection from now on.
+    pub fn set_keep_alive(&self, mode: KeepAlive) {
+        lock(&self.shared.state).keep_alive = mode;
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        lock(&self.shared.state).connections
     }
 
     /// The listening port.
@@ -1083,13 +1111,20 @@ fn response_head(status: u16, ctype: &str, len: usize, extra: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-/// Serves one connection: one request, one response, close.
+/// Serves one connection: one request, one response, close (with
+/// [`KeepAlive::On`], more requests while the answers are [`Route::Ok`]).
 fn handle_http(stream: TcpStream, shared: &ServerShared) {
     let _ = stream.set_nodelay(true);
     let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
     let _ = stream.set_write_timeout(Some(Duration::from_secs(30)));
+    while serve_one(&stream, shared) {}
+}
+
+/// Serves one request; true when the connection stays open for another.
+fn serve_one(stream: &TcpStream, shared: &ServerShared) -> bool {
+    let stream = stream.try_clone().expect("clone the connection");
     let Ok(head) = peek_request(&stream) else {
-        return;
+        return false;
     };
     let mut n = 0;
     let route = {
@@ -1121,10 +1156,25 @@ fn handle_http(stream: TcpStream, shared: &ServerShared) {
     }
     if let Some(Route::Ranged(file)) = &route {
         let _ = serve_ranged(&stream, file, n, &head, shared);
-        return;
+        return false;
+    }
+    let mode = lock(&shared.state).keep_alive;
+    if let (Some(Route::Ok(body)), KeepAlive::On | KeepAlive::Lies) = (&route, mode) {
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: keep-alive\r\n\r\n",
+            content_type(body),
+            body.len()
+        );
+        let mut w = &stream;
+        let sent = w
+            .write_all(answer.as_bytes())
+            .and_then(|()| w.write_all(body))
+            .and_then(|()| w.flush());
+        return sent.is_ok() && mode == KeepAlive::On;
     }
     let head_only = head.method.eq_ignore_ascii_case("HEAD");
     let _ = respond(&stream, route, &head.target, head_only, shared);
+    false
 }
 
 /// Serves the n-th request for a [`Route::Ranged`] file.
