@@ -348,11 +348,20 @@ impl Download {
                     let t = crate::os::thread_cpu();
                     let written = self.write_new();
                     self.cpu.write += crate::os::thread_cpu().saturating_sub(t);
-                    written?
+                    written?;
+                    let get = self.get.as_mut().expect("requested above");
+                    if get.finished() {
+                        self.complete = true;
+                        get.release(pool);
+                        // Back to the caller first: the network is free for
+                        // the next transfer while this one is checked and written.
+                        return Ok(None);
+                    }
                 }
                 Progress::End => {
                     self.complete = true;
                     get.release(pool);
+                    return Ok(None);
                 }
             }
         }

@@ -778,6 +778,11 @@ impl Get {
         self.received
     }
 
+    /// Whether the whole body is in (the next [`Get::step`] says `End`).
+    pub fn finished(&self) -> bool {
+        self.head.is_some() && matches!(self.state, State::Done)
+    }
+
     /// The body length the server announced, if any.
     pub fn content_length(&self) -> Option<u64> {
         match &self.state {

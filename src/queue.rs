@@ -427,13 +427,20 @@ impl Queue {
 
     /// The row to download now, oldest due first, or None.
     pub fn next_due(&self, now_ms: i64) -> Result<Option<Job>> {
+        self.next_due_except(now_ms, None)
+    }
+
+    /// Like [`Queue::next_due`], leaving out the row `busy` (a download still
+    /// being finished: its row is not done yet, but it must not start twice).
+    pub fn next_due_except(&self, now_ms: i64, busy: Option<i64>) -> Result<Option<Job>> {
         self.conn
             .prepare_cached(
                 "SELECT id, url, attempts, etag, last_modified, partial, size FROM queue
                  WHERE state IN ('pending', 'retry') AND next_attempt <= ?1
+                   AND (?2 IS NULL OR id != ?2)
                  ORDER BY next_attempt, id LIMIT 1",
             )
-            .and_then(|mut s| s.query_row([now_ms], job_from_row).optional())
+            .and_then(|mut s| s.query_row(params![now_ms, busy], job_from_row).optional())
             .context(|| "could not read the queue")
     }
 
@@ -836,6 +843,18 @@ mod tests {
         assert_eq!(q.next_due_time().unwrap(), Some(1000));
         let again = q.next_due(1000).unwrap().unwrap();
         assert_eq!((again.url.as_str(), again.attempts), ("http://h/1", 1));
+    }
+
+    #[test]
+    fn a_row_being_finished_is_not_started_twice() {
+        let mut q = Queue::in_memory();
+        q.enqueue(&ok(&["http://h/1", "http://h/2"]), 10, MAX)
+            .unwrap();
+        let first = q.next_due(10).unwrap().unwrap();
+        let next = q.next_due_except(10, Some(first.id)).unwrap().unwrap();
+        assert_eq!(next.url, "http://h/2");
+        q.mark_done(&next, 1, &Validators::default(), 11).unwrap();
+        assert_eq!(q.next_due_except(10, Some(first.id)).unwrap(), None);
     }
 
     #[test]

@@ -22,6 +22,10 @@ use crate::queue::{self, Job, Queue, Validators};
 /// arrive from `holosync enqueue` in another process).
 const IDLE_RECHECK: Duration = Duration::from_secs(10);
 
+/// How long the download on the network may wait for bytes when another one
+/// waits to be finished (checked and written): enough to send a request.
+const NETWORK_TASTE: Duration = Duration::from_millis(1);
+
 /// How soon a queue read that failed (database busy) is tried again.
 const QUEUE_RETRY: Duration = Duration::from_millis(500);
 
@@ -138,36 +142,54 @@ impl Transfers {
     /// downloads that finished.
     pub fn step(&mut self, queue: &Queue, deadline: Instant) -> Vec<Finished> {
         let mut finished = Vec::new();
-        if let Some(dl) = &mut self.finishing {
-            if let Poll::Ready(result) = dl.step(deadline, &mut self.pool) {
-                let dl = self.finishing.take().expect("stepped above");
-                finished.push(self.finished(queue, dl, result));
-            }
-        }
         if self.download.is_none() && self.unrecorded.is_empty() {
             if let Some(f) = self.start(queue) {
                 finished.push(f);
             }
         }
-        let Some(dl) = self.download.as_mut() else {
-            return finished;
-        };
-        match dl.step(deadline, &mut self.pool) {
-            Poll::Ready(result) => {
-                let dl = self.download.take().expect("stepped above");
-                finished.push(self.finished(queue, dl, result));
-            }
-            Poll::Pending => {
-                if let Some(r) = dl.take_resume() {
-                    // How far it got, so a crash or a restart resumes from there.
-                    if let Err(e) = queue.set_partial(dl.job(), r.partial, &r.validators) {
-                        log::debug!("{}", e.chain());
+        if let Some(dl) = self.download.as_mut() {
+            // With a download to finish, only send the request and take what
+            // is there: the finishing work then runs while the reply travels.
+            let until = if self.finishing.is_some() {
+                Instant::now() + NETWORK_TASTE
+            } else {
+                deadline
+            };
+            match dl.step(until, &mut self.pool) {
+                Poll::Ready(result) => {
+                    let dl = self.download.take().expect("stepped above");
+                    finished.push(self.finished(queue, dl, result));
+                }
+                Poll::Pending => {
+                    if let Some(r) = dl.take_resume() {
+                        // How far it got, so a crash or a restart resumes from there.
+                        if let Err(e) = queue.set_partial(dl.job(), r.partial, &r.validators) {
+                            log::debug!("{}", e.chain());
+                        }
+                    }
+                    if dl.body_complete() && self.finishing.is_none() {
+                        // The network is free: the next download may start.
+                        self.finishing = self.download.take();
+                        if let Some(f) = self.start(queue) {
+                            finished.push(f);
+                        }
+                        if let Some(next) = self.download.as_mut() {
+                            // Its request goes out before the finishing work.
+                            if let Poll::Ready(result) =
+                                next.step(Instant::now() + NETWORK_TASTE, &mut self.pool)
+                            {
+                                let dl = self.download.take().expect("stepped above");
+                                finished.push(self.finished(queue, dl, result));
+                            }
+                        }
                     }
                 }
-                if dl.body_complete() && self.finishing.is_none() {
-                    // The network is free: the next download may start.
-                    self.finishing = self.download.take();
-                }
+            }
+        }
+        if let Some(dl) = &mut self.finishing {
+            if let Poll::Ready(result) = dl.step(deadline, &mut self.pool) {
+                let dl = self.finishing.take().expect("stepped above");
+                finished.push(self.finished(queue, dl, result));
             }
         }
         finished
@@ -187,7 +209,8 @@ impl Transfers {
             }
         }
         let cpu = crate::os::thread_cpu();
-        let due = queue.next_due(crate::agent::unix_ms());
+        let busy = self.finishing.as_ref().map(|dl| dl.job().id);
+        let due = queue.next_due_except(crate::agent::unix_ms(), busy);
         let queue_cpu = crate::os::thread_cpu().saturating_sub(cpu);
         let job = match due {
             Ok(Some(job)) => job,

@@ -733,6 +733,16 @@ fn pictures_from_one_server_share_a_kept_alive_connection() {
         "{} connections for 10 pictures",
         http.connections()
     );
+    // Downloads overlap (one finishing while the next transfers): still
+    // each picture is fetched once.
+    for (path, _) in &files {
+        assert_eq!(
+            http.hits(path),
+            1,
+            "{path} fetched {} times",
+            http.hits(path)
+        );
+    }
 
     // Now the server says keep-alive but closes: every reuse finds it closed.
     http.set_keep_alive(common::KeepAlive::Lies);
