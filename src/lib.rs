@@ -13,7 +13,6 @@ pub mod config;
 pub mod dial;
 pub mod download;
 pub mod error;
-pub mod fuzz_checks;
 pub mod http;
 pub mod inbox;
 pub mod link;

@@ -1,5 +1,5 @@
 //! Replays every file in `fuzz/corpus/<target>/` through the property check
-//! its fuzz target runs (`holosync::fuzz_checks`), so the seeds and every
+//! its fuzz target runs (`fuzz/checks.rs`), so the seeds and every
 //! input the fuzzers found stay checked on stable Rust without cargo-fuzz.
 //! Run alone with `cargo test --test fuzz_corpus`.
 //!
@@ -12,7 +12,11 @@ use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use holosync::{cache, fuzz_checks, projector, verify};
+use holosync::{cache, projector, verify};
+
+/// The fuzz targets' properties, shared with them (test support, not product code).
+#[path = "../fuzz/checks.rs"]
+mod fuzz_checks;
 
 /// Largest heap one image check may hold at once, like the image fuzz
 /// target's `-malloc_limit_mb=256`: a decompression bomb must be refused (or

@@ -1,5 +1,9 @@
 //! Sync payload bytes -> URLs (`message::parse_sync`).
-//! The properties are in `holosync::fuzz_checks::sync_payload`, shared with tests/fuzz_corpus.rs.
+//! The properties are in `checks::sync_payload`, shared with tests/fuzz_corpus.rs.
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| holosync::fuzz_checks::sync_payload(data));
+#[path = "../checks.rs"]
+#[allow(dead_code)] // each target uses one of the properties
+mod checks;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| checks::sync_payload(data));

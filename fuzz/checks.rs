@@ -9,7 +9,7 @@
 
 use std::path::{Component, Path};
 
-use crate::{cache, config, message, projector, verify};
+use holosync::{cache, config, message, projector, verify};
 
 /// Cache root used by the path properties.
 const ROOT: &str = "/srv/holosync/cache";
