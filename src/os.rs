@@ -1,7 +1,8 @@
 //! The one module that calls OS APIs directly (hence the one allowed
 //! `unsafe`): attaching to the console a command was started from (Windows),
 //! and hearing when the agent is asked to stop (SIGTERM, SIGINT, SIGHUP on
-//! Unix; Ctrl-C, Ctrl-Break and the console window closing on Windows).
+//! Unix; Ctrl-C, Ctrl-Break, the console window closing, log-off and
+//! shutdown on Windows).
 
 #![allow(unsafe_code)]
 
@@ -14,13 +15,15 @@ use std::time::{Duration, Instant};
 const STOP_GRACE: Duration = Duration::from_secs(3);
 
 /// Names of the stop requests; `STOP` holds the index + 1 of the one heard.
-const REASONS: [&str; 6] = [
+const REASONS: [&str; 8] = [
     "SIGTERM",
     "SIGINT (Ctrl-C)",
     "SIGHUP (terminal closed)",
     "Ctrl-C",
     "Ctrl-Break",
     "the console window closing",
+    "Windows log-off",
+    "Windows shutdown",
 ];
 
 /// 0 until a stop is requested, then 1 + the index in `REASONS`.
@@ -140,9 +143,11 @@ pub fn watch_stop() {
     }
 }
 
-/// Starts hearing stop requests. Only a process with a console gets these
-/// events; a kiosk started from the Startup folder has none and is ended by
-/// Windows at log-off without notice (the next start says so in the log).
+/// Starts hearing stop requests: console events (Ctrl-C, Ctrl-Break, the
+/// console closing) when a console is attached, and log-off and shutdown
+/// through a hidden window, which every process with a window is sent
+/// (Windows gives those to console handlers only in processes without
+/// user32, and a kiosk started from the Startup folder has no console).
 #[cfg(windows)]
 pub fn watch_stop() {
     use windows_sys::Win32::System::Console::SetConsoleCtrlHandler;
@@ -150,6 +155,14 @@ pub fn watch_stop() {
     // valid for the life of the process.
     unsafe {
         SetConsoleCtrlHandler(Some(console_event), 1);
+    }
+    let watcher = std::thread::Builder::new()
+        .name("holosync-session".into())
+        .spawn(session_window);
+    if let Err(e) = watcher {
+        log::warn!(
+            "could not start the log-off watcher thread ({e}); a log-off will not be logged"
+        );
     }
 }
 
@@ -161,11 +174,88 @@ unsafe extern "system" fn console_event(event: u32) -> windows_sys::core::BOOL {
         CTRL_C_EVENT => 3,
         CTRL_BREAK_EVENT => 4,
         CTRL_CLOSE_EVENT => 5,
-        // Log-off and shutdown reach only services; leave them to Windows.
+        // Log-off and shutdown come to the hidden window instead.
         _ => return 0,
     };
     on_stop(reason);
     1
+}
+
+/// Creates a hidden top-level window (a message-only window is not sent
+/// session messages) and serves its messages until the process ends.
+#[cfg(windows)]
+fn session_window() {
+    use windows_sys::Win32::System::LibraryLoader::GetModuleHandleW;
+    use windows_sys::Win32::UI::WindowsAndMessaging::{
+        CreateWindowExW, DispatchMessageW, GetMessageW, RegisterClassW, MSG, WNDCLASSW,
+        WS_OVERLAPPED,
+    };
+    let class: Vec<u16> = "holosync-session\0".encode_utf16().collect();
+    // SAFETY: every pointer passed points to a live, NUL-terminated or
+    // zero-initialised value of the type the call expects; the class name
+    // outlives the window (this function never returns while it exists).
+    unsafe {
+        let instance = GetModuleHandleW(std::ptr::null());
+        let mut wc: WNDCLASSW = std::mem::zeroed();
+        wc.lpfnWndProc = Some(session_message);
+        wc.hInstance = instance;
+        wc.lpszClassName = class.as_ptr();
+        if RegisterClassW(&wc) == 0 {
+            let e = std::io::Error::last_os_error();
+            log::warn!("could not register the log-off watcher's window class ({e}); a log-off will not be logged");
+            return;
+        }
+        let window = CreateWindowExW(
+            0,
+            class.as_ptr(),
+            class.as_ptr(),
+            WS_OVERLAPPED,
+            0,
+            0,
+            0,
+            0,
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            instance,
+            std::ptr::null(),
+        );
+        if window.is_null() {
+            log::warn!(
+                "could not create the log-off watcher's window; a log-off will not be logged"
+            );
+            return;
+        }
+        let mut msg: MSG = std::mem::zeroed();
+        while GetMessageW(&mut msg, std::ptr::null_mut(), 0, 0) > 0 {
+            DispatchMessageW(&msg);
+        }
+    }
+}
+
+/// The hidden window's messages: agree to end the session, and stop cleanly
+/// (bounded by the grace time) before Windows ends the process.
+#[cfg(windows)]
+unsafe extern "system" fn session_message(
+    window: windows_sys::Win32::Foundation::HWND,
+    msg: u32,
+    wparam: windows_sys::Win32::Foundation::WPARAM,
+    lparam: windows_sys::Win32::Foundation::LPARAM,
+) -> windows_sys::Win32::Foundation::LRESULT {
+    use windows_sys::Win32::UI::WindowsAndMessaging::{
+        DefWindowProcW, ENDSESSION_LOGOFF, WM_ENDSESSION, WM_QUERYENDSESSION,
+    };
+    match msg {
+        WM_QUERYENDSESSION => 1,
+        WM_ENDSESSION => {
+            if wparam != 0 {
+                let logoff = (lparam as u32) & ENDSESSION_LOGOFF != 0;
+                on_stop(if logoff { 6 } else { 7 });
+            }
+            0
+        }
+        // SAFETY: the arguments are the ones Windows passed in.
+        _ => unsafe { DefWindowProcW(window, msg, wparam, lparam) },
+    }
 }
 
 /// Free bytes (for an unprivileged user) on the disk holding `path`.

@@ -2,8 +2,9 @@
 //! logged (and told apart from a crash at the next start), and an agent
 //! started from a terminal shows its log lines there.
 //!
-//! Native only: Wine turns neither Unix signals into console events nor a
-//! pseudo-terminal into a Windows console.
+//! Native, except the log-off test: Wine turns neither Unix signals into
+//! console events nor a pseudo-terminal into a Windows console, and only
+//! Windows has a log-off.
 
 mod common;
 
@@ -159,4 +160,36 @@ fn started_from_a_terminal_the_log_shows_there_too() {
     );
     // The same lines are in the file.
     assert!(agent.log().contains("holosync stopped (SIGTERM)"));
+}
+
+/// A Windows log-off (or shutdown) stops the agent cleanly: Windows sends it
+/// to the agent's hidden window, the log says so, and the next start does not
+/// report a crash. Run by `.ci/run` under Wine against the exe, alone:
+/// `wineboot --end-session` ends every program in the Wine prefix.
+#[test]
+#[ignore = "Windows only: .ci/run runs it alone under Wine against the exe"]
+fn a_windows_log_off_is_logged_as_a_stop() {
+    assert!(
+        common::under_wine(),
+        "needs HOLOSYNC_EXE (the Windows exe) and Wine"
+    );
+    let broker = Mosquitto::start();
+    let dir = TempDir::new("life-logoff");
+    let mut agent = agent_with(dir.path(), &broker, json!({}));
+    let ended = common::command_for(std::path::Path::new("wineboot"), &["--end-session"])
+        .status()
+        .expect("wineboot runs");
+    assert!(ended.success(), "wineboot --end-session: {ended}");
+    agent.wait_exit(WAIT);
+    let log = agent.log();
+    // Wine ends its session as a shutdown; a real log-off says "log-off".
+    assert!(log.contains("stopping: Windows "), "{log}");
+    assert!(log.contains("holosync stopped (Windows "), "{log}");
+
+    start_and_wait(&mut agent);
+    assert!(
+        !agent.log().contains("ended without stopping"),
+        "{}",
+        agent.log()
+    );
 }
