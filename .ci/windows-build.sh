@@ -63,7 +63,7 @@ sizes=()
 for t in "${targets[@]}"; do
     arch="${t%%-*}"
     start=$SECONDS
-    if "$CARGO_BIN" build --release --locked --target "$t" -Zbuild-std=std,panic_abort \
+    if "$CARGO_BIN" build --release --locked --target "$t" -Zbuild-std=std,panic_abort -Zbuild-std-features=optimize_for_size \
         ${cargo_args[@]+"${cargo_args[@]}"}; then
         exe="$CARGO_TARGET_DIR/$t/release/holosync.exe"
         echo "built $exe in $((SECONDS - start)) s"

@@ -78,7 +78,7 @@ impl Agent {
             env!("CARGO_PKG_VERSION"),
             config_path.display(),
             config.mqtt.host,
-            config.mqtt.port,
+            config.mqtt.port(),
             config.cache_dir.display(),
             config.database.display()
         );
@@ -118,8 +118,21 @@ impl Agent {
         // A technician who deleted the cache gets it back without a message.
         report.start_audit(None, None);
         let m = &config.mqtt;
-        let mut options = MqttOptions::new(client_id, m.host.clone(), m.port);
+        let mut options = MqttOptions::new(client_id, m.host.clone(), m.port());
         options.set_keep_alive(Duration::from_secs(m.keep_alive_secs));
+        #[cfg(feature = "tls")]
+        {
+            let files = |(key, message)| {
+                crate::error::Error::msg(format!("config error: key `{key}`: {message}"))
+            };
+            crate::tls::init_https(&config).map_err(files)?;
+            if m.tls {
+                let tls = crate::tls::mqtt_config(&config).map_err(files)?;
+                options.set_transport(rumqttc::Transport::tls_with_config(
+                    rumqttc::TlsConfiguration::Rustls(tls),
+                ));
+            }
+        }
         if let Some(state) = &report.topics().state {
             let will = report.identity().offline("connection lost");
             options.set_last_will(LastWill::new(state, will, QoS::AtLeastOnce, true));

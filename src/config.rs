@@ -80,9 +80,23 @@ pub struct Mqtt {
     /// Broker host name or address.
     #[serde(default = "default_host")]
     pub host: String,
-    /// Broker port (1883 for plain MQTT on both RabbitMQ and Mosquitto).
-    #[serde(default = "default_port")]
-    pub port: u16,
+    /// Broker port; when absent 1883 (plain MQTT on both RabbitMQ and
+    /// Mosquitto) or 8883 with `tls`. See [`Mqtt::port`].
+    #[serde(default, rename = "port")]
+    port_given: Option<u16>,
+    /// MQTT over TLS: the broker's certificate is checked against the bundled
+    /// roots (plus `ca_file`) and its name against `host`.
+    #[serde(default)]
+    pub tls: bool,
+    /// PEM file of extra CA certificates trusted for the broker (a private CA).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// PEM file of the client certificate (chain), for brokers that ask for one.
+    #[serde(default)]
+    pub client_cert: Option<PathBuf>,
+    /// PEM file of the client certificate's private key (PKCS#8, PKCS#1 or SEC1).
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
     /// Broker user name, if the broker wants one.
     #[serde(default)]
     pub username: Option<String>,
@@ -146,6 +160,9 @@ pub struct Download {
     /// Re-encode JPEGs at this quality (1-100) instead of storing the bytes unchanged.
     #[serde(default)]
     pub reencode_jpeg_quality: Option<u8>,
+    /// PEM file of extra CA certificates trusted for HTTPS image servers (a private CA).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 /// `log` section.
@@ -239,9 +256,10 @@ fn default_database() -> PathBuf {
 fn default_host() -> String {
     "127.0.0.1".into()
 }
-fn default_port() -> u16 {
-    1883
-}
+/// Plain MQTT's port.
+const MQTT_PORT: u16 = 1883;
+/// MQTT over TLS's port.
+const MQTT_TLS_PORT: u16 = 8883;
 fn default_keep_alive_secs() -> u64 {
     60
 }
@@ -260,6 +278,12 @@ fn default_sync_topics(mall: Option<&str>) -> Vec<String> {
 }
 
 impl Mqtt {
+    /// The broker port: `port` if given, else 8883 with `tls`, else 1883.
+    pub fn port(&self) -> u16 {
+        self.port_given
+            .unwrap_or(if self.tls { MQTT_TLS_PORT } else { MQTT_PORT })
+    }
+
     /// The sync topics (resolved by [`Config::parse`]).
     pub fn sync_topics(&self) -> &[String] {
         self.sync_topics.as_deref().unwrap_or_default()
@@ -417,6 +441,8 @@ impl Config {
         config
             .validate()
             .map_err(|(key, message)| err(key, message))?;
+        #[cfg(feature = "tls")]
+        crate::tls::check(&config).map_err(|(key, message)| err(key, message))?;
         Ok(config)
     }
 
@@ -445,6 +471,20 @@ impl Config {
                 *p = base.join(&*p);
             }
         }
+        let m = &mut self.mqtt;
+        for p in [
+            &mut m.ca_file,
+            &mut m.client_cert,
+            &mut m.client_key,
+            &mut self.download.ca_file,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
     }
 
     /// Checks values serde cannot: ranges, relations between keys, folders that must exist.
@@ -454,8 +494,43 @@ impl Config {
         if m.host.trim().is_empty() {
             return Err(("mqtt.host", "must not be empty".into()));
         }
-        if m.port == 0 {
+        if m.port() == 0 {
             return Err(("mqtt.port", "must be 1-65535".into()));
+        }
+        if m.client_cert.is_some() != m.client_key.is_some() {
+            return Err((
+                if m.client_cert.is_some() {
+                    "mqtt.client_key"
+                } else {
+                    "mqtt.client_cert"
+                },
+                "mqtt.client_cert and mqtt.client_key go together: give both or neither".into(),
+            ));
+        }
+        if !m.tls {
+            for (key, given) in [
+                ("mqtt.ca_file", m.ca_file.is_some()),
+                ("mqtt.client_cert", m.client_cert.is_some()),
+            ] {
+                if given {
+                    return Err((key, "is used only with \"tls\": true in mqtt".into()));
+                }
+            }
+        }
+        if !cfg!(feature = "tls") {
+            if m.tls {
+                return Err((
+                    "mqtt.tls",
+                    "this holosync was built without TLS (the `tls` feature); use a build with it or plain MQTT".into(),
+                ));
+            }
+            if d.ca_file.is_some() {
+                return Err((
+                    "download.ca_file",
+                    "this holosync was built without TLS (the `tls` feature), so it has no HTTPS"
+                        .into(),
+                ));
+            }
         }
         if !(5..=65_535).contains(&m.keep_alive_secs) {
             return Err(("mqtt.keep_alive_secs", "must be 5-65535".into()));
@@ -626,7 +701,7 @@ mod tests {
     #[test]
     fn minimal_config_takes_every_default() {
         let c = Config::parse(MINIMAL).unwrap();
-        assert_eq!(c.mqtt.port, 1883);
+        assert_eq!(c.mqtt.port(), 1883);
         assert_eq!(
             c.mqtt.sync_topics(),
             ["sync", "sync-single-work", "holo-file-sync"]
@@ -646,7 +721,7 @@ mod tests {
     #[test]
     fn the_old_scripts_config_works_unchanged() {
         let c = Config::parse(r#"{"holoImageUrl": "D:\\holo", "mall": "m01"}"#).unwrap();
-        assert_eq!((c.mqtt.host.as_str(), c.mqtt.port), ("127.0.0.1", 1883));
+        assert_eq!((c.mqtt.host.as_str(), c.mqtt.port()), ("127.0.0.1", 1883));
         assert_eq!(
             c.mqtt.sync_topics(),
             ["sync", "sync-single-work-m01", "holo-file-sync-m01"]

@@ -197,7 +197,7 @@ impl Link {
                 self.last_run = Instant::now();
                 match polled {
                     Ok(Ok(event)) => self.handle(event),
-                    Ok(Err(e)) => self.lost(&e.to_string()),
+                    Ok(Err(e)) => self.lost(&describe(&e)),
                     Err(rumqttc::RecvTimeoutError::Timeout) => self.lost("connect timed out"),
                     Err(rumqttc::RecvTimeoutError::Disconnected) => {
                         unreachable!("the link holds the client, so the request channel stays open")
@@ -235,7 +235,7 @@ impl Link {
             };
             match polled {
                 Ok(Ok(event)) => self.handle(event),
-                Ok(Err(e)) => return self.lost(&e.to_string()),
+                Ok(Err(e)) => return self.lost(&describe(&e)),
                 Err(rumqttc::RecvTimeoutError::Timeout) => return,
                 Err(rumqttc::RecvTimeoutError::Disconnected) => {
                     unreachable!("the link holds the client, so the request channel stays open")
@@ -418,5 +418,20 @@ impl Link {
         self.client
             .try_publish(topic, QoS::AtMostOnce, retain, payload)
             .map_err(|e| e.to_string())
+    }
+}
+
+/// A connection error for the log. A failed TLS handshake says so and why
+/// (rustls' reason: `invalid peer certificate: UnknownIssuer`, `... Expired`,
+/// `... NotValidForName`, or the broker's alert), without rumqttc's layers.
+fn describe(e: &rumqttc::ConnectionError) -> String {
+    match e {
+        #[cfg(feature = "tls")]
+        rumqttc::ConnectionError::Tls(rumqttc::TlsError::Io(io)) => {
+            format!("TLS handshake failed: {io}")
+        }
+        #[cfg(feature = "tls")]
+        rumqttc::ConnectionError::Tls(tls) => format!("TLS handshake failed: {tls}"),
+        e => e.to_string(),
     }
 }

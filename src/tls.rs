@@ -1,24 +1,169 @@
-//! The TLS client settings: rustls with the ring provider and Mozilla's root
-//! certificates built in, independent of an old Windows root store and of
-//! Windows 7's SChannel.
+//! The TLS client settings for HTTPS and for MQTT over TLS: rustls with the
+//! ring provider and Mozilla's root certificates built in (independent of an
+//! old Windows root store and of Windows 7's SChannel), plus a private CA and
+//! a client certificate from PEM files named in the config.
 
+use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
-/// The client config every HTTPS request shares, built on first use.
-pub fn client_config() -> Arc<rustls::ClientConfig> {
-    static CONFIG: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
-    CONFIG
-        .get_or_init(|| {
-            let roots = rustls::RootCertStore {
-                roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-            };
-            let provider = Arc::new(rustls::crypto::ring::default_provider());
-            let config = rustls::ClientConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()
-                .expect("ring supports TLS 1.2 and 1.3")
-                .with_root_certificates(roots)
-                .with_no_client_auth();
-            Arc::new(config)
-        })
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::ClientConfig;
+
+use crate::config::Config;
+
+/// A config key that names a PEM file, with the file it names.
+type PemFile<'a> = (&'static str, &'a Path);
+
+/// What is wrong with a TLS file: the config key and the reason.
+pub type FileError = (&'static str, String);
+
+/// The HTTPS settings, set once at start-up by [`init_https`].
+static HTTPS: OnceLock<Arc<ClientConfig>> = OnceLock::new();
+
+/// The client config every HTTPS request shares: the one [`init_https`] set,
+/// or the bundled roots alone.
+pub fn client_config() -> Arc<ClientConfig> {
+    HTTPS
+        .get_or_init(|| build(None, None).expect("the bundled roots alone always load"))
         .clone()
+}
+
+/// Sets the HTTPS settings from `download.ca_file`. Called once, before the
+/// first download; a later call keeps the first settings.
+pub fn init_https(config: &Config) -> Result<(), FileError> {
+    let https = https_config(config)?;
+    let _ = HTTPS.set(https);
+    Ok(())
+}
+
+/// The HTTPS settings `config` asks for.
+pub fn https_config(config: &Config) -> Result<Arc<ClientConfig>, FileError> {
+    let ca = config.download.ca_file.as_deref();
+    build(ca.map(|p| ("download.ca_file", p)), None)
+}
+
+/// The MQTT-over-TLS settings `config` asks for (`mqtt.ca_file`,
+/// `mqtt.client_cert`, `mqtt.client_key`).
+pub fn mqtt_config(config: &Config) -> Result<Arc<ClientConfig>, FileError> {
+    let m = &config.mqtt;
+    let client = match (&m.client_cert, &m.client_key) {
+        (Some(cert), Some(key)) => {
+            Some((("mqtt.client_cert", &**cert), ("mqtt.client_key", &**key)))
+        }
+        _ => None,
+    };
+    build(m.ca_file.as_deref().map(|p| ("mqtt.ca_file", p)), client)
+}
+
+/// Checks every TLS file the config names, so a bad one is a config error at
+/// start-up rather than a failure at each connect.
+pub fn check(config: &Config) -> Result<(), FileError> {
+    https_config(config)?;
+    if config.mqtt.tls {
+        mqtt_config(config)?;
+    }
+    Ok(())
+}
+
+/// A client config: the bundled roots plus the certificates in `ca`, and the
+/// client certificate and key of `client` if given.
+fn build(
+    ca: Option<PemFile>,
+    client: Option<(PemFile, PemFile)>,
+) -> Result<Arc<ClientConfig>, FileError> {
+    let mut roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    if let Some((key, path)) = ca {
+        for cert in certificates(key, path)? {
+            roots.add(cert).map_err(|e| {
+                (
+                    key,
+                    format!(
+                        "{} holds a CA certificate that cannot be used: {e}",
+                        path.display()
+                    ),
+                )
+            })?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("ring supports TLS 1.2 and 1.3")
+        .with_root_certificates(roots);
+    let config = match client {
+        None => builder.with_no_client_auth(),
+        Some(((cert_key, cert_path), (key_key, key_path))) => {
+            let chain = certificates(cert_key, cert_path)?;
+            let key = PrivateKeyDer::from_pem_file(key_path).map_err(|e| {
+                (
+                    key_key,
+                    format!("no private key read from {}: {e}", key_path.display()),
+                )
+            })?;
+            builder.with_client_auth_cert(chain, key).map_err(|e| {
+                (
+                    key_key,
+                    format!(
+                        "{} does not fit the certificate in {}: {e}",
+                        key_path.display(),
+                        cert_path.display()
+                    ),
+                )
+            })?
+        }
+    };
+    Ok(Arc::new(config))
+}
+
+/// The certificates of a PEM file; none at all is an error.
+fn certificates(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, FileError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| {
+            (
+                key,
+                format!("cannot read certificates from {}: {e}", path.display()),
+            )
+        })?;
+    if certs.is_empty() {
+        return Err((
+            key,
+            format!(
+                "{} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+                path.display()
+            ),
+        ));
+    }
+    Ok(certs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A missing or empty file names its key and its path.
+    #[test]
+    fn missing_or_empty_ca_file_is_a_clear_error() {
+        let dir = std::env::temp_dir().join(format!("holosync-tls-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let missing = dir.join("missing.pem");
+        let (key, msg) = build(Some(("mqtt.ca_file", &missing)), None).unwrap_err();
+        assert_eq!(key, "mqtt.ca_file");
+        assert!(msg.contains("missing.pem"), "{msg}");
+        let empty = dir.join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        let (key, msg) = build(Some(("download.ca_file", &empty)), None).unwrap_err();
+        assert_eq!(key, "download.ca_file");
+        assert!(msg.contains("no PEM certificate"), "{msg}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Without files the bundled roots are there.
+    #[test]
+    fn bundled_roots_load() {
+        build(None, None).unwrap();
+    }
 }

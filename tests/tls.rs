@@ -1,0 +1,347 @@
+//! End-to-end tests of TLS: a real mosquitto with a TLS listener, an HTTPS
+//! image server (rustls, in this test), and a private CA with server and
+//! client certificates made by the `openssl` CLI for each test. The agent
+//! must sync over MQTT-TLS with `mqtt.ca_file`, refuse a broker whose
+//! certificate it cannot trust (one clear line per attempt), present its
+//! client certificate where the broker wants one, and fetch from an HTTPS
+//! server of the private CA with `download.ca_file`.
+//!
+//! Without `openssl` these tests fail (they do not skip): CI installs it.
+#![cfg(feature = "tls")]
+
+mod common;
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{
+    free_port, jpeg, merge, poll_until, run_bounded, Agent, HttpServer, Mosquitto, Route, TempDir,
+};
+use serde_json::{json, Value};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// openssl's config for the test PKI: a CA, a server certificate for
+/// 127.0.0.1 and localhost, a client certificate.
+const PKI_CNF: &str = "[req]\ndistinguished_name=dn\n[dn]\n\
+[ca]\nbasicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\nsubjectKeyIdentifier=hash\n\
+[server]\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n\
+[client]\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n";
+
+/// Runs `openssl` in `dir`, panicking (not skipping) if it is missing or fails.
+fn openssl(dir: &Path, args: &[&str]) {
+    let mut cmd = Command::new("openssl");
+    cmd.current_dir(dir).args(args);
+    let out = run_bounded(cmd, None, Duration::from_secs(60));
+    assert!(
+        out.status.success(),
+        "openssl {} failed ({}): {}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A private CA with its certificates, as PEM files in a temp dir:
+/// `<name>.pem` and `<name>.key` for `ca`, `server`, `client`, and a second,
+/// unrelated CA `other-ca.pem`.
+struct Pki {
+    /// Holds the files.
+    dir: TempDir,
+}
+
+impl Pki {
+    fn make() -> Pki {
+        assert!(
+            Command::new("openssl").arg("version").output().is_ok(),
+            "these tests need the openssl CLI (apt install openssl)"
+        );
+        let dir = TempDir::new("holosync-pki");
+        let d = dir.path();
+        fs::write(d.join("pki.cnf"), PKI_CNF).unwrap();
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        for ca in ["ca", "other-ca"] {
+            let (key, pem, subj) = (
+                format!("{ca}.key"),
+                format!("{ca}.pem"),
+                format!("/CN=holosync test {ca}"),
+            );
+            let mut args = vec!["req", "-x509"];
+            args.extend(ec);
+            args.extend(["-keyout", &key, "-out", &pem, "-days", "3", "-subj", &subj]);
+            args.extend(["-config", "pki.cnf", "-extensions", "ca"]);
+            openssl(d, &args);
+        }
+        for (name, cn) in [("server", "localhost"), ("client", "holosync-kiosk")] {
+            let (key, csr, pem, subj) = (
+                format!("{name}.key"),
+                format!("{name}.csr"),
+                format!("{name}.pem"),
+                format!("/CN={cn}"),
+            );
+            let mut args = vec!["req"];
+            args.extend(ec);
+            args.extend([
+                "-keyout", &key, "-out", &csr, "-subj", &subj, "-config", "pki.cnf",
+            ]);
+            openssl(d, &args);
+            openssl(
+                d,
+                &[
+                    "x509",
+                    "-req",
+                    "-in",
+                    &csr,
+                    "-CA",
+                    "ca.pem",
+                    "-CAkey",
+                    "ca.key",
+                    "-CAcreateserial",
+                    "-out",
+                    &pem,
+                    "-days",
+                    "3",
+                    "-extfile",
+                    "pki.cnf",
+                    "-extensions",
+                    name,
+                ],
+            );
+        }
+        Pki { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Copies `names` into the agent's folder, so the config names them
+    /// relative to it (the same under Wine, where Unix paths mean nothing).
+    fn copy_to(&self, agent_dir: &Path, names: &[&str]) {
+        fs::create_dir_all(agent_dir).unwrap();
+        for n in names {
+            fs::copy(self.path(n), agent_dir.join(n)).unwrap();
+        }
+    }
+}
+
+/// A broker with its usual plain listener (the tests publish there) and a TLS
+/// listener on `tls_port` with the test CA's server certificate.
+fn tls_broker(pki: &Pki, require_client_cert: bool) -> (Mosquitto, u16) {
+    let tls_port = free_port();
+    let conf = format!(
+        "listener {tls_port} 127.0.0.1\n\
+         cafile {}\n\
+         certfile {}\n\
+         keyfile {}\n\
+         require_certificate {require_client_cert}\n",
+        pki.path("ca.pem").display(),
+        pki.path("server.pem").display(),
+        pki.path("server.key").display(),
+    );
+    (Mosquitto::start_with(&conf), tls_port)
+}
+
+/// An agent on the broker's TLS port with `patch` merged into its `mqtt` section.
+fn tls_agent(dir: &Path, tls_port: u16, mqtt: Value) -> Agent {
+    let mut config = Agent::default_config(tls_port);
+    merge(&mut config, json!({ "mqtt": { "tls": true } }));
+    merge(&mut config, json!({ "mqtt": mqtt }));
+    let mut agent = Agent::new(dir, config);
+    agent.start();
+    agent
+}
+
+/// The agent trusts the private CA from `mqtt.ca_file`, connects over TLS
+/// (the name checked is 127.0.0.1) and syncs a picture.
+#[test]
+fn agent_syncs_over_mqtt_tls_with_a_private_ca() {
+    let pki = Pki::make();
+    let (broker, tls_port) = tls_broker(&pki, false);
+    let http = HttpServer::start();
+    let picture = jpeg(32, 24, 7);
+    http.set("/works/1/a.jpg", Route::Ok(picture.clone()));
+    let dir = TempDir::new("tls-mqtt");
+    pki.copy_to(dir.path(), &["ca.pem"]);
+    let agent = tls_agent(dir.path(), tls_port, json!({ "ca_file": "ca.pem" }));
+    agent.wait_log("subscribed to", WAIT);
+    assert!(
+        agent
+            .log()
+            .contains(&format!("connected to broker 127.0.0.1:{tls_port}")),
+        "{}",
+        agent.diagnostics()
+    );
+    broker.publish("sync", http.url("/works/1/a.jpg").as_bytes(), 1);
+    agent.wait_done(1, WAIT);
+    assert_eq!(
+        fs::read(agent.cache().join("works/1/a.jpg")).unwrap(),
+        picture
+    );
+}
+
+/// A broker certificate from a CA the agent does not trust is refused: one
+/// clear line per attempt names the broker and the reason, the agent keeps
+/// running and trying (paced by its backoff), and nothing is synced.
+#[test]
+fn broker_with_an_untrusted_ca_is_refused_with_a_clear_line() {
+    let pki = Pki::make();
+    let (_broker, tls_port) = tls_broker(&pki, false);
+    let dir = TempDir::new("tls-wrong-ca");
+    pki.copy_to(dir.path(), &["other-ca.pem"]);
+    let mut agent = tls_agent(dir.path(), tls_port, json!({ "ca_file": "other-ca.pem" }));
+    let line = format!(
+        "could not connect to broker 127.0.0.1:{tls_port}: TLS handshake failed: invalid peer certificate: UnknownIssuer"
+    );
+    let two_attempts = poll_until(WAIT, || agent.log().matches(&line).count() >= 2);
+    assert!(
+        two_attempts,
+        "expected {line:?} twice\n{}",
+        agent.diagnostics()
+    );
+    assert!(agent.is_running(), "{}", agent.diagnostics());
+    let log = agent.log();
+    assert!(!log.contains("connected to broker"), "{log}");
+    assert!(!log.contains("subscribed to"), "{log}");
+}
+
+/// A listener with `require_certificate true` accepts the client certificate
+/// and key named by `mqtt.client_cert` and `mqtt.client_key`.
+#[test]
+fn client_certificate_broker_accepts_the_configured_certificate() {
+    let pki = Pki::make();
+    let (broker, tls_port) = tls_broker(&pki, true);
+    let http = HttpServer::start();
+    let picture = jpeg(20, 20, 3);
+    http.set("/c.jpg", Route::Ok(picture.clone()));
+    let dir = TempDir::new("tls-client-cert");
+    pki.copy_to(dir.path(), &["ca.pem", "client.pem", "client.key"]);
+    let agent = tls_agent(
+        dir.path(),
+        tls_port,
+        json!({ "ca_file": "ca.pem", "client_cert": "client.pem", "client_key": "client.key" }),
+    );
+    agent.wait_log("subscribed to", WAIT);
+    broker.publish("sync", http.url("/c.jpg").as_bytes(), 1);
+    agent.wait_done(1, WAIT);
+    assert_eq!(fs::read(agent.cache().join("c.jpg")).unwrap(), picture);
+}
+
+/// A missing CA file is a config error at start-up naming the key: the agent
+/// exits with code 2 and says so.
+#[test]
+fn missing_ca_file_is_a_config_error_naming_the_key() {
+    let dir = TempDir::new("tls-missing-ca");
+    let mut config = Agent::default_config(free_port());
+    merge(
+        &mut config,
+        json!({ "mqtt": { "tls": true, "ca_file": "nowhere.pem" } }),
+    );
+    let agent = Agent::new(dir.path(), config);
+    let out = agent.run(&["check"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("key `mqtt.ca_file`") && stderr.contains("nowhere.pem"),
+        "{stderr}"
+    );
+}
+
+/// An HTTPS server whose certificate the test CA signed: the picture is
+/// fetched with `download.ca_file`, and refused without it.
+#[test]
+fn https_image_server_of_a_private_ca_works_with_download_ca_file() {
+    let pki = Pki::make();
+    let picture = jpeg(40, 30, 9);
+    let port = https_server(&pki, picture.clone());
+    let url = format!("https://127.0.0.1:{port}/works/2/h.jpg!preview");
+    let broker = Mosquitto::start();
+
+    let trusted = TempDir::new("tls-https");
+    pki.copy_to(trusted.path(), &["ca.pem"]);
+    let mut config = Agent::default_config(broker.port);
+    merge(&mut config, json!({ "download": { "ca_file": "ca.pem" } }));
+    let mut agent = Agent::new(trusted.path(), config);
+    agent.start();
+    agent.wait_log("subscribed to", WAIT);
+    broker.publish("sync", url.as_bytes(), 1);
+    agent.wait_done(1, WAIT);
+    assert_eq!(
+        fs::read(agent.cache().join("works/2/h.jpg!preview")).unwrap(),
+        picture
+    );
+
+    let untrusted = TempDir::new("tls-https-untrusted");
+    let mut plain = Agent::new(untrusted.path(), Agent::default_config(broker.port));
+    plain.start();
+    plain.wait_log("subscribed to", WAIT);
+    broker.publish("sync", url.as_bytes(), 1);
+    plain.wait_log("UnknownIssuer", WAIT);
+    assert!(files_none(&plain.cache()), "{}", plain.diagnostics());
+}
+
+fn files_none(dir: &Path) -> bool {
+    common::files_under(dir).is_empty()
+}
+
+/// An HTTPS/1.1 server on 127.0.0.1 (rustls with the test CA's server
+/// certificate) that answers every request with `body` as a JPEG; returns its port.
+fn https_server(pki: &Pki, body: Vec<u8>) -> u16 {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(pki.path("server.pem"))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(pki.path("server.key")).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .unwrap();
+    let config = Arc::new(config);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let config = config.clone();
+            let body = body.clone();
+            std::thread::spawn(move || {
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+                let conn = rustls::ServerConnection::new(config).unwrap();
+                let mut tls = rustls::StreamOwned::new(conn, stream);
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    match tls.read(&mut byte) {
+                        Ok(1) => head.push(byte[0]),
+                        _ => return,
+                    }
+                }
+                let reply = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = tls.write_all(reply.as_bytes());
+                let _ = tls.write_all(&body);
+                tls.conn.send_close_notify();
+                let _ = tls.flush();
+            });
+        }
+    });
+    port
+}
