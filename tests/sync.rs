@@ -574,7 +574,7 @@ fn https_checks_the_server_certificate() {
         .output()
         .is_err()
     {
-        eprintln!("skipped: no openssl command to play the TLS server");
+        common::cannot_run("no openssl command to play the TLS server");
         return;
     }
     let broker = Mosquitto::start();
