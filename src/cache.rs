@@ -493,6 +493,11 @@ mod tests {
     fn overlong_segment_is_rejected() {
         let url = format!("http://h.com/{}.jpg", "a".repeat(300));
         assert!(segs(&url).is_err());
+        // 255 bytes is the longest name that fits, and it is taken.
+        let url = format!("http://h.com/{}.jpg", "a".repeat(251));
+        assert!(segs(&url).is_ok());
+        let url = format!("http://h.com/{}.jpg", "a".repeat(252));
+        assert!(segs(&url).is_err());
     }
 
     #[test]

@@ -486,6 +486,43 @@ fn a_body_shorter_than_its_content_length_is_never_cached() {
     assert!(temp_files(&agent.cache()).is_empty());
 }
 
+/// No message lost at the size limit: a sync message of exactly
+/// `mqtt.max_payload_bytes` is queued and fetched (with the pace at an hour,
+/// so only a newly queued row starts a download); one byte more is dropped.
+#[test]
+fn a_message_at_the_size_limit_is_queued_and_fetched() {
+    let broker = Mosquitto::start();
+    let http = HttpServer::start();
+    let dir = TempDir::new("promise-limit");
+    let bytes = png(6, 6, 30);
+    http.set("/limit/a.png", Route::Ok(bytes.clone()));
+    const LIMIT: usize = 3000;
+    let agent = agent_with(
+        dir.path(),
+        &broker,
+        json!({"mqtt": {"max_payload_bytes": LIMIT},
+               "download": {"interval_ms": 3_600_000}}),
+    );
+    // Empty entries (the padding commas) are skipped without a word.
+    let padded = |url: String, len: usize| {
+        let mut p = url.into_bytes();
+        p.resize(len, b',');
+        p
+    };
+    broker.publish("sync", &padded(http.url("/limit/over.png"), LIMIT + 1), 1);
+    agent.wait_log(
+        &format!("dropped a sync message on sync of {} bytes", LIMIT + 1),
+        WAIT,
+    );
+    broker.publish("sync", &padded(http.url("/limit/a.png"), LIMIT), 1);
+    agent.wait_done(1, WAIT);
+    assert_eq!(
+        std::fs::read(agent.cache().join("limit/a.png")).unwrap(),
+        bytes
+    );
+    assert!(row(dir.path(), &http.url("/limit/over.png")).is_none());
+}
+
 /// Kills strace and the agent it traces when dropped (a killed strace
 /// leaves its tracee running, so the agent's pid is taken from the trace).
 struct TracedAgent<'a>(std::process::Child, &'a Path);
