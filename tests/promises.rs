@@ -319,6 +319,15 @@ fn escaping_urls_write_nothing_outside_the_cache() {
         .collect();
     broker.publish("sync", urls.join(",").as_bytes(), 1);
     agent.wait_done(literal.len() as u64, WAIT);
+    // The technician's line counts them.
+    agent.wait_log(
+        &format!(
+            "queued {} URLs from sync (0 already queued, {} rejected",
+            literal.len(),
+            escaping.len()
+        ),
+        WAIT,
+    );
     for p in &escaping {
         let url = http.url(p);
         let (state, attempts, error) = row(dir.path(), &url).expect("a row for every URL");
