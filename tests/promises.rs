@@ -532,6 +532,61 @@ fn a_message_at_the_size_limit_is_queued_and_fetched() {
     assert!(row(dir.path(), &http.url("/limit/over.png")).is_none());
 }
 
+/// Bytes unchanged across a resume: a download cut half-way is resumed, and
+/// the server answers the resume with a 206 that does not continue it (it
+/// starts at byte 0 of a new version, with a new ETag). The kept part and
+/// that answer must never be spliced: the agent starts over and stores the
+/// new version whole. The file is of no known kind, so only the range check
+/// can tell.
+#[test]
+fn a_resume_answered_with_another_range_is_never_spliced() {
+    let broker = Mosquitto::start();
+    let http = HttpServer::start();
+    let dir = TempDir::new("promise-splice");
+    let size = 20_000_000usize;
+    let old: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+    let new: Vec<u8> = (0..size).map(|i| (i % 241) as u8 ^ 0x5a).collect();
+    let mut wrong = format!(
+        "HTTP/1.1 206 Partial Content\r\nContent-Type: application/octet-stream\r\nETag: \"v2\"\r\nContent-Range: bytes 0-{}/{size}\r\nContent-Length: {size}\r\nConnection: close\r\n\r\n",
+        size - 1
+    )
+    .into_bytes();
+    wrong.extend_from_slice(&new);
+    http.set(
+        "/splice/film.bin",
+        Route::Sequence(vec![
+            Route::Ranged(std::sync::Arc::new(common::Ranged {
+                cuts: vec![Some(size as u64 / 2)],
+                ..common::Ranged::new(old, "v1")
+            })),
+            Route::Raw(wrong),
+            Route::Ranged(std::sync::Arc::new(common::Ranged::new(new.clone(), "v2"))),
+        ]),
+    );
+    let agent = agent_with(
+        dir.path(),
+        &broker,
+        json!({"download": {"interval_ms": 0, "retry_base_ms": 100, "retry_max_ms": 500,
+                            "max_attempts": 10, "max_bytes": 67_108_864}}),
+    );
+    broker.publish("sync", http.url("/splice/film.bin").as_bytes(), 1);
+    agent.wait_done(1, WAIT);
+    let got = std::fs::read(agent.cache().join("splice/film.bin")).unwrap();
+    assert!(
+        got == new,
+        "{} bytes stored, not the new version",
+        got.len()
+    );
+    let heads = http.request_headers("/splice/film.bin");
+    assert!(
+        heads.len() >= 3
+            && heads[1]
+                .iter()
+                .any(|(k, v)| k.eq_ignore_ascii_case("range") && !v.starts_with("bytes=0-")),
+        "the second request resumed: {heads:?}"
+    );
+}
+
 /// Kills strace and the agent it traces when dropped (a killed strace
 /// leaves its tracee running, so the agent's pid is taken from the trace).
 struct TracedAgent<'a>(std::process::Child, &'a Path);
