@@ -534,10 +534,10 @@ fn a_message_at_the_size_limit_is_queued_and_fetched() {
 
 /// Bytes unchanged across a resume: a download cut half-way is resumed, and
 /// the server answers the resume with a 206 that does not continue it (it
-/// starts at byte 0 of a new version, with a new ETag). The kept part and
-/// that answer must never be spliced: the agent starts over and stores the
-/// new version whole. The file is of no known kind, so only the range check
-/// can tell.
+/// starts at byte 0, of a new version sent under the old ETag). The kept part
+/// and that answer must never be spliced: the agent starts over and stores
+/// the new version whole. The file is of no known kind, so only the range
+/// check can tell.
 #[test]
 fn a_resume_answered_with_another_range_is_never_spliced() {
     let broker = Mosquitto::start();
@@ -547,7 +547,7 @@ fn a_resume_answered_with_another_range_is_never_spliced() {
     let old: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
     let new: Vec<u8> = (0..size).map(|i| (i % 241) as u8 ^ 0x5a).collect();
     let mut wrong = format!(
-        "HTTP/1.1 206 Partial Content\r\nContent-Type: application/octet-stream\r\nETag: \"v2\"\r\nContent-Range: bytes 0-{}/{size}\r\nContent-Length: {size}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 206 Partial Content\r\nContent-Type: application/octet-stream\r\nETag: \"v1\"\r\nContent-Range: bytes 0-{}/{size}\r\nContent-Length: {size}\r\nConnection: close\r\n\r\n",
         size - 1
     )
     .into_bytes();
