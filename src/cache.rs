@@ -479,6 +479,21 @@ mod tests {
     }
 
     #[test]
+    fn the_reason_names_what_is_wrong() {
+        for (url, why) in [
+            ("http://h.com/a\\b.jpg", "backslash"),
+            ("http://h.com/C:/x.jpg", "colon"),
+            ("http://h.com/a\u{1}b.jpg", "control character"),
+            ("http://h.com/a*b.jpg", "Windows forbids"),
+            ("http://h.com/a/../b.jpg", "would leave its folder"),
+            ("http://h.com/./b.jpg", "would leave its folder"),
+        ] {
+            let e = segs(url).unwrap_err();
+            assert!(e.contains(why), "{url}: {e}");
+        }
+    }
+
+    #[test]
     fn names_that_only_look_reserved_are_fine() {
         for url in [
             "http://h.com/console.jpg",
@@ -493,6 +508,11 @@ mod tests {
     fn overlong_segment_is_rejected() {
         let url = format!("http://h.com/{}.jpg", "a".repeat(300));
         assert!(segs(&url).is_err());
+        // 255 bytes is the longest name that fits, and it is taken.
+        let url = format!("http://h.com/{}.jpg", "a".repeat(251));
+        assert!(segs(&url).is_ok());
+        let url = format!("http://h.com/{}.jpg", "a".repeat(252));
+        assert!(segs(&url).is_err());
     }
 
     #[test]
@@ -501,6 +521,12 @@ mod tests {
         let t = temp_path(&p);
         assert_eq!(t.parent(), p.parent());
         assert!(t.file_name().unwrap().len() < 40);
+        // Two downloads in one folder (one finishing, the next starting)
+        // must never share a temporary file.
+        let names: std::collections::HashSet<PathBuf> = (0..1000)
+            .map(|i| temp_path(&Path::new("/c/works").join(format!("{i}.jpg"))))
+            .collect();
+        assert_eq!(names.len(), 1000);
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Full disks: the cache's disk and the log's disk, each on its own small
-//! tmpfs. Mounting needs root (CI runs as root); without it the tests print
-//! `skipped: needs root for mount` and pass.
+//! tmpfs. Mounting needs root (CI runs as root); without it the tests fail,
+//! or print `skipped: needs root for mount` with `HOLOSYNC_ALLOW_SKIP=1`.
 
 mod common;
 
@@ -24,8 +24,9 @@ struct Tmpfs {
 
 impl Tmpfs {
     /// Mounts a tmpfs of `size` (mount's syntax: `4m`, `64k`) at `path`
-    /// (created if needed). None, after printing why, when this process may
-    /// not mount; any other failure panics.
+    /// (created if needed). When this process may not mount: a failure, or
+    /// None with `HOLOSYNC_ALLOW_SKIP=1` (see `common::cannot_run`); any
+    /// other failure panics.
     fn mount(path: &Path, size: &str) -> Option<Tmpfs> {
         std::fs::create_dir_all(path).expect("create mount point");
         let out = match Command::new("mount")
@@ -35,7 +36,7 @@ impl Tmpfs {
         {
             Ok(out) => out,
             Err(e) => {
-                println!("skipped: needs root for mount (cannot run mount: {e})");
+                common::cannot_run(&format!("needs root for mount (cannot run mount: {e})"));
                 return None;
             }
         };
@@ -51,7 +52,7 @@ impl Tmpfs {
             || err.contains("must be superuser")
         {
             let why = err.split_whitespace().collect::<Vec<_>>().join(" ");
-            println!("skipped: needs root for mount ({why})");
+            common::cannot_run(&format!("needs root for mount ({why})"));
             return None;
         }
         panic!("mount tmpfs at {} failed: {err}", path.display());

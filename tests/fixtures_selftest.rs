@@ -155,13 +155,13 @@ fn wait_until_panics_with_message() {
 
 #[test]
 fn wait_until_returns_when_true() {
-    let start = Instant::now();
     let mut n = 0;
-    wait_until("third poll", Duration::from_secs(5), || {
+    wait_until("third poll", Duration::from_secs(30), || {
         n += 1;
         n >= 3
     });
-    assert!(start.elapsed() < Duration::from_secs(2));
+    // It returned at the first true, not at the deadline.
+    assert_eq!(n, 3);
 }
 
 #[test]
@@ -190,7 +190,7 @@ fn mosquitto_publish_and_subscribe() {
     // Binary payloads arrive byte for byte.
     let binary: Vec<u8> = (0u8..=255).filter(|b| *b != b'\n').collect();
     broker.publish("t/bin", &binary, 0);
-    wait_until("binary payload", Duration::from_secs(5), || {
+    wait_until("binary payload", Duration::from_secs(30), || {
         sub.raw()
             .windows(binary.len())
             .any(|w| w == binary.as_slice())
@@ -218,12 +218,12 @@ fn mosquitto_restart_keeps_retained_messages_and_sessions() {
 
     let retained = broker.subscribe("r/#");
     assert_eq!(
-        retained.wait_for(|l| l.starts_with("r/x"), Duration::from_secs(5)),
+        retained.wait_for(|l| l.starts_with("r/x"), Duration::from_secs(30)),
         "r/x keep"
     );
     let again = broker.subscribe_with("s/q", &["-c", "-i", &id]);
     assert_eq!(
-        again.wait_for(|l| l.starts_with("s/q"), Duration::from_secs(5)),
+        again.wait_for(|l| l.starts_with("s/q"), Duration::from_secs(30)),
         "s/q queued"
     );
     broker.stop();
@@ -240,7 +240,7 @@ fn mosquitto_start_with_extra_conf() {
     let sub = broker.subscribe("m/#");
     broker.publish("m/big", &[b'y'; 100], 1);
     broker.publish("m/small", b"ok", 1);
-    sub.wait_for(|l| l == "m/small ok", Duration::from_secs(5));
+    sub.wait_for(|l| l == "m/small ok", Duration::from_secs(30));
     assert!(!sub.lines().iter().any(|l| l.starts_with("m/big")));
 }
 
@@ -370,11 +370,11 @@ fn http_slow_delays_and_ends_early_on_drop() {
         Route::Slow(body.clone(), Duration::from_secs(60)),
     );
     let rx = get_async(&server, "/forever");
-    server.wait_hits("/forever", 1, Duration::from_secs(5));
+    server.wait_hits("/forever", 1, Duration::from_secs(30));
     assert!(rx.recv_timeout(Duration::from_millis(200)).is_err());
     drop(server);
     let r = rx
-        .recv_timeout(Duration::from_secs(5))
+        .recv_timeout(Duration::from_secs(30))
         .expect("slow response ends early when the server drops");
     assert_eq!(r.body, body);
     assert!(r.elapsed < Duration::from_secs(10));
@@ -412,13 +412,13 @@ fn http_hold_until_release_or_drop() {
     let body = jpeg(32, 32, 4);
     server.set("/hold", Route::Hold(body.clone()));
     let rx = get_async(&server, "/hold");
-    server.wait_hits("/hold", 1, Duration::from_secs(5));
+    server.wait_hits("/hold", 1, Duration::from_secs(30));
     assert!(
         rx.recv_timeout(Duration::from_millis(300)).is_err(),
         "held request must not be answered before release"
     );
     server.release("/hold");
-    let r = rx.recv_timeout(Duration::from_secs(5)).expect("released");
+    let r = rx.recv_timeout(Duration::from_secs(30)).expect("released");
     assert_eq!(r.status, 200);
     assert_eq!(r.header("content-type"), Some("image/jpeg"));
     assert_eq!(r.body, body);
@@ -427,11 +427,11 @@ fn http_hold_until_release_or_drop() {
 
     server.set("/hold", Route::Hold(body.clone()));
     let rx = get_async(&server, "/hold");
-    server.wait_hits("/hold", 3, Duration::from_secs(5));
+    server.wait_hits("/hold", 3, Duration::from_secs(30));
     assert!(rx.recv_timeout(Duration::from_millis(200)).is_err());
     drop(server);
     let r = rx
-        .recv_timeout(Duration::from_secs(5))
+        .recv_timeout(Duration::from_secs(30))
         .expect("answered on drop");
     assert_eq!(r.body, body);
 }
@@ -441,11 +441,11 @@ fn tcp_sink_records_bytes() {
     let sink = TcpSink::start();
     let mut a = TcpStream::connect(("127.0.0.1", sink.port)).unwrap();
     a.write_all(b"PWR ON\r").unwrap();
-    let text = sink.wait_for(|t| t.contains("PWR ON"), Duration::from_secs(5));
+    let text = sink.wait_for(|t| t.contains("PWR ON"), Duration::from_secs(30));
     assert_eq!(text, "PWR ON\r");
     let mut b = TcpStream::connect(("127.0.0.1", sink.port)).unwrap();
     b.write_all(b"INPUT 1\r").unwrap();
-    sink.wait_for(|t| t.contains("INPUT 1"), Duration::from_secs(5));
+    sink.wait_for(|t| t.contains("INPUT 1"), Duration::from_secs(30));
     assert_eq!(sink.connections(), 2);
 }
 

@@ -343,7 +343,7 @@ fn state_status_and_will_work_on_rabbitmq() {
     let rabbit = match common::RabbitMqtt::start() {
         Ok(r) => r,
         Err(why) => {
-            eprintln!("skipped: {why}");
+            common::cannot_run(&why);
             return;
         }
     };

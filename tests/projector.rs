@@ -8,7 +8,7 @@ use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{free_port, png, Agent, HttpServer, Mosquitto, Route, TcpSink, TempDir};
 use serde_json::json;
@@ -187,7 +187,6 @@ fn projector_faults_are_bounded_and_do_not_block_the_rest() {
         &broker,
         json!({"protocol": "pjlink", "connect_timeout_ms": 1000, "io_timeout_ms": 1000}),
     );
-    let started = Instant::now();
     send(
         &broker,
         json!({"command": "on", "projectors": [
@@ -200,12 +199,9 @@ fn projector_faults_are_bounded_and_do_not_block_the_rest() {
         &format!("projector 127.0.0.1:{} (pjlink) \"on\": OK", good.port),
         WAIT,
     );
-    // Four faults at most 1 s + 1 s each (connect + I/O), plus slack.
-    assert!(
-        started.elapsed() < Duration::from_secs(12),
-        "{:?}",
-        started.elapsed()
-    );
+    // Bounded by the timeouts, not by the wall clock: every fault ends in
+    // exactly one failure line with its reason (the silent one by the I/O
+    // timeout, not by hanging), and the good projector got its command once.
     for (port, words) in [
         (refused, "connect failed"),
         (silent_port, "timed out"),
@@ -218,11 +214,12 @@ fn projector_faults_are_bounded_and_do_not_block_the_rest() {
             )),
             "{port}: {log}"
         );
-        let line = log
+        let lines: Vec<&str> = log
             .lines()
-            .find(|l| l.contains(&format!("127.0.0.1:{port} ")))
-            .unwrap();
-        assert!(line.contains(words), "{line}");
+            .filter(|l| l.contains(&format!("127.0.0.1:{port} ")))
+            .collect();
+        assert_eq!(lines.len(), 1, "one line per fault: {lines:?}");
+        assert!(lines[0].contains(words), "{}", lines[0]);
     }
     drop(silent);
     let bytes = png(4, 4, 1);
