@@ -281,7 +281,9 @@ fn slow_download(bytes: usize, deadline: Duration) {
     let agent = agent_with(
         dir.path(),
         &broker,
-        json!({"mqtt": {"keep_alive_secs": 10}, "download": {"timeout_secs": 5}}),
+        // max_bytes: the 30 MB case is over the 10 MiB default.
+        json!({"mqtt": {"keep_alive_secs": 10},
+               "download": {"timeout_secs": 5, "max_bytes": bytes + 1}}),
     );
     let id = client_id(&agent);
     broker.publish("sync", http.url("/big/film.bin").as_bytes(), 1);
