@@ -482,9 +482,6 @@ impl Download {
                 if let Some(f) = status_failure(code, head.header("retry-after")) {
                     return Err(f);
                 }
-                if self.mode == Mode::IfChanged {
-                    self.mode = Mode::Whole;
-                }
             }
         }
         self.validators = Validators {

@@ -587,6 +587,84 @@ fn a_resume_answered_with_another_range_is_never_spliced() {
     );
 }
 
+/// A resume splices only the same version: a cut download of an unchanged
+/// file goes on from where it stopped (the kept part read back in several
+/// steps, and only the rest sent again); a server that ignores If-Range and
+/// answers the resume with the right range of a *different* version (another
+/// ETag) gets the whole new file asked for, never half of each.
+#[test]
+fn a_resume_splices_only_the_same_version() {
+    let broker = Mosquitto::start();
+    let http = HttpServer::start();
+    let dir = TempDir::new("promise-same");
+    // Over two of the agent's 4 MiB read-back steps before the cut.
+    let size = 12_000_000usize;
+    let cut = 9_000_000usize;
+    let old: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+    let new: Vec<u8> = (0..size).map(|i| (i % 241) as u8 ^ 0x5a).collect();
+    let cut_once = |body: &[u8], etag: &str| {
+        Route::Ranged(std::sync::Arc::new(common::Ranged {
+            cuts: vec![Some(cut as u64)],
+            ..common::Ranged::new(body.to_vec(), etag)
+        }))
+    };
+    http.set("/same/film.bin", cut_once(&old, "v1"));
+    let mut other = format!(
+        "HTTP/1.1 206 Partial Content\r\nContent-Type: application/octet-stream\r\nETag: \"v2\"\r\nContent-Range: bytes {cut}-{}/{size}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        size - 1,
+        size - cut
+    )
+    .into_bytes();
+    other.extend_from_slice(&new[cut..]);
+    http.set(
+        "/other/film.bin",
+        Route::Sequence(vec![
+            cut_once(&old, "v1"),
+            Route::Raw(other),
+            Route::Ranged(std::sync::Arc::new(common::Ranged::new(new.clone(), "v2"))),
+        ]),
+    );
+    let agent = agent_with(
+        dir.path(),
+        &broker,
+        json!({"download": {"interval_ms": 0, "retry_base_ms": 100, "retry_max_ms": 500,
+                            "max_attempts": 10, "max_bytes": 67_108_864}}),
+    );
+    broker.publish("sync", http.url("/same/film.bin").as_bytes(), 1);
+    agent.wait_done(1, WAIT);
+    let got = std::fs::read(agent.cache().join("same/film.bin")).unwrap();
+    assert!(got == old, "{} bytes stored, not the file", got.len());
+    let sent = http.sent("/same/film.bin");
+    assert!(
+        sent <= size as u64 * 11 / 10,
+        "{sent} bytes sent for a {size}-byte file cut once: the resume started over"
+    );
+    broker.publish("sync", http.url("/other/film.bin").as_bytes(), 1);
+    agent.wait_done(2, WAIT);
+    let got = std::fs::read(agent.cache().join("other/film.bin")).unwrap();
+    assert!(
+        got == new,
+        "{} bytes stored, {} of them from the old version",
+        got.len(),
+        got.iter().zip(&old).take_while(|(a, b)| a == b).count()
+    );
+    // The case above is the one meant: the resume asked for exactly the rest.
+    let heads = http.request_headers("/other/film.bin");
+    let range = |i: usize| {
+        heads.get(i).and_then(|h| {
+            h.iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case("range"))
+                .map(|(_, v)| v.clone())
+        })
+    };
+    assert_eq!(
+        range(1).as_deref(),
+        Some(format!("bytes={cut}-").as_str()),
+        "{heads:?}"
+    );
+    assert_eq!(range(2), None, "the third request is for the whole file");
+}
+
 /// Kills strace and the agent it traces when dropped (a killed strace
 /// leaves its tracee running, so the agent's pid is taken from the trace).
 struct TracedAgent<'a>(std::process::Child, &'a Path);
