@@ -14,6 +14,7 @@
 //! slices that end at a deadline, and while the body is still arriving.
 //! [`verify`] runs it to the verdict over a whole body.
 
+mod crc32;
 mod jpeg;
 mod jpeg_arith;
 mod jpeg_huffman;

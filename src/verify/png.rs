@@ -149,7 +149,7 @@ struct Chunk {
     /// Bytes of its data checked so far (CRC, and inflated for IDAT).
     done: usize,
     /// CRC of its type and the data checked so far.
-    crc: crc32fast::Hasher,
+    crc: super::crc32::Crc32,
 }
 
 /// The PNG checker's state between calls.
@@ -249,7 +249,7 @@ impl Checker {
                 return Err(format!("chunk {} claims {len} bytes", name(&kind)));
             }
             self.begin_chunk(kind)?;
-            let mut crc = crc32fast::Hasher::new();
+            let mut crc = super::crc32::Crc32::new();
             crc.update(&kind);
             self.chunk = Some(Chunk {
                 kind,

@@ -88,7 +88,7 @@ pub fn first_scan_data(jpeg: &[u8]) -> Range<usize> {
 
 /// A PNG chunk with its CRC.
 pub fn png_chunk(kind: &[u8; 4], data: &[u8]) -> Vec<u8> {
-    let mut crc = crc32fast::Hasher::new();
+    let mut crc = super::crc32::Crc32::new();
     crc.update(kind);
     crc.update(data);
     let mut out = (data.len() as u32).to_be_bytes().to_vec();
