@@ -125,7 +125,7 @@ impl Agent {
             let files = |(key, message)| {
                 crate::error::Error::msg(format!("config error: key `{key}`: {message}"))
             };
-            crate::tls::init_https(&config).map_err(files)?;
+            crate::tls::init_https(&config);
             if m.tls {
                 let tls = crate::tls::mqtt_config(&config).map_err(files)?;
                 options.set_transport(rumqttc::Transport::tls_with_config(

@@ -1012,7 +1012,9 @@ impl Get {
         }
         let name = rustls::pki_types::ServerName::try_from(self.url.host.clone())
             .map_err(|e| Failure::Permanent(format!("invalid TLS server name: {e}")))?;
-        let conn = rustls::ClientConnection::new(crate::tls::client_config(), name)
+        let config =
+            crate::tls::client_config().map_err(|e| Failure::transient(format!("TLS: {e}")))?;
+        let conn = rustls::ClientConnection::new(config, name)
             .map_err(|e| Failure::transient(format!("TLS: {e}")))?;
         Ok(Conn::Tls(Box::new((conn, sock))))
     }

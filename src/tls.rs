@@ -3,7 +3,7 @@
 //! old Windows root store and of Windows 7's SChannel), plus a private CA and
 //! a client certificate from PEM files named in the config.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 use rustls::pki_types::pem::PemObject;
@@ -18,23 +18,31 @@ type PemFile<'a> = (&'static str, &'a Path);
 /// What is wrong with a TLS file: the config key and the reason.
 pub type FileError = (&'static str, String);
 
-/// The HTTPS settings, set once at start-up by [`init_https`].
+/// The CA file for HTTPS (`download.ca_file`), set once at start-up by
+/// [`init_https`].
+static HTTPS_CA: OnceLock<Option<PathBuf>> = OnceLock::new();
+
+/// The HTTPS client config, built at the first HTTPS request (an agent that
+/// fetches over plain HTTP never pages in the TLS code and roots).
 static HTTPS: OnceLock<Arc<ClientConfig>> = OnceLock::new();
 
-/// The client config every HTTPS request shares: the one [`init_https`] set,
-/// or the bundled roots alone.
-pub fn client_config() -> Arc<ClientConfig> {
-    HTTPS
-        .get_or_init(|| build(None, None).expect("the bundled roots alone always load"))
-        .clone()
+/// The client config every HTTPS request shares: the bundled roots plus
+/// `download.ca_file`. A file that cannot be read now (it was checked at
+/// start-up) is an error of this request; the next one tries again.
+pub fn client_config() -> Result<Arc<ClientConfig>, String> {
+    if let Some(config) = HTTPS.get() {
+        return Ok(config.clone());
+    }
+    let ca = HTTPS_CA.get().and_then(Option::as_deref);
+    let config = build(ca.map(|p| ("download.ca_file", p)), None)
+        .map_err(|(key, message)| format!("`{key}`: {message}"))?;
+    Ok(HTTPS.get_or_init(|| config).clone())
 }
 
-/// Sets the HTTPS settings from `download.ca_file`. Called once, before the
-/// first download; a later call keeps the first settings.
-pub fn init_https(config: &Config) -> Result<(), FileError> {
-    let https = https_config(config)?;
-    let _ = HTTPS.set(https);
-    Ok(())
+/// Sets `download.ca_file` for HTTPS. Called once, before the first
+/// download; a later call keeps the first setting.
+pub fn init_https(config: &Config) {
+    let _ = HTTPS_CA.set(config.download.ca_file.clone());
 }
 
 /// The HTTPS settings `config` asks for.
@@ -59,7 +67,9 @@ pub fn mqtt_config(config: &Config) -> Result<Arc<ClientConfig>, FileError> {
 /// Checks every TLS file the config names, so a bad one is a config error at
 /// start-up rather than a failure at each connect.
 pub fn check(config: &Config) -> Result<(), FileError> {
-    https_config(config)?;
+    if config.download.ca_file.is_some() {
+        https_config(config)?;
+    }
     if config.mqtt.tls {
         mqtt_config(config)?;
     }
