@@ -409,6 +409,12 @@ pub fn hostname() -> String {
         .or_else(|_| std::fs::read_to_string("/proc/sys/kernel/hostname"))
         .or_else(|_| std::env::var("HOSTNAME"))
         .unwrap_or_default();
+    client_id_part(&raw)
+}
+
+/// `raw` (a host name) as a part of a client id: ASCII letters, digits and
+/// dashes, at most 32, lower case; "kiosk" if nothing is left.
+fn client_id_part(raw: &str) -> String {
     let clean: String = raw
         .trim()
         .chars()
@@ -419,5 +425,32 @@ pub fn hostname() -> String {
         "kiosk".into()
     } else {
         clean.to_ascii_lowercase()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_host_name_becomes_a_safe_client_id_part() {
+        assert_eq!(client_id_part("Lobby-PC-1\n"), "lobby-pc-1");
+        assert_eq!(client_id_part(" kiosk_2.mall.local "), "kiosk2malllocal");
+        assert_eq!(client_id_part("Ünïcode-Ø"), "ncode-");
+        assert_eq!(client_id_part(&"a".repeat(40)), "a".repeat(32));
+        assert_eq!(client_id_part("___"), "kiosk");
+        assert_eq!(client_id_part(""), "kiosk");
+    }
+
+    #[test]
+    fn the_host_name_is_the_machines() {
+        if std::env::var_os("COMPUTERNAME").is_some() {
+            return;
+        }
+        let Ok(name) = std::fs::read_to_string("/proc/sys/kernel/hostname") else {
+            return;
+        };
+        assert_eq!(hostname(), client_id_part(&name));
+        assert!(!hostname().is_empty());
     }
 }

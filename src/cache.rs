@@ -543,4 +543,89 @@ mod tests {
         assert_eq!(names.len(), 1);
         fs::remove_dir_all(&dir).unwrap();
     }
+    #[test]
+    fn only_names_shaped_like_8_3_aliases_are_refused() {
+        for alias in [
+            "PROGRA~1",
+            "PHOTOG~1.JPG",
+            "a~12.jpg",
+            "abcd~123.png",
+            "x~1.j",
+        ] {
+            assert!(is_short_name_alias(alias), "{alias}");
+            assert!(check_segment(alias).unwrap_err().contains("8.3"), "{alias}");
+        }
+        for fine in [
+            "~1.jpg",        // nothing before the tilde
+            "photo~.jpg",    // no digits after it
+            "photo~1a.jpg",  // not only digits
+            "photogr~1.jpg", // a stem of nine characters
+            "photo~1.jpeg",  // an extension of four
+            "photo~1.j~g",   // a tilde in the extension
+            "photo.jpg",     // no tilde at all
+            "a~b~1x.png",    // the last tilde's digits are not only digits
+        ] {
+            assert!(!is_short_name_alias(fine), "{fine}");
+            assert!(check_segment(fine).is_ok(), "{fine}");
+        }
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("holosync-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_clash_is_a_file_on_the_way_or_a_folder_at_the_end() {
+        let root = scratch("clash");
+        let path = root.join("a/b/c.jpg");
+        // Nothing there yet, or only the folders: no clash.
+        assert_eq!(clash(&root, &path), None);
+        fs::create_dir_all(root.join("a/b")).unwrap();
+        assert_eq!(clash(&root, &path), None);
+        // The file itself exists: it is replaced, not a clash.
+        fs::write(&path, b"x").unwrap();
+        assert_eq!(clash(&root, &path), None);
+        // A file where a folder is needed, at any depth.
+        fs::write(root.join("f"), b"x").unwrap();
+        let why = clash(&root, &root.join("f/g/h.jpg")).unwrap();
+        assert!(why.contains("is a file") && why.contains("/f"), "{why}");
+        fs::create_dir_all(root.join("d")).unwrap();
+        fs::write(root.join("d/e"), b"x").unwrap();
+        let why = clash(&root, &root.join("d/e/h.jpg")).unwrap();
+        assert!(why.contains("is a file") && why.contains("d/e"), "{why}");
+        // A folder where the file goes.
+        let why = clash(&root, &root.join("a/b")).unwrap();
+        assert!(why.contains("is a folder"), "{why}");
+        // The root itself is never an ancestor to check (it may even be a
+        // file's neighbour); a path outside the root is not walked.
+        assert_eq!(clash(&root, &root.join("top.jpg")), None);
+        assert_eq!(clash(&root.join("a"), &root.join("f/x.jpg")), None);
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn reopen_keeps_the_synced_prefix_or_nothing() {
+        let root = scratch("reopen");
+        let path = root.join("film.bin");
+        // No temporary file: nothing to resume.
+        assert!(TempFile::reopen(&path, 3).unwrap().is_none());
+        // A temporary file shorter than what was recorded: useless, removed.
+        fs::write(temp_path(&path), b"ab").unwrap();
+        assert!(TempFile::reopen(&path, 3).unwrap().is_none());
+        assert!(!temp_path(&path).exists());
+        // Longer than recorded (bytes written after the last sync): cut back.
+        fs::write(temp_path(&path), b"abcdef").unwrap();
+        let mut t = TempFile::reopen(&path, 4).unwrap().unwrap();
+        assert_eq!(t.synced(), 4);
+        t.write(b"XY").unwrap();
+        t.commit().unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"abcdXY");
+        // Something that is not a file: an error, not a fresh start.
+        fs::create_dir_all(temp_path(&root.join("dir.bin"))).unwrap();
+        assert!(TempFile::reopen(&root.join("dir.bin"), 0).is_err());
+        fs::remove_dir_all(&root).unwrap();
+    }
 }
