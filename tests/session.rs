@@ -363,6 +363,66 @@ fn rows_stranded_by_a_clock_jump_are_fetched_at_once() {
     );
 }
 
+/// A wall clock set back while the agent runs (NTP correcting a kiosk that
+/// booted with a wrong date) would leave a retry scheduled by the old clock
+/// waiting as long as the jump: the agent sees the wall clock fall behind
+/// its monotonic clock and puts the row within `retry_max_ms` of the new now.
+/// The clock is moved by libfaketime (wall clock only; the monotonic clock
+/// stays real), its offset read from a file the test rewrites.
+#[test]
+fn a_clock_set_back_while_running_strands_no_retry() {
+    let lib = Path::new("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1");
+    if !lib.exists() {
+        return common::cannot_run("libfaketime is missing (apt-get install faketime)");
+    }
+    if common::under_wine() {
+        // Wine does not read the time through the preloaded calls (tried:
+        // the jump is never seen); .ci/run runs this test natively only.
+        return common::cannot_run("libfaketime cannot move the clock of an exe under Wine");
+    }
+    let broker = Mosquitto::start();
+    let http = HttpServer::start();
+    let dir = TempDir::new("session-clock-back");
+    let url = http.url("/clock-back/a.png");
+    http.set(
+        "/clock-back/a.png",
+        Route::Sequence(vec![
+            Route::Status(503, b"busy\n".to_vec()),
+            Route::Ok(png(5, 5, 4)),
+        ]),
+    );
+    let offset = dir.path().join("faketime.txt");
+    std::fs::write(&offset, "+0\n").unwrap();
+    let mut config = Agent::default_config(broker.port);
+    // The retry after the 503 is due 10-30 s later; retry_max_ms 30 s.
+    config["download"]["retry_base_ms"] = json!(20_000);
+    config["download"]["retry_max_ms"] = json!(30_000);
+    let mut agent = Agent::new(dir.path(), config);
+    agent.start_with_env(&[
+        ("LD_PRELOAD", lib.to_str().unwrap()),
+        ("FAKETIME_TIMESTAMP_FILE", offset.to_str().unwrap()),
+        ("FAKETIME_CACHE_DURATION", "1"),
+        ("DONT_FAKE_MONOTONIC", "1"),
+    ]);
+    agent.wait_log("subscribed to", WAIT);
+    broker.publish("sync", url.as_bytes(), 1);
+    wait_until(
+        "the 503 to put the row in retry",
+        WAIT,
+        || matches!(row(dir.path(), &url), Some((s, ..)) if s == "retry"),
+    );
+    // Two hours back: the retry is now due two hours and some seconds away.
+    std::fs::write(&offset, "-7200\n").unwrap();
+    wait_until("the agent to notice the clock going back", WAIT, || {
+        agent.log().contains("the system clock went back by about")
+    });
+    wait_until(
+        "the retry to be fetched after the jump",
+        Duration::from_secs(90),
+        || matches!(row(dir.path(), &url), Some((s, ..)) if s == "done"),
+    );
+}
+
 /// Defect 5: a server that sends an 8 KiB header line ending in a bare LF
 /// and then an endless line cannot grow the agent's memory: the head is
 /// refused at its size limit and the URL fails with that reason.

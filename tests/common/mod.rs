@@ -1692,9 +1692,15 @@ impl Agent {
     /// Spawns the daemon (`holosync --config <dir>/config.json`); panics if
     /// it is already running.
     pub fn start(&mut self) {
+        self.start_with_env(&[]);
+    }
+
+    /// [`Agent::start`] with extra environment variables (libfaketime's, say).
+    pub fn start_with_env(&mut self, vars: &[(&str, &str)]) {
         assert!(!self.is_running(), "agent already running");
         let config = self.config_path();
         let mut cmd = command(&["--config", config.to_str().expect("utf-8 path")]);
+        cmd.envs(vars.iter().copied());
         cmd.stdin(Stdio::null())
             .stdout(append_file(&self.dir.join("stdout.txt")))
             .stderr(append_file(&self.dir.join("stderr.txt")));
