@@ -712,6 +712,14 @@ mod tests {
                 retry_after: Some(Duration::from_secs(7))
             })
         );
+        // A day is honoured as sent; more is capped at a day.
+        assert_eq!(
+            status_failure(503, Some("86400")),
+            Some(Failure::Transient {
+                reason: "HTTP 503".into(),
+                retry_after: Some(Duration::from_secs(86400))
+            })
+        );
         let capped = status_failure(503, Some("99999999"));
         assert!(
             matches!(capped, Some(Failure::Transient { retry_after: Some(d), .. }) if d == MAX_RETRY_AFTER)
