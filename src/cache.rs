@@ -616,6 +616,9 @@ mod tests {
         fs::write(temp_path(&path), b"ab").unwrap();
         assert!(TempFile::reopen(&path, 3).unwrap().is_none());
         assert!(!temp_path(&path).exists());
+        // Exactly as long as recorded: kept as it is.
+        fs::write(temp_path(&path), b"abcd").unwrap();
+        assert_eq!(TempFile::reopen(&path, 4).unwrap().unwrap().synced(), 4);
         // Longer than recorded (bytes written after the last sync): cut back.
         fs::write(temp_path(&path), b"abcdef").unwrap();
         let mut t = TempFile::reopen(&path, 4).unwrap().unwrap();
