@@ -631,4 +631,55 @@ mod tests {
         assert!(TempFile::reopen(&root.join("dir.bin"), 0).is_err());
         fs::remove_dir_all(&root).unwrap();
     }
+    #[test]
+    fn a_temp_file_syncs_by_its_cadence_and_keeps_what_it_synced() {
+        let root = scratch("cadence");
+        let path = root.join("film.bin");
+        assert_eq!(temp_file_of(&path), temp_path(&path));
+        // Bytes also get synced once a second: on a machine so busy that a
+        // second passes between two lines, "not yet synced" is not checked.
+        let started = std::time::Instant::now();
+        let mut t = TempFile::create(&path).unwrap();
+        assert!(t.is_empty());
+        t.sync_every(Some(10));
+        t.write(b"123456789").unwrap();
+        assert_eq!(t.len(), 9);
+        if started.elapsed() < std::time::Duration::from_millis(800) {
+            assert_eq!(t.synced(), 0, "under the cadence: not synced");
+        }
+        assert!(!t.is_empty());
+        t.write(b"0").unwrap();
+        assert_eq!((t.len(), t.synced()), (10, 10), "at the cadence: synced");
+        let started = std::time::Instant::now();
+        t.write(b"abc").unwrap();
+        assert_eq!(t.len(), 13);
+        if started.elapsed() < std::time::Duration::from_millis(800) {
+            assert_eq!(t.synced(), 10);
+        }
+        // Kept for a later attempt: what was written is synced and counted.
+        assert_eq!(t.keep(), 13);
+        assert_eq!(fs::read(temp_path(&path)).unwrap(), b"1234567890abc");
+        // Without a cadence nothing is synced before the end.
+        let mut t = TempFile::reopen(&path, 13).unwrap().unwrap();
+        t.sync_every(None);
+        t.write(&[7u8; 100]).unwrap();
+        assert_eq!((t.len(), t.synced()), (113, 13));
+        // Discarded: the temporary file is gone, nothing at the final path.
+        t.discard();
+        assert!(!temp_path(&path).exists() && !path.exists());
+        // Left-over temporary files are removed and counted, kept ones stay.
+        let kept = temp_path(&root.join("b/kept.bin"));
+        fs::create_dir_all(root.join("b")).unwrap();
+        for p in [
+            temp_path(&root.join("a.bin")),
+            temp_path(&root.join("b/c.bin")),
+            kept.clone(),
+        ] {
+            fs::write(p, b"x").unwrap();
+        }
+        let keep = std::collections::HashSet::from([kept.clone()]);
+        assert_eq!(remove_temp_files(&root, &keep), 2);
+        assert!(kept.exists());
+        fs::remove_dir_all(&root).unwrap();
+    }
 }
