@@ -421,6 +421,21 @@ fn a_clock_set_back_while_running_strands_no_retry() {
         Duration::from_secs(90),
         || matches!(row(dir.path(), &url), Some((s, ..)) if s == "done"),
     );
+    // One jump, one line, with its size; the idle turns before and after it
+    // (up to 10 s apart) are not taken for jumps.
+    let log = agent.log();
+    let jumps: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("the system clock went back by about"))
+        .collect();
+    assert_eq!(jumps.len(), 1, "{jumps:#?}");
+    let secs: i64 = jumps[0]
+        .split("about ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no seconds in {:?}", jumps[0]));
+    assert!((7190..=7210).contains(&secs), "{}", jumps[0]);
 }
 
 /// Defect 5: a server that sends an 8 KiB header line ending in a bare LF
