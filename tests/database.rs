@@ -176,3 +176,47 @@ fn a_first_release_queue_is_upgraded_in_place() {
     }
     assert!(moved_aside(dir.path()).is_empty());
 }
+
+/// A queue another process holds locked when the agent starts (a
+/// technician's shell with an exclusive lock, a backup tool) is not taken
+/// for a broken one: the agent says it cannot set up the queue and exits (it
+/// is started again), nothing is moved aside, and once the lock is gone the
+/// URL queued before is fetched.
+#[test]
+fn a_queue_locked_at_start_up_is_never_moved_aside() {
+    let (broker, http, dir) = (
+        Mosquitto::start(),
+        HttpServer::start(),
+        TempDir::new("db-locked-start"),
+    );
+    let mut agent = Agent::new(dir.path(), Agent::default_config(broker.port));
+    let bytes = png(5, 5, 9);
+    http.set("/db/kept.png", Route::Ok(bytes.clone()));
+    let out = agent.run(&["enqueue", &http.url("/db/kept.png")]);
+    assert!(out.status.success(), "{out:?}");
+    // Exclusive locking mode: the lock outlives the write and keeps every
+    // other connection out, readers too (no shared WAL index).
+    let db = rusqlite::Connection::open(dir.path().join("holosync.db")).unwrap();
+    db.execute_batch("PRAGMA locking_mode = EXCLUSIVE; BEGIN EXCLUSIVE; COMMIT;")
+        .unwrap();
+    agent.start();
+    let status = agent.wait_exit(WAIT);
+    assert!(
+        !status.success(),
+        "the agent ran on a queue it could not open"
+    );
+    assert!(
+        agent.stderr().contains("could not set up queue database")
+            || agent.log().contains("could not set up queue database"),
+        "{}",
+        agent.diagnostics()
+    );
+    assert_eq!(moved_aside(dir.path()), Vec::<String>::new());
+    drop(db);
+    agent.start();
+    agent.wait_done(1, WAIT);
+    assert_eq!(
+        std::fs::read(agent.cache().join("db/kept.png")).unwrap(),
+        bytes
+    );
+}
