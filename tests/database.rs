@@ -177,6 +177,31 @@ fn a_first_release_queue_is_upgraded_in_place() {
     assert!(moved_aside(dir.path()).is_empty());
 }
 
+/// A `queue` table whose columns are only the first two of holosync's
+/// (`id`, `url`) is another program's too: older holosync queues have at
+/// least the first release's seven, so it is moved aside, not "upgraded".
+#[test]
+fn a_queue_table_shorter_than_the_first_releases_is_another_programs() {
+    let (broker, http, dir) = (
+        Mosquitto::start(),
+        HttpServer::start(),
+        TempDir::new("db-prefix"),
+    );
+    let db = rusqlite::Connection::open(dir.path().join("holosync.db")).unwrap();
+    db.execute_batch(
+        "CREATE TABLE queue (id INTEGER, url TEXT); INSERT INTO queue VALUES (1, 'x');",
+    )
+    .unwrap();
+    drop(db);
+    let agent = agent_still_syncs(dir.path(), &broker, &http);
+    assert_eq!(moved_aside(dir.path()).len(), 1, "{}", agent.log());
+    assert!(
+        agent.log().contains("belongs to another program"),
+        "{}",
+        agent.log()
+    );
+}
+
 /// A queue another process holds locked when the agent starts (a
 /// technician's shell with an exclusive lock, a backup tool) is not taken
 /// for a broken one: the agent says it cannot set up the queue and exits (it

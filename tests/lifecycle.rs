@@ -42,6 +42,8 @@ fn a_stop_is_logged_and_told_apart_from_a_crash() {
     let log = agent.log();
     assert!(log.contains("stopping: SIGTERM"), "{log}");
     assert!(log.contains("holosync stopped (SIGTERM)"), "{log}");
+    // Nothing was left undone, so the stop says nothing of projectors.
+    assert!(!log.contains("projector messages unfinished"), "{log}");
 
     start_and_wait(&mut agent);
     assert!(
