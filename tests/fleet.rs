@@ -118,26 +118,70 @@ fn the_status_follows_the_queue() {
     let topic = format!("{}/status", prefix(&agent));
     let sub = broker.subscribe(&topic);
     wait_payload(&sub, &topic, "the first status", |v| v["done"] == 0);
+    // The last one fails with a name too long to show whole.
+    let long = format!("/s/{}.png", "n".repeat(400));
     let urls = [
         http.url("/s/a.png"),
         http.url("/s/held.png"),
         http.url("/s/gone.png"),
+        http.url(&long),
     ];
     broker.publish("sync", urls.join(",").as_bytes(), 1);
     wait_payload(&sub, &topic, "a status with work waiting", |v| {
         v["pending"].as_u64().unwrap_or(0) + v["retry"].as_u64().unwrap_or(0) >= 1
             && v["oldest_pending_secs"].is_u64()
     });
+    // Seconds, not milliseconds: the URLs were queued moments ago.
+    let waiting = payloads(&sub, &topic);
+    let age = waiting
+        .iter()
+        .rev()
+        .find_map(|v| v["oldest_pending_secs"].as_u64())
+        .expect("a status with an age");
+    assert!(age < 600, "oldest_pending_secs {age}");
     http.release("/s/held.png");
     let last = wait_payload(&sub, &topic, "the final status", |v| {
-        v["done"] == 2 && v["failed"] == 1
+        v["done"] == 2 && v["failed"] == 2
     });
     assert_eq!(last["cache_files"], 2);
     assert_eq!(last["cache_bytes"], (a.len() + b.len()) as u64);
     assert!(last["cache_free_bytes"].as_u64().unwrap() > 0);
-    assert!(last["last_sync"].is_string());
+    // Stamps of today (this year, give or take one), not of 1970 or before.
+    let year = 1970
+        + std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            / 31_556_952;
+    let stamp_year = |v: &Value| -> u64 {
+        v.as_str()
+            .and_then(|s| s.get(..4))
+            .and_then(|y| y.parse().ok())
+            .unwrap_or_else(|| panic!("not a time stamp: {v}"))
+    };
+    assert!(
+        stamp_year(&last["last_sync"]).abs_diff(year) <= 1,
+        "{}",
+        last["last_sync"]
+    );
     assert!(last["last_download"]["url"].is_string());
-    assert_eq!(last["failures"][0]["url"], urls[2]);
+    let failed: Vec<&str> = last["failures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["url"].as_str().unwrap())
+        .collect();
+    assert!(failed.contains(&urls[2].as_str()), "{failed:?}");
+    // The long URL is shown cut, marked as cut.
+    let cut = failed
+        .iter()
+        .find(|u| u.contains("nnnn"))
+        .expect("the long URL is among the failures");
+    assert!(
+        cut.ends_with("...") && cut.chars().count() <= 303,
+        "{} characters: {cut}",
+        cut.chars().count()
+    );
     let cli = agent.status();
     let keys = |v: &Value| {
         let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
@@ -217,9 +261,13 @@ fn commands_answer_with_their_id_and_are_harmless_twice() {
 
     // retry-failed: b is back, and now the server has it.
     http.set("/c/b.png", Route::Ok(png(6, 6, 2)));
-    broker.publish(&cmd, br#"{"id": "r1", "command": "retry-failed"}"#, 1);
+    let retry = format!(r#"{{"id": "r1", "command": "retry-failed", "urls": ["{b}"]}}"#);
+    broker.publish(&cmd, retry.as_bytes(), 1);
     assert_eq!(answer("r1")["requeued"], 1);
     agent.wait_done(3, WAIT);
+    // Nothing is failed any more: retrying all of them requeues none.
+    broker.publish(&cmd, br#"{"id": "r2", "command": "retry-failed"}"#, 1);
+    assert_eq!(answer("r2")["requeued"], 0);
 
     // forget: c's row goes, its file stays; twice is harmless.
     let forget = format!(r#"{{"id": "f1", "command": "forget", "urls": ["{c}"]}}"#);
