@@ -34,8 +34,7 @@ pub fn client_config() -> Result<Arc<ClientConfig>, String> {
         return Ok(config.clone());
     }
     let ca = HTTPS_CA.get().and_then(Option::as_deref);
-    let config = build(ca.map(|p| ("download.ca_file", p)), None)
-        .map_err(|(key, message)| format!("`{key}`: {message}"))?;
+    let config = https_with(ca).map_err(|(key, message)| format!("`{key}`: {message}"))?;
     Ok(HTTPS.get_or_init(|| config).clone())
 }
 
@@ -45,9 +44,8 @@ pub fn init_https(config: &Config) {
     let _ = HTTPS_CA.set(config.download.ca_file.clone());
 }
 
-/// The HTTPS settings `config` asks for.
-pub fn https_config(config: &Config) -> Result<Arc<ClientConfig>, FileError> {
-    let ca = config.download.ca_file.as_deref();
+/// The HTTPS settings with `ca` as `download.ca_file`.
+fn https_with(ca: Option<&Path>) -> Result<Arc<ClientConfig>, FileError> {
     build(ca.map(|p| ("download.ca_file", p)), None)
 }
 
@@ -67,8 +65,8 @@ pub fn mqtt_config(config: &Config) -> Result<Arc<ClientConfig>, FileError> {
 /// Checks every TLS file the config names, so a bad one is a config error at
 /// start-up rather than a failure at each connect.
 pub fn check(config: &Config) -> Result<(), FileError> {
-    if config.download.ca_file.is_some() {
-        https_config(config)?;
+    if let Some(ca) = &config.download.ca_file {
+        https_with(Some(ca))?;
     }
     if config.mqtt.tls {
         mqtt_config(config)?;

@@ -74,19 +74,21 @@ fn empty_database_file_is_used_as_a_fresh_queue() {
 /// written into: moved aside, fresh queue.
 #[test]
 fn another_programs_database_is_moved_aside() {
-    let (broker, http, dir) = (
-        Mosquitto::start(),
-        HttpServer::start(),
-        TempDir::new("db-foreign"),
-    );
-    let db = rusqlite::Connection::open(dir.path().join("holosync.db")).unwrap();
-    db.execute_batch(
+    foreign_queue_is_moved_aside(
+        "db-foreign",
         "CREATE TABLE queue (job TEXT, owner TEXT); INSERT INTO queue VALUES ('x', 'y');",
-    )
-    .unwrap();
+    );
+}
+
+/// Writes a database made by `schema`, starts the agent on it: it is moved
+/// aside as another program's, and the agent syncs with a fresh queue.
+fn foreign_queue_is_moved_aside(name: &str, schema: &str) {
+    let (broker, http, dir) = (Mosquitto::start(), HttpServer::start(), TempDir::new(name));
+    let db = rusqlite::Connection::open(dir.path().join("holosync.db")).unwrap();
+    db.execute_batch(schema).unwrap();
     drop(db);
     let agent = agent_still_syncs(dir.path(), &broker, &http);
-    assert_eq!(moved_aside(dir.path()).len(), 1);
+    assert_eq!(moved_aside(dir.path()).len(), 1, "{}", agent.log());
     assert!(
         agent.log().contains("belongs to another program"),
         "{}",
@@ -182,23 +184,9 @@ fn a_first_release_queue_is_upgraded_in_place() {
 /// least the first release's seven, so it is moved aside, not "upgraded".
 #[test]
 fn a_queue_table_shorter_than_the_first_releases_is_another_programs() {
-    let (broker, http, dir) = (
-        Mosquitto::start(),
-        HttpServer::start(),
-        TempDir::new("db-prefix"),
-    );
-    let db = rusqlite::Connection::open(dir.path().join("holosync.db")).unwrap();
-    db.execute_batch(
+    foreign_queue_is_moved_aside(
+        "db-prefix",
         "CREATE TABLE queue (id INTEGER, url TEXT); INSERT INTO queue VALUES (1, 'x');",
-    )
-    .unwrap();
-    drop(db);
-    let agent = agent_still_syncs(dir.path(), &broker, &http);
-    assert_eq!(moved_aside(dir.path()).len(), 1, "{}", agent.log());
-    assert!(
-        agent.log().contains("belongs to another program"),
-        "{}",
-        agent.log()
     );
 }
 

@@ -532,6 +532,44 @@ fn a_message_at_the_size_limit_is_queued_and_fetched() {
     assert!(row(dir.path(), &http.url("/limit/over.png")).is_none());
 }
 
+/// Two different files of `size` bytes: an old version and a new one.
+fn two_versions(size: usize) -> (Vec<u8>, Vec<u8>) {
+    let old = (0..size).map(|i| (i % 251) as u8).collect();
+    let new = (0..size).map(|i| (i % 241) as u8 ^ 0x5a).collect();
+    (old, new)
+}
+
+/// `body` served with ranges under `etag`, the first answer cut at `at`.
+fn cut_once(body: &[u8], etag: &str, at: usize) -> Route {
+    Route::Ranged(std::sync::Arc::new(common::Ranged {
+        cuts: vec![Some(at as u64)],
+        ..common::Ranged::new(body.to_vec(), etag)
+    }))
+}
+
+/// A raw 206 answer under `etag` holding `part`, bytes `start..` of a
+/// `total`-byte file, whatever the request asked for.
+fn partial_answer(etag: &str, start: usize, total: usize, part: &[u8]) -> Route {
+    let mut raw = format!(
+        "HTTP/1.1 206 Partial Content\r\nContent-Type: application/octet-stream\r\nETag: \"{etag}\"\r\nContent-Range: bytes {start}-{}/{total}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        total - 1,
+        part.len()
+    )
+    .into_bytes();
+    raw.extend_from_slice(part);
+    Route::Raw(raw)
+}
+
+/// An agent that retries a cut download at once and takes files of 20 MB.
+fn resuming_agent(dir: &Path, broker: &Mosquitto) -> Agent {
+    agent_with(
+        dir,
+        broker,
+        json!({"download": {"interval_ms": 0, "retry_base_ms": 100, "retry_max_ms": 500,
+                            "max_attempts": 10, "max_bytes": 67_108_864}}),
+    )
+}
+
 /// Bytes unchanged across a resume: a download cut half-way is resumed, and
 /// the server answers the resume with a 206 that does not continue it (it
 /// starts at byte 0, of a new version sent under the old ETag). The kept part
@@ -544,31 +582,16 @@ fn a_resume_answered_with_another_range_is_never_spliced() {
     let http = HttpServer::start();
     let dir = TempDir::new("promise-splice");
     let size = 20_000_000usize;
-    let old: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
-    let new: Vec<u8> = (0..size).map(|i| (i % 241) as u8 ^ 0x5a).collect();
-    let mut wrong = format!(
-        "HTTP/1.1 206 Partial Content\r\nContent-Type: application/octet-stream\r\nETag: \"v1\"\r\nContent-Range: bytes 0-{}/{size}\r\nContent-Length: {size}\r\nConnection: close\r\n\r\n",
-        size - 1
-    )
-    .into_bytes();
-    wrong.extend_from_slice(&new);
+    let (old, new) = two_versions(size);
     http.set(
         "/splice/film.bin",
         Route::Sequence(vec![
-            Route::Ranged(std::sync::Arc::new(common::Ranged {
-                cuts: vec![Some(size as u64 / 2)],
-                ..common::Ranged::new(old, "v1")
-            })),
-            Route::Raw(wrong),
+            cut_once(&old, "v1", size / 2),
+            partial_answer("v1", 0, size, &new),
             Route::Ranged(std::sync::Arc::new(common::Ranged::new(new.clone(), "v2"))),
         ]),
     );
-    let agent = agent_with(
-        dir.path(),
-        &broker,
-        json!({"download": {"interval_ms": 0, "retry_base_ms": 100, "retry_max_ms": 500,
-                            "max_attempts": 10, "max_bytes": 67_108_864}}),
-    );
+    let agent = resuming_agent(dir.path(), &broker);
     broker.publish("sync", http.url("/splice/film.bin").as_bytes(), 1);
     agent.wait_done(1, WAIT);
     let got = std::fs::read(agent.cache().join("splice/film.bin")).unwrap();
@@ -600,36 +623,17 @@ fn a_resume_splices_only_the_same_version() {
     // Over two of the agent's 4 MiB read-back steps before the cut.
     let size = 12_000_000usize;
     let cut = 9_000_000usize;
-    let old: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
-    let new: Vec<u8> = (0..size).map(|i| (i % 241) as u8 ^ 0x5a).collect();
-    let cut_once = |body: &[u8], etag: &str| {
-        Route::Ranged(std::sync::Arc::new(common::Ranged {
-            cuts: vec![Some(cut as u64)],
-            ..common::Ranged::new(body.to_vec(), etag)
-        }))
-    };
-    http.set("/same/film.bin", cut_once(&old, "v1"));
-    let mut other = format!(
-        "HTTP/1.1 206 Partial Content\r\nContent-Type: application/octet-stream\r\nETag: \"v2\"\r\nContent-Range: bytes {cut}-{}/{size}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        size - 1,
-        size - cut
-    )
-    .into_bytes();
-    other.extend_from_slice(&new[cut..]);
+    let (old, new) = two_versions(size);
+    http.set("/same/film.bin", cut_once(&old, "v1", cut));
     http.set(
         "/other/film.bin",
         Route::Sequence(vec![
-            cut_once(&old, "v1"),
-            Route::Raw(other),
+            cut_once(&old, "v1", cut),
+            partial_answer("v2", cut, size, &new[cut..]),
             Route::Ranged(std::sync::Arc::new(common::Ranged::new(new.clone(), "v2"))),
         ]),
     );
-    let agent = agent_with(
-        dir.path(),
-        &broker,
-        json!({"download": {"interval_ms": 0, "retry_base_ms": 100, "retry_max_ms": 500,
-                            "max_attempts": 10, "max_bytes": 67_108_864}}),
-    );
+    let agent = resuming_agent(dir.path(), &broker);
     broker.publish("sync", http.url("/same/film.bin").as_bytes(), 1);
     agent.wait_done(1, WAIT);
     let got = std::fs::read(agent.cache().join("same/film.bin")).unwrap();
