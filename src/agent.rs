@@ -4,7 +4,6 @@
 //! lives in its own module (`link`, `inbox`, `transfers`, `projector`). See
 //! ARCHITECTURE.md for the timing budget.
 
-use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -16,8 +15,9 @@ use crate::download;
 use crate::error::{Context, Result};
 use crate::http;
 use crate::inbox::{self, Inbox, Kind};
+use crate::intake::{Intake, Sorted};
 use crate::link::{Delivery, Link};
-use crate::projector::{self, Batch};
+use crate::projector::{self, Batch, Projectors};
 use crate::queue::Queue;
 use crate::report::{Acked, Identity, Report};
 use crate::transfers::Transfers;
@@ -25,6 +25,12 @@ use crate::transfers::Transfers;
 /// Longest time one piece of work (a download, a projector) runs per turn
 /// before the broker link gets its turn again.
 pub const WORK_SLICE: Duration = Duration::from_millis(20);
+
+/// Longest time a turn spends on what arrived (dispatching deliveries,
+/// retrying held commits) before the rest waits for the next turn, with a
+/// timer-running poll between. At least one message is handled per turn,
+/// so one slow commit (an fsync on a worn SD card) is the most a turn takes.
+const DISPATCH_SLICE: Duration = Duration::from_millis(20);
 
 /// Longest wait for MQTT when nothing else is due (the link wakes at once
 /// for a message; the loop looks at its clocks again after this).
@@ -53,8 +59,10 @@ pub struct Agent {
     inbox: Inbox,
     /// The downloads.
     transfers: Transfers,
-    /// Projector messages in progress, oldest first.
-    projectors: VecDeque<Batch>,
+    /// Projector messages in progress and waiting.
+    projectors: Projectors,
+    /// Sorts what arrives; remembers the retained messages taken this run.
+    intake: Intake,
     /// What the fleet hears of this kiosk, and its commands.
     report: Report,
     /// The wall clock and monotonic clock at the last turn, to see jumps.
@@ -115,8 +123,7 @@ impl Agent {
             host: hostname(),
         };
         let mut report = Report::new(&config, identity);
-        // A technician who deleted the cache gets it back without a message.
-        report.start_audit(None, None);
+        report.load_done_ids(&queue);
         let m = &config.mqtt;
         let mut options = MqttOptions::new(client_id, m.host.clone(), m.port());
         options.set_keep_alive(Duration::from_secs(m.keep_alive_secs));
@@ -171,13 +178,16 @@ impl Agent {
             reencode_jpeg_quality: d.reencode_jpeg_quality,
         };
         let transfers = Transfers::new(&config, settings);
+        // A technician who deleted the cache gets it back without a message.
+        report.start_audit(&link, None, None);
         Ok(Agent {
             config,
             queue,
             link,
             inbox: Inbox::default(),
             transfers,
-            projectors: VecDeque::new(),
+            projectors: Projectors::default(),
+            intake: Intake::default(),
             report,
             clock: (Instant::now(), unix_ms()),
         })
@@ -207,12 +217,16 @@ impl Agent {
     fn stop(mut self, why: &str) {
         log::info!("stopping: {why}");
         self.transfers.stop(&self.queue);
-        if !self.projectors.is_empty() {
+        if self.projectors.busy() {
             log::warn!(
                 "left {} projector messages unfinished",
-                self.projectors.len()
+                self.projectors.count()
             );
         }
+        log::info!(
+            "longest gap between two broker polls while connected this run: {} ms",
+            self.link.longest_poll_gap().as_millis()
+        );
         self.link.flush(STOP_FLUSH);
         if let Err(e) = self.queue.set_meta(RUNNING_KEY, "") {
             log::warn!("{}", e.chain());
@@ -229,8 +243,12 @@ impl Agent {
         if self.link.take_connected() {
             self.report.connected();
         }
+        let slice_end = Instant::now() + DISPATCH_SLICE;
         while let Some(d) = self.link.next_delivery() {
             self.dispatch(d);
+            if Instant::now() >= slice_end {
+                break;
+            }
         }
         self.watch_clock();
         let (queue, config, transfers, report, link) = (
@@ -240,14 +258,11 @@ impl Agent {
             &mut self.report,
             &self.link,
         );
-        self.inbox.retry(link, &mut |kind, d| {
+        self.inbox.retry(link, slice_end, &mut |kind, d| {
             commit(queue, config, transfers, report, link, kind, d)
         });
-        if let Some(batch) = self.projectors.front_mut() {
-            if batch.step(&self.config.projector, Instant::now() + WORK_SLICE) {
-                let batch = self.projectors.pop_front().expect("stepped above");
-                self.publish_results(&batch);
-            }
+        if let Some(batch) = self.projectors.step(&self.config.projector) {
+            self.publish_results(&batch);
         }
         self.transfers.record_pending(&self.queue);
         for finished in self
@@ -269,7 +284,7 @@ impl Agent {
 
     /// None when work is due now; else when the loop next has something to do.
     fn idle_until(&self) -> Option<Instant> {
-        if !self.projectors.is_empty() || self.report.busy() {
+        if self.projectors.busy() || self.report.busy() || self.link.has_deliveries() {
             return None;
         }
         let now = Instant::now();
@@ -286,32 +301,43 @@ impl Agent {
         (until > now).then_some(until)
     }
 
-    /// Handles one message from the broker.
+    /// Handles one message from the broker (see `intake` for the rules).
     fn dispatch(&mut self, d: Delivery) {
-        let m = &self.config.mqtt;
         let topic = &d.publish.topic;
-        if m.sync_topics().contains(topic) {
-            let max = m.max_payload_bytes;
-            if d.publish.payload.len() > max {
-                log::error!(
-                    "dropped a sync message on {topic} of {} bytes: over mqtt.max_payload_bytes ({max}); acknowledged so the broker does not send it again",
-                    d.publish.payload.len(),
-                );
+        let is_command = self.report.is_command_topic(topic);
+        match self.intake.sort(&self.config.mqtt, is_command, &d.publish) {
+            Sorted::Sync => self.receive(Kind::Sync, d),
+            Sorted::Command => self.receive(Kind::Command, d),
+            Sorted::Projector => {
+                if let Some(batch) =
+                    projector::parse_batch(&d.publish.payload, &self.config.projector)
+                {
+                    self.projectors.push(batch);
+                }
                 inbox::ack(&self.link, &d);
-                return;
             }
-            self.receive(Kind::Sync, d);
-        } else if self.report.is_command_topic(topic) {
-            self.receive(Kind::Command, d);
-        } else if *topic == m.projector_topic {
-            if let Some(batch) = projector::parse_batch(&d.publish.payload, &self.config.projector)
-            {
-                self.projectors.push_back(batch);
+            Sorted::TooBig { key, max } => {
+                let what = match (is_command, *topic == self.config.mqtt.projector_topic) {
+                    (true, _) => "command",
+                    (false, true) => "projector message",
+                    (false, false) => "sync message",
+                };
+                let why = format!(
+                    "{what} of {} bytes is over {key} ({max}); not read",
+                    d.publish.payload.len()
+                );
+                log::error!(
+                    "dropped a {what} on {topic} of {} bytes: over {key} ({max}); acknowledged so the broker does not send it again",
+                    d.publish.payload.len()
+                );
+                if is_command {
+                    self.report.refused(&self.link, &why);
+                }
+                inbox::ack(&self.link, &d);
             }
-            inbox::ack(&self.link, &d);
-        } else {
-            log::debug!("ignored a message on unexpected topic {topic}");
-            inbox::ack(&self.link, &d);
+            Sorted::Ignore => {
+                inbox::ack(&self.link, &d);
+            }
         }
     }
 
@@ -381,7 +407,7 @@ fn commit(
             report.changed();
             Ok(Acked::Now)
         }
-        Kind::Command => report.command(link, queue, transfers, d),
+        Kind::Command => Ok(report.command(link, queue, d)),
     }
 }
 

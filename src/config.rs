@@ -121,6 +121,10 @@ pub struct Mqtt {
     /// Sync payloads larger than this are logged, acknowledged and dropped.
     #[serde(default = "default_max_payload_bytes")]
     pub max_payload_bytes: usize,
+    /// Command and projector payloads larger than this are logged,
+    /// acknowledged, answered and dropped before they are parsed.
+    #[serde(default = "default_max_command_bytes")]
+    pub max_command_bytes: usize,
     /// The first connect after start-up waits a random 0 to this many ms,
     /// so a fleet powered on at once does not connect in one burst.
     #[serde(default)]
@@ -208,6 +212,11 @@ pub struct Projector {
     /// When set, one JSON result per projector message is published here (QoS 0).
     #[serde(default)]
     pub result_topic: Option<String>,
+    /// A projector message still waiting this long after it arrived is
+    /// dropped with a log line rather than sent late (a power command that
+    /// fires minutes after it was meant is worse than none).
+    #[serde(default = "default_projector_max_age_ms")]
+    pub max_age_ms: u64,
 }
 
 /// How a command is spoken to a projector.
@@ -295,6 +304,14 @@ fn default_projector_topic() -> String {
 fn default_max_payload_bytes() -> usize {
     // 4 MiB is about 80,000 URLs: far above any real work, far below the memory of an old kiosk.
     4 * 1024 * 1024
+}
+fn default_max_command_bytes() -> usize {
+    // A command names a few URLs and a projector message a few projectors;
+    // 256 KiB is thousands of either, and parsing it takes well under a slice.
+    256 * 1024
+}
+fn default_projector_max_age_ms() -> u64 {
+    10_000
 }
 fn default_interval_ms() -> u64 {
     10_000
@@ -569,6 +586,12 @@ impl Config {
                 format!("must be 1-{}", MAX_PACKET_BYTES),
             ));
         }
+        if m.max_command_bytes == 0 || m.max_command_bytes > MAX_PACKET_BYTES {
+            return Err((
+                "mqtt.max_command_bytes",
+                format!("must be 1-{}", MAX_PACKET_BYTES),
+            ));
+        }
         if !(1..=86_400).contains(&d.timeout_secs) {
             return Err(("download.timeout_secs", "must be 1-86400".into()));
         }
@@ -631,6 +654,9 @@ impl Config {
                 "projector.io_timeout_ms",
                 "connect_timeout_ms and io_timeout_ms must be at most 60000 (a minute)".into(),
             ));
+        }
+        if !(1..=3_600_000).contains(&p.max_age_ms) {
+            return Err(("projector.max_age_ms", "must be 1-3600000 (an hour)".into()));
         }
         if p.port == 0 {
             return Err(("projector.port", "must be 1-65535".into()));

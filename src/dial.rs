@@ -19,15 +19,23 @@ use std::time::{Duration, Instant};
 /// fail at once: something (usually DNS) hangs, and more threads would not help.
 const MAX_DIALS_IN_FLIGHT: usize = 16;
 
-/// Dials whose helper thread has not finished yet (including abandoned ones).
+/// Helper threads connecting to an IP address at once. Such a thread ends
+/// within its connect timeout (no lookup can hang it), so a batch of
+/// projectors may dial all at once; the cap only bounds a flood.
+const MAX_ADDRESS_DIALS_IN_FLIGHT: usize = 128;
+
+/// Dials of a host name whose helper thread has not finished yet (including abandoned ones).
 static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
 
+/// Dials of an IP address whose helper thread has not finished yet.
+static ADDRESS_IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+
 /// Counts a helper thread as running until dropped (when the thread ends).
-struct InFlight;
+struct InFlight(&'static AtomicUsize);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -65,10 +73,15 @@ impl Dial {
         };
         let (tx, rx) = mpsc::channel();
         let give_up_at = Instant::now() + limit;
-        if IN_FLIGHT.fetch_add(1, Ordering::SeqCst) >= MAX_DIALS_IN_FLIGHT {
-            IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
+        let (counter, cap) = if host.parse::<std::net::IpAddr>().is_ok() {
+            (&ADDRESS_IN_FLIGHT, MAX_ADDRESS_DIALS_IN_FLIGHT)
+        } else {
+            (&IN_FLIGHT, MAX_DIALS_IN_FLIGHT)
+        };
+        if counter.fetch_add(1, Ordering::SeqCst) >= cap {
+            counter.fetch_sub(1, Ordering::SeqCst);
             let _ = tx.send(Err(io::Error::other(format!(
-                "{MAX_DIALS_IN_FLIGHT} earlier name lookups or connects are still hanging"
+                "{cap} earlier name lookups or connects are still hanging"
             ))));
             return Dial {
                 target,
@@ -76,7 +89,7 @@ impl Dial {
                 give_up_at,
             };
         }
-        let guard = InFlight;
+        let guard = InFlight(counter);
         let host = host.to_string();
         let spawned = std::thread::Builder::new()
             .name("holosync-dial".into())
@@ -198,20 +211,62 @@ mod tests {
         assert!(e.to_string().contains("127.0.0.1"), "{e}");
     }
 
+    /// A listener whose accept queue is full (backlog 0, filled by
+    /// connects never accepted): a further connect to it hangs until its
+    /// timeout, all on 127.0.0.1. Keep the returned values alive.
+    fn hanging_listener() -> (socket2::Socket, Vec<socket2::Socket>, u16) {
+        use socket2::{Domain, Socket, Type};
+        let l = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        l.bind(&any.into()).unwrap();
+        l.listen(0).unwrap();
+        let addr = l.local_addr().unwrap().as_socket().unwrap();
+        let fill = (0..3)
+            .map(|_| {
+                let c = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+                c.set_nonblocking(true).unwrap();
+                let _ = c.connect(&addr.into());
+                c
+            })
+            .collect();
+        (l, fill, addr.port())
+    }
+
     #[test]
     fn poll_waits_no_longer_than_asked() {
-        // 192.0.2.0/24 is TEST-NET-1: never routed, so the connect hangs.
+        let (_l, _fill, port) = hanging_listener();
         let mut d = Dial::start(
-            "192.0.2.1",
-            9,
+            "127.0.0.1",
+            port,
             Duration::from_secs(30),
             Duration::from_secs(60),
         );
         let t = Instant::now();
-        let r = d.poll(Duration::from_millis(30));
-        // Pending, or an immediate "network unreachable" on a machine without a route.
-        if r.is_pending() {
-            assert!(t.elapsed() < Duration::from_secs(5));
-        }
+        assert!(d.poll(Duration::from_millis(30)).is_pending());
+        assert!(t.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn address_dials_are_not_held_back_by_the_lookup_cap() {
+        let (_l, _fill, port) = hanging_listener();
+        let hanging: Vec<Dial> = (0..MAX_DIALS_IN_FLIGHT + 4)
+            .map(|_| {
+                Dial::start(
+                    "127.0.0.1",
+                    port,
+                    Duration::from_secs(5),
+                    Duration::from_secs(10),
+                )
+            })
+            .collect();
+        let ok = TcpListener::bind("127.0.0.1:0").unwrap();
+        let d = Dial::start(
+            "127.0.0.1",
+            ok.local_addr().unwrap().port(),
+            Duration::from_secs(5),
+            Duration::from_secs(30),
+        );
+        assert!(finish(d).is_ok());
+        drop(hanging);
     }
 }

@@ -68,8 +68,9 @@ impl Inbox {
         self.retry_at
     }
 
-    /// Tries the held messages again, oldest first, until one fails.
-    pub fn retry(&mut self, link: &Link, commit: &mut Commit) {
+    /// Tries the held messages again, oldest first, until one fails or
+    /// `deadline` passes (then the rest are due on the next turn).
+    pub fn retry(&mut self, link: &Link, deadline: Instant, commit: &mut Commit) {
         if self.retry_at.is_none_or(|t| Instant::now() < t) {
             return;
         }
@@ -79,6 +80,10 @@ impl Inbox {
                 return;
             }
             self.held.remove(0);
+            if Instant::now() >= deadline && !self.held.is_empty() {
+                self.retry_at = Some(Instant::now());
+                return;
+            }
         }
         self.retry_at = None;
     }

@@ -15,6 +15,7 @@ pub mod download;
 pub mod error;
 pub mod http;
 pub mod inbox;
+pub mod intake;
 pub mod link;
 pub mod logger;
 pub mod message;

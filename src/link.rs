@@ -19,8 +19,15 @@ use rumqttc::{Client, Connection, Event, MqttOptions, Packet, Publish, QoS};
 
 use crate::config::MAX_PACKET_BYTES;
 
-/// Largest packet we send (projector results); far above what we need.
+/// Largest packet rumqttc may send. A bigger one fails in its encoder, which
+/// drops the connection with the acks still queued (so the broker sends the
+/// message that caused it again, in a loop): [`Link::publish`] refuses any
+/// packet over it before it reaches rumqttc.
 const MAX_OUTGOING_PACKET_BYTES: usize = 1024 * 1024;
+
+/// Largest PUBLISH payload [`Link::publish`] hands to rumqttc: the packet
+/// limit less the topic and headers, with room to spare.
+pub const MAX_PUBLISH_BYTES: usize = MAX_OUTGOING_PACKET_BYTES - 64 * 1024;
 
 /// Requests (acks, subscribes, publishes) buffered for the event loop.
 const REQUEST_CHANNEL_CAPACITY: usize = 1024;
@@ -115,6 +122,9 @@ pub struct Link {
     birth: Option<(String, Vec<u8>)>,
     /// A ConnAck came since [`Link::take_connected`] was last asked.
     connected: bool,
+    /// Longest time between two timer-running polls while connected (the
+    /// loop's promise: far below the keep-alive), for the log and `bench/run`.
+    longest_gap: Duration,
 }
 
 impl Link {
@@ -152,7 +162,18 @@ impl Link {
             inbox: VecDeque::new(),
             birth: None,
             connected: false,
+            longest_gap: Duration::ZERO,
         }
+    }
+
+    /// Longest time between two timer-running polls while connected, so far.
+    pub fn longest_poll_gap(&self) -> Duration {
+        self.longest_gap
+    }
+
+    /// Whether messages received are waiting for the loop.
+    pub fn has_deliveries(&self) -> bool {
+        !self.inbox.is_empty()
     }
 
     /// Sets what is published (retained, QoS 1) on every ConnAck, first.
@@ -223,6 +244,9 @@ impl Link {
         for _ in 0..MAX_EVENTS_PER_POLL {
             let polled = match wait.take() {
                 Some(d) if !d.is_zero() => {
+                    if self.is_up() {
+                        self.longest_gap = self.longest_gap.max(self.last_run.elapsed());
+                    }
                     let r = self.connection.recv_timeout(d);
                     self.last_run = Instant::now();
                     r
@@ -251,6 +275,8 @@ impl Link {
         match event {
             Event::Incoming(Packet::ConnAck(ack)) => {
                 self.generation += 1;
+                // A gap across a reconnect is the backoff, not the loop's.
+                self.last_run = Instant::now();
                 self.state = State::Up;
                 self.connected = true;
                 log::info!(
@@ -413,8 +439,16 @@ impl Link {
         }
     }
 
-    /// Publishes without blocking (QoS 0: results, reports, events).
+    /// Publishes without blocking (QoS 0: results, reports, events). A
+    /// payload over [`MAX_PUBLISH_BYTES`] is refused here: rumqttc would
+    /// drop the connection over it.
     pub fn publish(&self, topic: &str, retain: bool, payload: Vec<u8>) -> Result<(), String> {
+        if payload.len() > MAX_PUBLISH_BYTES || topic.len() > 65_535 {
+            return Err(format!(
+                "a message of {} bytes is over the {MAX_PUBLISH_BYTES}-byte limit for what holosync publishes; not sent",
+                payload.len()
+            ));
+        }
         self.client
             .try_publish(topic, QoS::AtMostOnce, retain, payload)
             .map_err(|e| e.to_string())

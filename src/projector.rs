@@ -1,11 +1,14 @@
 //! Projector protocols (raw TCP and PJLink class 1) as small state machines
 //! over any `Read + Write` that move bytes whenever they can, and the TCP side:
-//! a dial off the loop, then the exchange in bounded slices with a deadline
-//! for all of it.
+//! a dial off the loop, then the exchange on a non-blocking socket, with a
+//! deadline for all of it.
 //!
-//! A message's projectors are handled one after another, each in slices with
-//! MQTT polls between them, so even 64 unreachable projectors never starve the
-//! keep-alive and a sync message arriving meanwhile is queued at once.
+//! A message's projectors are driven at once: every dial starts together, and
+//! each step moves whatever bytes every connected projector can take without
+//! waiting, so a batch takes at most its connect and I/O timeouts however many
+//! projectors are dead, and a sync message arriving meanwhile is queued within
+//! one turn. Messages wait in a short queue, and one that waited longer than
+//! `projector.max_age_ms` is dropped rather than sent late.
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
@@ -20,9 +23,6 @@ use crate::message::{self, Target};
 /// Time allowed for looking up a projector's host name, on top of the connect timeout.
 const LOOKUP_ALLOWANCE: Duration = Duration::from_secs(3);
 
-/// Shortest socket timeout set: a zero timeout means "block forever" to the OS.
-const MIN_SOCKET_WAIT: Duration = Duration::from_millis(1);
-
 /// Reply bytes read from a raw projector before we stop listening.
 const MAX_RAW_REPLY_BYTES: usize = 4096;
 
@@ -32,17 +32,86 @@ const MAX_PJLINK_LINE_BYTES: usize = 512;
 /// Reply bytes shown in a log line.
 const MAX_LOGGED_REPLY_BYTES: usize = 200;
 
-/// One projector message in progress: the targets left, the one being
-/// talked to, and the results so far.
+/// Projector messages waiting behind the one in progress. Past this the
+/// oldest is dropped: a kiosk flooded with power commands should act on the
+/// latest ones, not on a backlog.
+pub const MAX_WAITING_BATCHES: usize = 8;
+
+/// Projector messages in progress and waiting, oldest first.
+#[derive(Default)]
+pub struct Projectors {
+    /// The message being sent.
+    current: Option<Batch>,
+    /// Messages waiting, with when each arrived.
+    waiting: VecDeque<Batch>,
+}
+
+impl Projectors {
+    /// Queues a message; drops the oldest waiting one (with a log line) if
+    /// the queue is full.
+    pub fn push(&mut self, batch: Batch) {
+        if self.waiting.len() >= MAX_WAITING_BATCHES {
+            let old = self.waiting.pop_front().expect("the queue is full");
+            log::warn!(
+                "dropped projector command {:?} for {} projectors: {MAX_WAITING_BATCHES} newer projector messages are waiting",
+                old.command,
+                old.targets.len()
+            );
+        }
+        self.waiting.push_back(batch);
+    }
+
+    /// Whether anything is in progress or waiting (work the loop must not wait on).
+    pub fn busy(&self) -> bool {
+        self.current.is_some() || !self.waiting.is_empty()
+    }
+
+    /// How many messages are in progress or waiting.
+    pub fn count(&self) -> usize {
+        self.waiting.len() + usize::from(self.current.is_some())
+    }
+
+    /// Works on the message in progress (taking the next one that is not too
+    /// old); returns it once every projector is handled.
+    pub fn step(&mut self, defaults: &config::Projector) -> Option<Batch> {
+        if self.current.is_none() {
+            let max_age = Duration::from_millis(defaults.max_age_ms);
+            while let Some(batch) = self.waiting.pop_front() {
+                let age = batch.arrived.elapsed();
+                if age <= max_age {
+                    self.current = Some(batch);
+                    break;
+                }
+                log::warn!(
+                    "dropped projector command {:?} for {} projectors: it waited {} ms, over projector.max_age_ms ({}); a late command is not sent",
+                    batch.command,
+                    batch.targets.len(),
+                    age.as_millis(),
+                    defaults.max_age_ms
+                );
+            }
+        }
+        let batch = self.current.as_mut()?;
+        if batch.step(defaults) {
+            return self.current.take();
+        }
+        None
+    }
+}
+
+/// One projector message in progress: every projector's attempt, driven
+/// together, and the results so far.
 pub struct Batch {
     /// The command as it came in the message.
     command: String,
-    /// Projectors not yet handled.
-    targets: VecDeque<Target>,
-    /// The projector being talked to now.
-    current: Option<Attempt>,
-    /// Results of the projectors handled.
-    results: Vec<Outcome>,
+    /// When the message arrived.
+    arrived: Instant,
+    /// The projectors, in the message's order.
+    targets: Vec<Target>,
+    /// Each projector's attempt, once started; None when finished.
+    attempts: Vec<Option<Attempt>>,
+    /// Each projector's result, once finished.
+    results: Vec<Option<Outcome>>,
 }
 
 /// What happened at one projector.
@@ -63,8 +132,9 @@ pub fn parse_batch(payload: &[u8], defaults: &config::Projector) -> Option<Batch
     match message::parse_projector(payload, defaults) {
         Ok(req) => Some(Batch {
             command: req.command,
-            targets: req.targets.into(),
-            current: None,
+            arrived: Instant::now(),
+            targets: req.targets,
+            attempts: Vec::new(),
             results: Vec::new(),
         }),
         Err(e) => {
@@ -78,36 +148,35 @@ pub fn parse_batch(payload: &[u8], defaults: &config::Projector) -> Option<Batch
 }
 
 impl Batch {
-    /// Works on the current projector (starting the next one if none) until
-    /// `deadline`; returns true when every projector is handled.
-    pub fn step(&mut self, defaults: &config::Projector, deadline: Instant) -> bool {
-        loop {
-            let attempt = match &mut self.current {
-                Some(a) => a,
-                None => match self.targets.pop_front() {
-                    Some(target) => {
-                        self.current
-                            .insert(Attempt::start(target, &self.command, defaults))
-                    }
-                    None => return true,
-                },
-            };
-            match attempt.step(deadline) {
-                Poll::Pending => return false,
-                Poll::Ready(result) => {
-                    let attempt = self.current.take().expect("stepped above");
-                    self.results.push(attempt.outcome(&self.command, result));
+    /// Starts every projector's attempt at the first call, then moves what
+    /// bytes each can take without waiting; true when every one is handled.
+    pub fn step(&mut self, defaults: &config::Projector) -> bool {
+        if self.attempts.is_empty() {
+            self.attempts = self
+                .targets
+                .iter()
+                .map(|t| Some(Attempt::start(t.clone(), &self.command, defaults)))
+                .collect();
+            self.results = self.targets.iter().map(|_| None).collect();
+        }
+        let mut done = true;
+        for (slot, result) in self.attempts.iter_mut().zip(&mut self.results) {
+            let Some(attempt) = slot else { continue };
+            match attempt.step() {
+                Poll::Pending => done = false,
+                Poll::Ready(r) => {
+                    let attempt = slot.take().expect("matched above");
+                    *result = Some(attempt.outcome(&self.command, r));
                 }
             }
-            if Instant::now() >= deadline {
-                return self.current.is_none() && self.targets.is_empty();
-            }
         }
+        done
     }
 
     /// The results as one JSON object, for `projector.result_topic`.
     pub fn report(&self) -> String {
-        serde_json::json!({"command": self.command, "results": self.results}).to_string()
+        let results: Vec<&Outcome> = self.results.iter().flatten().collect();
+        serde_json::json!({"command": self.command, "results": results}).to_string()
     }
 }
 
@@ -155,7 +224,7 @@ enum Phase {
     Refused(String),
     /// Looking up and connecting.
     Dialing(Dial, Exchange),
-    /// Connected: the exchange runs until `until`.
+    /// Connected (a non-blocking socket): the exchange runs until `until`.
     Talking {
         /// The connection.
         stream: TcpStream,
@@ -212,44 +281,34 @@ impl Attempt {
         }
     }
 
-    fn step(&mut self, deadline: Instant) -> Poll<Result<String, String>> {
+    /// Moves the attempt on without waiting.
+    fn step(&mut self) -> Poll<Result<String, String>> {
         loop {
             match self.phase.take().expect("stepped after the end") {
                 Phase::Refused(e) => return Poll::Ready(Err(e)),
-                Phase::Dialing(mut dial, exchange) => {
-                    match dial.poll(deadline.saturating_duration_since(Instant::now())) {
-                        Poll::Pending => {
-                            self.phase = Some(Phase::Dialing(dial, exchange));
-                            return Poll::Pending;
-                        }
-                        Poll::Ready(Err(e)) => {
-                            return Poll::Ready(Err(format!("connect failed: {e}")))
-                        }
-                        Poll::Ready(Ok(stream)) => {
-                            let _ = stream.set_nodelay(true);
-                            self.phase = Some(Phase::Talking {
-                                stream,
-                                exchange,
-                                until: Instant::now() + self.io_timeout,
-                            });
-                        }
+                Phase::Dialing(mut dial, exchange) => match dial.poll(Duration::ZERO) {
+                    Poll::Pending => {
+                        self.phase = Some(Phase::Dialing(dial, exchange));
+                        return Poll::Pending;
                     }
-                }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(format!("connect failed: {e}"))),
+                    Poll::Ready(Ok(stream)) => {
+                        let _ = stream.set_nodelay(true);
+                        if let Err(e) = stream.set_nonblocking(true) {
+                            return Poll::Ready(Err(e.to_string()));
+                        }
+                        self.phase = Some(Phase::Talking {
+                            stream,
+                            exchange,
+                            until: Instant::now() + self.io_timeout,
+                        });
+                    }
+                },
                 Phase::Talking {
                     mut stream,
                     mut exchange,
                     until,
                 } => {
-                    let wait = deadline
-                        .min(until)
-                        .saturating_duration_since(Instant::now())
-                        .max(MIN_SOCKET_WAIT);
-                    if let Err(e) = stream
-                        .set_read_timeout(Some(wait))
-                        .and_then(|()| stream.set_write_timeout(Some(wait)))
-                    {
-                        return Poll::Ready(Err(e.to_string()));
-                    }
                     if let Poll::Ready(r) = exchange.step(&mut stream) {
                         return Poll::Ready(r);
                     }

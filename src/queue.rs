@@ -620,14 +620,39 @@ impl Queue {
     /// Puts failed rows back to pending (all, or those of `urls`); returns
     /// how many. Durable, like [`Queue::enqueue`] (an ack follows).
     pub fn retry_failed(&mut self, urls: Option<&[String]>, now_ms: i64) -> Result<usize> {
+        // `+state`: look the row up by its URL (the unique index), never scan
+        // every failed row once per named URL through the state index.
         let sql = "UPDATE queue SET state = 'pending', attempts = 0, next_attempt = ?1,
                        last_error = NULL, updated = ?1, queued = ?1
-                   WHERE state = 'failed' AND (?2 IS NULL OR url = ?2)";
+                   WHERE url = ?2 AND +state = 'failed'";
         self.durably(|tx| match urls {
-            None => tx.execute(sql, params![now_ms, None::<String>]),
-            Some(urls) => urls
-                .iter()
-                .try_fold(0, |n, u| Ok(n + tx.execute(sql, params![now_ms, u])?)),
+            None => tx.execute(
+                "UPDATE queue SET state = 'pending', attempts = 0, next_attempt = ?1,
+                     last_error = NULL, updated = ?1, queued = ?1
+                 WHERE state = 'failed'",
+                params![now_ms],
+            ),
+            Some(urls) => {
+                let mut s = tx.prepare_cached(sql)?;
+                urls.iter()
+                    .try_fold(0, |n, u| Ok(n + s.execute(params![now_ms, u])?))
+            }
+        })
+        .context(|| "could not put failed URLs back in the queue")
+    }
+
+    /// Puts at most `limit` failed rows back to pending (oldest failures
+    /// first); returns how many. Durable. Called until it returns less than
+    /// `limit`, it does what `retry_failed(None, ..)` does in bounded steps.
+    pub fn retry_failed_some(&mut self, limit: usize, now_ms: i64) -> Result<usize> {
+        self.durably(|tx| {
+            tx.execute(
+                "UPDATE queue SET state = 'pending', attempts = 0, next_attempt = ?1,
+                     last_error = NULL, updated = ?1, queued = ?1
+                 WHERE id IN (SELECT id FROM queue WHERE state = 'failed'
+                              ORDER BY updated LIMIT ?2)",
+                params![now_ms, limit as i64],
+            )
         })
         .context(|| "could not put failed URLs back in the queue")
     }
@@ -635,9 +660,8 @@ impl Queue {
     /// Removes the rows of `urls` (their files stay); returns how many. Durable.
     pub fn forget(&mut self, urls: &[String]) -> Result<usize> {
         self.durably(|tx| {
-            urls.iter().try_fold(0, |n, u| {
-                Ok(n + tx.execute("DELETE FROM queue WHERE url = ?1", [u])?)
-            })
+            let mut s = tx.prepare_cached("DELETE FROM queue WHERE url = ?1")?;
+            urls.iter().try_fold(0, |n, u| Ok(n + s.execute([u])?))
         })
         .context(|| "could not forget URLs")
     }

@@ -20,7 +20,6 @@ use serde_json::{json, Value};
 
 use crate::cache;
 use crate::config;
-use crate::error::Error;
 use crate::link::{Delivery, Link};
 use crate::queue::Queue;
 use crate::transfers::{Finished, Transfers};
@@ -37,8 +36,37 @@ const GROUP_EVERY: Duration = Duration::from_secs(1);
 /// Most events in one grouped message (a bigger group is split).
 const MAX_GROUP: usize = 100;
 
+/// Most bytes of events in one grouped message: far below what the link
+/// publishes at most (`link::MAX_PUBLISH_BYTES`), since every event is small
+/// (ids are cut, lists of URLs are capped).
+const MAX_GROUP_BYTES: usize = 256 * 1024;
+
 /// URLs one command may name.
 const MAX_COMMAND_URLS: usize = 10_000;
+
+/// Longest command id echoed in an answer or a log line, in characters; a
+/// longer one is cut and marked with `…` (the answer must stay small
+/// whatever the id: see `link::MAX_PUBLISH_BYTES`).
+const MAX_ID_CHARS: usize = 64;
+
+/// Ids of the last commands carried out, kept in the database, so a command
+/// the broker delivers again (its ack was lost in a reconnect) is answered
+/// "already done" instead of run twice.
+const REMEMBERED_IDS: usize = 64;
+
+/// Queue meta key holding the remembered ids (a JSON array).
+const REMEMBERED_IDS_KEY: &str = "command_ids";
+
+/// URLs (or failed rows) a `retry-failed` or `forget` changes per
+/// transaction; the rest waits for the next turn.
+const URLS_PER_STEP: usize = 256;
+
+/// Commands with a long effect (`retry-failed`, `forget`) waiting; one more
+/// is answered "busy" and dropped.
+const MAX_WAITING_JOBS: usize = 8;
+
+/// Commands answered individually when they join an audit in progress.
+const MAX_AUDIT_IDS: usize = 16;
 
 /// Missing files named in an audit's answer and log line.
 const MAX_LISTED: usize = 20;
@@ -81,7 +109,8 @@ pub fn parse_command(payload: &[u8]) -> Result<(Value, Command), (Value, String)
     };
     let id = match o.get("id") {
         None | Some(Value::Null) => Value::Null,
-        Some(id @ (Value::String(_) | Value::Number(_))) => id.clone(),
+        Some(Value::String(id)) => Value::String(cut_id(id)),
+        Some(id @ Value::Number(_)) => id.clone(),
         Some(_) => return Err((Value::Null, "\"id\" must be a string or a number".into())),
     };
     let fail = |why: String| Err((id.clone(), why));
@@ -121,6 +150,26 @@ pub fn parse_command(payload: &[u8]) -> Result<(Value, Command), (Value, String)
         None => return fail("no \"command\"".into()),
     };
     Ok((id, command))
+}
+
+/// `id` as echoed: at most [`MAX_ID_CHARS`] characters, a longer one cut and
+/// marked with `…`.
+fn cut_id(id: &str) -> String {
+    match id.char_indices().nth(MAX_ID_CHARS) {
+        None => id.to_string(),
+        Some((at, _)) => format!("{}…", &id[..at]),
+    }
+}
+
+/// `d` kept only to be acknowledged later: None for QoS 0 (nothing to ack),
+/// else a copy without its payload (which may be large).
+fn ack_handle(d: &Delivery) -> Option<Delivery> {
+    if d.publish.qos == rumqttc::QoS::AtMostOnce {
+        return None;
+    }
+    let mut d = d.clone();
+    d.publish.payload.clear();
+    Some(d)
 }
 
 /// Whether a message's ack may go out now, or only once its effect is done.
@@ -253,10 +302,27 @@ impl Events {
             _ => return Vec::new(),
         }
         self.group_since = None;
-        std::mem::take(&mut self.group)
-            .chunks(MAX_GROUP)
-            .map(|c| json!({"events": c}).to_string().into_bytes())
-            .collect()
+        // Split by count and by size, so no message nears the packet limit.
+        let mut messages = Vec::new();
+        let mut chunk: Vec<Value> = Vec::new();
+        let mut bytes = 0;
+        for event in std::mem::take(&mut self.group) {
+            let size = event.to_string().len();
+            if !chunk.is_empty() && (chunk.len() >= MAX_GROUP || bytes + size > MAX_GROUP_BYTES) {
+                messages.push(
+                    json!({"events": std::mem::take(&mut chunk)})
+                        .to_string()
+                        .into_bytes(),
+                );
+                bytes = 0;
+            }
+            bytes += size;
+            chunk.push(event);
+        }
+        if !chunk.is_empty() {
+            messages.push(json!({"events": chunk}).to_string().into_bytes());
+        }
+        messages
     }
 
     /// When the waiting group is due.
@@ -265,12 +331,30 @@ impl Events {
     }
 }
 
-/// An audit in progress: every done row's file checked, a slice at a time.
-struct Audit {
-    /// The command's id (None for the audit at start-up).
-    id: Option<Value>,
-    /// The command message, acked once the requeue is committed.
+/// A `retry-failed` or `forget` in progress, a transaction per step.
+struct Job {
+    /// The command's id.
+    id: Value,
+    /// The command (`RetryFailed` or `Forget`).
+    command: Command,
+    /// URLs of the command's list done so far.
+    pos: usize,
+    /// Rows changed so far.
+    changed: usize,
+    /// The command message, acked once the whole effect is committed.
     delivery: Option<Delivery>,
+}
+
+/// The audit in progress (one at most: commands that ask for one while it
+/// runs join it): every done row's file checked, a slice at a time.
+struct Audit {
+    /// The ids of the commands that asked for it (none for the audit at
+    /// start-up), the first [`MAX_AUDIT_IDS`].
+    ids: Vec<Value>,
+    /// How many commands asked for it in all.
+    asked: usize,
+    /// The QoS 1 command messages, acked once the requeue is committed.
+    deliveries: Vec<Delivery>,
     /// The rows to check (loaded at the first step).
     rows: Option<Vec<(i64, String, Option<u64>)>>,
     /// Rows checked so far.
@@ -297,8 +381,14 @@ pub struct Report {
     status_sent: Option<Instant>,
     /// Events waiting.
     events: Events,
-    /// Audits in progress, oldest first.
-    audits: VecDeque<Audit>,
+    /// The audit in progress.
+    audit: Option<Audit>,
+    /// `retry-failed` and `forget` commands in progress, oldest first.
+    jobs: VecDeque<Job>,
+    /// Ids of the last commands carried out (their JSON), oldest first.
+    done_ids: VecDeque<String>,
+    /// A failing step was logged (logged again only after a success).
+    step_failure_logged: bool,
 }
 
 impl Report {
@@ -313,7 +403,38 @@ impl Report {
             status_now: false,
             status_sent: None,
             events: Events::new(),
-            audits: VecDeque::new(),
+            audit: None,
+            jobs: VecDeque::new(),
+            done_ids: VecDeque::new(),
+            step_failure_logged: false,
+        }
+    }
+
+    /// Loads the ids of the commands carried out by earlier runs.
+    pub fn load_done_ids(&mut self, queue: &Queue) {
+        match queue.meta(REMEMBERED_IDS_KEY) {
+            Ok(Some(json)) => {
+                let ids: Vec<String> = serde_json::from_str(&json).unwrap_or_default();
+                self.done_ids = ids.into_iter().rev().take(REMEMBERED_IDS).rev().collect();
+            }
+            Ok(None) => {}
+            Err(e) => log::warn!("{}", e.chain()),
+        }
+    }
+
+    /// Remembers (durably enough: a lost id only means a command runs twice,
+    /// which every command survives) that the command `id` was carried out.
+    fn remember(&mut self, queue: &Queue, id: &Value) {
+        if id.is_null() {
+            return;
+        }
+        if self.done_ids.len() >= REMEMBERED_IDS {
+            self.done_ids.pop_front();
+        }
+        self.done_ids.push_back(id.to_string());
+        let json = serde_json::to_string(&self.done_ids).expect("strings always serialize");
+        if let Err(e) = queue.set_meta(REMEMBERED_IDS_KEY, &json) {
+            log::warn!("{}", e.chain());
         }
     }
 
@@ -348,68 +469,185 @@ impl Report {
         self.event(link, json!(f));
     }
 
-    /// Checks every cached file now (the start-up audit, or the command).
-    pub fn start_audit(&mut self, id: Option<Value>, delivery: Option<Delivery>) {
-        self.audits.push_back(Audit {
-            id,
-            delivery,
+    /// Checks every cached file (the start-up audit, or the command `id`
+    /// delivered in `d`); a command that comes while an audit runs joins it.
+    pub fn start_audit(&mut self, link: &Link, id: Option<Value>, d: Option<&Delivery>) {
+        let audit = self.audit.get_or_insert_with(|| Audit {
+            ids: Vec::new(),
+            asked: 0,
+            deliveries: Vec::new(),
             rows: None,
             pos: 0,
             missing: Vec::new(),
         });
+        audit.deliveries.extend(d.and_then(ack_handle));
+        let Some(id) = id else { return };
+        audit.asked += 1;
+        if audit.ids.len() < MAX_AUDIT_IDS {
+            audit.ids.push(id);
+        } else {
+            self.event(
+                link,
+                json!({"id": id, "command": "audit", "ok": true, "joined": true}),
+            );
+        }
     }
 
-    /// Carries out a command message (one log line, one answer event);
-    /// `Err` only when the database could not take its effect (it is then
-    /// held and tried again, unacknowledged).
-    pub fn command(
-        &mut self,
-        link: &Link,
-        queue: &mut Queue,
-        transfers: &mut Transfers,
-        d: &Delivery,
-    ) -> Result<Acked, Error> {
+    /// Takes a command message: answers a bad or repeated one, carries out
+    /// `status` at once, and starts the others (their effect is committed in
+    /// steps; the message is acked when it is all committed). One log line
+    /// and one answer event per command.
+    pub fn command(&mut self, link: &Link, queue: &Queue, d: &Delivery) -> Acked {
         let (id, command) = match parse_command(&d.publish.payload) {
             Ok(c) => c,
             Err((id, why)) => {
                 log::warn!("ignored a command on {}: {why}", d.publish.topic);
                 self.event(link, json!({"id": id, "error": why}));
-                return Ok(Acked::Now);
+                return Acked::Now;
             }
         };
         let name = command.name();
-        let now = crate::agent::unix_ms();
-        let answer = match command {
+        if !id.is_null() && self.done_ids.contains(&id.to_string()) {
+            log::info!(
+                "command {name} (id {id}) came again; it was already carried out, so not again"
+            );
+            self.event(
+                link,
+                json!({"id": id, "command": name, "ok": true, "already_done": true}),
+            );
+            return Acked::Now;
+        }
+        match command {
             Command::Status => {
                 self.status_now = true;
-                json!({"id": id, "command": name, "ok": true})
-            }
-            Command::RetryFailed(urls) => {
-                let n = queue.retry_failed(urls.as_deref(), now)?;
-                log::info!("command {name} (id {id}): {n} failed URLs queued again");
-                if n > 0 {
-                    transfers.wake();
-                    self.status_dirty = true;
-                }
-                json!({"id": id, "command": name, "ok": true, "requeued": n})
-            }
-            Command::Forget(urls) => {
-                let n = queue.forget(&urls)?;
-                log::info!(
-                    "command {name} (id {id}): forgot {n} of {} URLs",
-                    urls.len()
+                let gap = link.longest_poll_gap().as_millis() as u64;
+                self.remember(queue, &id);
+                self.event(
+                    link,
+                    json!({"id": id, "command": name, "ok": true, "longest_poll_gap_ms": gap}),
                 );
-                self.status_dirty = true;
-                json!({"id": id, "command": name, "ok": true, "forgotten": n})
+                Acked::Now
             }
             Command::Audit => {
-                log::info!("command {name} (id {id}): checking every cached file");
-                self.start_audit(Some(id), Some(d.clone()));
-                return Ok(Acked::Later);
+                if self.audit.is_some() {
+                    log::info!("command {name} (id {id}): joins the audit in progress");
+                } else {
+                    log::info!("command {name} (id {id}): checking every cached file");
+                }
+                self.start_audit(link, Some(id), Some(d));
+                Acked::Later
             }
-        };
-        self.event(link, answer);
-        Ok(Acked::Now)
+            Command::RetryFailed(_) | Command::Forget(_) => {
+                if self.jobs.len() >= MAX_WAITING_JOBS {
+                    let why = format!(
+                        "busy: {} earlier retry-failed or forget commands are still running; send it again later",
+                        self.jobs.len()
+                    );
+                    log::warn!("command {name} (id {id}) refused: {why}");
+                    self.event(link, json!({"id": id, "command": name, "error": why}));
+                    return Acked::Now;
+                }
+                self.jobs.push_back(Job {
+                    id,
+                    command,
+                    pos: 0,
+                    changed: 0,
+                    delivery: ack_handle(d),
+                });
+                Acked::Later
+            }
+        }
+    }
+
+    /// Works on the oldest `retry-failed` or `forget` until `deadline`, a
+    /// transaction of at most [`URLS_PER_STEP`] URLs at a time; when its
+    /// whole effect is committed, answers and returns its message (to ack).
+    fn job_step(
+        &mut self,
+        link: &Link,
+        queue: &mut Queue,
+        transfers: &mut Transfers,
+        deadline: Instant,
+    ) -> Option<Option<Delivery>> {
+        loop {
+            let job = self.jobs.front_mut()?;
+            let now = crate::agent::unix_ms();
+            let forget = matches!(job.command, Command::Forget(_));
+            let (result, end) = match &job.command {
+                Command::RetryFailed(Some(urls)) | Command::Forget(urls) => {
+                    let end = (job.pos + URLS_PER_STEP).min(urls.len());
+                    let chunk = &urls[job.pos..end];
+                    let r = if forget {
+                        queue.forget(chunk)
+                    } else {
+                        queue.retry_failed(Some(chunk), now)
+                    };
+                    (r, Some((end, end == urls.len())))
+                }
+                _ => (queue.retry_failed_some(URLS_PER_STEP, now), None),
+            };
+            let finished = match (end, &result) {
+                (Some((end, last)), Ok(_)) => {
+                    job.pos = end;
+                    last
+                }
+                (None, Ok(n)) => *n < URLS_PER_STEP,
+                (_, Err(_)) => false,
+            };
+            match result {
+                Ok(n) => {
+                    self.step_failure_logged = false;
+                    job.changed += n;
+                    if n > 0 {
+                        self.status_dirty = true;
+                        if !forget {
+                            transfers.wake();
+                        }
+                    }
+                }
+                Err(e) => {
+                    // The database is busy: tried again next turn, unacknowledged.
+                    if !std::mem::replace(&mut self.step_failure_logged, true) {
+                        log::warn!("{} (trying again)", e.chain());
+                    }
+                    return None;
+                }
+            }
+            if finished {
+                let job = self.jobs.pop_front().expect("worked on above");
+                let name = job.command.name();
+                let id = job.id;
+                let answer = match &job.command {
+                    Command::Forget(urls) => {
+                        log::info!(
+                            "command {name} (id {id}): forgot {} of {} URLs",
+                            job.changed,
+                            urls.len()
+                        );
+                        json!({"id": id, "command": name, "ok": true, "forgotten": job.changed})
+                    }
+                    _ => {
+                        log::info!(
+                            "command {name} (id {id}): {} failed URLs queued again",
+                            job.changed
+                        );
+                        json!({"id": id, "command": name, "ok": true, "requeued": job.changed})
+                    }
+                };
+                self.remember(queue, &id);
+                self.event(link, answer);
+                return Some(job.delivery);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+        }
+    }
+
+    /// Answers a command that was not read (over its size limit): its id is
+    /// unknown, so the answer's is null.
+    pub fn refused(&mut self, link: &Link, why: &str) {
+        self.event(link, json!({"id": Value::Null, "error": why}));
     }
 
     /// Publishes `event` now, or groups it (see [`Events`]).
@@ -424,9 +662,9 @@ impl Report {
         }
     }
 
-    /// Whether an audit is in progress (work the loop must not wait on).
+    /// Whether an audit or a command is in progress (work the loop must not wait on).
     pub fn busy(&self) -> bool {
-        !self.audits.is_empty()
+        self.audit.is_some() || !self.jobs.is_empty()
     }
 
     /// When the report has something to publish (a throttled status, a
@@ -464,8 +702,14 @@ impl Report {
         deadline: Instant,
     ) -> Vec<Delivery> {
         let mut to_ack = Vec::new();
-        if let Some(done) = self.audit_step(link, queue, transfers, deadline) {
+        if let Some(done) = self.job_step(link, queue, transfers, deadline) {
             to_ack.extend(done);
+        }
+        if Instant::now() < deadline {
+            to_ack.extend(
+                self.audit_step(link, queue, transfers, deadline)
+                    .unwrap_or_default(),
+            );
         }
         if let Some(topic) = &self.topics.events {
             for payload in self.events.due() {
@@ -512,8 +756,8 @@ impl Report {
         queue: &mut Queue,
         transfers: &mut Transfers,
         deadline: Instant,
-    ) -> Option<Option<Delivery>> {
-        let audit = self.audits.front_mut()?;
+    ) -> Option<Vec<Delivery>> {
+        let audit = self.audit.as_mut()?;
         let rows = match &audit.rows {
             Some(rows) => rows,
             None => match queue.done_files() {
@@ -550,16 +794,21 @@ impl Report {
             transfers.wake();
             self.status_dirty = true;
         }
-        let audit = self.audits.pop_front().expect("worked on above");
+        let audit = self.audit.take().expect("worked on above");
         let listed: Vec<&str> = audit
             .missing
             .iter()
             .take(MAX_LISTED)
             .map(|(_, u)| u.as_str())
             .collect();
-        let who = match &audit.id {
-            None => "audit at start-up".to_string(),
-            Some(id) => format!("command audit (id {id})"),
+        let who = match audit.ids.first() {
+            None if audit.asked == 0 => "audit at start-up".to_string(),
+            None => format!("audit asked for by {} commands", audit.asked),
+            Some(id) if audit.asked == 1 => format!("command audit (id {id})"),
+            Some(id) => format!(
+                "command audit (id {id}, and {} more commands that joined it)",
+                audit.asked - 1
+            ),
         };
         if ids.is_empty() {
             log::info!("{who}: all {checked} cached files are in place");
@@ -575,14 +824,15 @@ impl Report {
                 }
             );
         }
-        if let Some(id) = audit.id {
+        for id in &audit.ids {
+            self.remember(queue, id);
             self.event(
                 link,
                 json!({"id": id, "command": "audit", "ok": true, "checked": checked,
                        "requeued": ids.len(), "urls": listed}),
             );
         }
-        Some(audit.delivery)
+        Some(audit.deliveries)
     }
 }
 
@@ -645,6 +895,44 @@ mod tests {
         assert_eq!(t.status.as_deref(), Some("mall/2/k1/status"));
         assert_eq!(t.events, None);
         assert_eq!(t.commands, ["mall/2/k1/cmd"]);
+    }
+
+    #[test]
+    fn long_ids_are_cut_and_marked() {
+        let long = "é".repeat(1_100_000);
+        let (id, command) =
+            parse_command(format!(r#"{{"id":"{long}","command":"status"}}"#).as_bytes()).unwrap();
+        assert_eq!(command, Command::Status);
+        let id = id.as_str().unwrap();
+        assert_eq!(id.chars().count(), MAX_ID_CHARS + 1);
+        assert!(id.ends_with('…') && id.starts_with("éé"));
+        assert_eq!(cut_id(&"a".repeat(MAX_ID_CHARS)), "a".repeat(MAX_ID_CHARS));
+    }
+
+    #[test]
+    fn grouped_events_stay_far_below_the_packet_limit() {
+        let mut e = Events::new();
+        e.tokens = 0.0;
+        let big = "u".repeat(40_000);
+        for i in 0..60 {
+            assert!(e.push(json!({"id": i, "url": big})).is_none());
+        }
+        e.group_since = Some(Instant::now() - GROUP_EVERY);
+        let groups = e.due();
+        assert!(groups.len() >= 2, "{} groups", groups.len());
+        let mut ids = Vec::new();
+        for g in &groups {
+            assert!(g.len() <= MAX_GROUP_BYTES + 41_000, "{} bytes", g.len());
+            let v: Value = serde_json::from_slice(g).unwrap();
+            ids.extend(
+                v["events"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|e| e["id"].as_u64().unwrap()),
+            );
+        }
+        assert_eq!(ids, (0..60).collect::<Vec<u64>>(), "every event, in order");
     }
 
     #[test]
