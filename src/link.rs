@@ -62,6 +62,14 @@ const MAX_IDLE_POLL: Duration = Duration::from_secs(10);
 /// Events taken per poll before the loop gets its turn again.
 const MAX_EVENTS_PER_POLL: usize = 256;
 
+/// Payload bytes of received messages waiting for the loop past which the
+/// link reads no more until the loop has taken some. QoS 0 messages have no
+/// flow control: without this, a flood of large ones that the loop handles
+/// more slowly than they arrive would pile up in memory. While over it,
+/// rumqttc is not polled at all (a poll would read more); the loop takes at
+/// least one message a turn, so the pause is short against the keep-alive.
+const MAX_WAITING_BYTES: usize = 8 * 1024 * 1024;
+
 /// A message from the broker, with the connection that delivered it.
 #[derive(Debug, Clone)]
 pub struct Delivery {
@@ -117,6 +125,8 @@ pub struct Link {
     last_run: Instant,
     /// Messages received, not yet taken by the loop.
     inbox: VecDeque<Delivery>,
+    /// Payload bytes in `inbox`.
+    inbox_bytes: usize,
     /// Published (retained, QoS 1) on every ConnAck, before subscribing:
     /// the "online" state.
     birth: Option<(String, Vec<u8>)>,
@@ -160,6 +170,7 @@ impl Link {
             topics,
             last_run: Instant::now(),
             inbox: VecDeque::new(),
+            inbox_bytes: 0,
             birth: None,
             connected: false,
             longest_gap: Duration::ZERO,
@@ -242,6 +253,9 @@ impl Link {
     /// given), the rest without waiting, until none is left or the cap.
     fn take_events(&mut self, mut wait: Option<Duration>) {
         for _ in 0..MAX_EVENTS_PER_POLL {
+            if self.inbox_bytes >= MAX_WAITING_BYTES {
+                return;
+            }
             let polled = match wait.take() {
                 Some(d) if !d.is_zero() => {
                     if self.is_up() {
@@ -310,10 +324,7 @@ impl Link {
                     log::info!("subscribed to {}", names.join(", "));
                 }
             }
-            Event::Incoming(Packet::Publish(publish)) => self.inbox.push_back(Delivery {
-                publish,
-                connection: self.generation,
-            }),
+            Event::Incoming(Packet::Publish(publish)) => self.push(publish),
             Event::Incoming(_) | Event::Outgoing(_) => {}
         }
     }
@@ -324,10 +335,7 @@ impl Link {
         let read_before_death = std::mem::take(&mut self.connection.eventloop.state.events);
         for event in read_before_death {
             if let Event::Incoming(Packet::Publish(publish)) = event {
-                self.inbox.push_back(Delivery {
-                    publish,
-                    connection: self.generation,
-                });
+                self.push(publish);
             }
         }
         let (retry_in, next) = match self.state {
@@ -367,9 +375,20 @@ impl Link {
         }
     }
 
+    /// Keeps a received message for the loop, marked with its connection.
+    fn push(&mut self, publish: Publish) {
+        self.inbox_bytes += publish.payload.len();
+        self.inbox.push_back(Delivery {
+            publish,
+            connection: self.generation,
+        });
+    }
+
     /// The next message received, oldest first.
     pub fn next_delivery(&mut self) -> Option<Delivery> {
-        self.inbox.pop_front()
+        let d = self.inbox.pop_front()?;
+        self.inbox_bytes -= d.publish.payload.len();
+        Some(d)
     }
 
     /// Whether `d` came on the connection that is up now.

@@ -519,6 +519,7 @@ impl Report {
         }
         match command {
             Command::Status => {
+                log::info!("command {name} (id {id}): publishing the status now");
                 self.status_now = true;
                 let gap = link.longest_poll_gap().as_millis() as u64;
                 self.remember(queue, &id);
@@ -530,7 +531,7 @@ impl Report {
             }
             Command::Audit => {
                 if self.audit.is_some() {
-                    log::info!("command {name} (id {id}): joins the audit in progress");
+                    log::debug!("command {name} (id {id}): joins the audit in progress");
                 } else {
                     log::info!("command {name} (id {id}): checking every cached file");
                 }
@@ -788,9 +789,12 @@ impl Report {
         if !ids.is_empty() {
             if let Err(e) = queue.requeue(&ids, crate::agent::unix_ms()) {
                 // Tried again next turn; the command stays unacknowledged.
-                log::debug!("{}", e.chain());
+                if !std::mem::replace(&mut self.step_failure_logged, true) {
+                    log::warn!("audit: {} (trying again)", e.chain());
+                }
                 return None;
             }
+            self.step_failure_logged = false;
             transfers.wake();
             self.status_dirty = true;
         }

@@ -92,6 +92,11 @@ fn a_clean_stop_publishes_offline_at_once() {
     assert!(status.success());
     let offline = wait_payload(&sub, &state, "offline", |v| v["online"] == false);
     assert_eq!(offline["reason"], "stopped");
+    // The offline state is retained: a subscriber that comes later gets it.
+    let later = broker.subscribe(&state);
+    wait_payload(&later, &state, "the retained offline", |v| {
+        v["online"] == false && v["reason"] == "stopped"
+    });
     // Give a will every chance to come, then check none did.
     std::thread::sleep(Duration::from_secs(2));
     assert!(

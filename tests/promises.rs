@@ -92,12 +92,15 @@ fn no_ack_without_the_commit_and_the_message_survives_a_kill() {
     wait_until("the dropped message's PUBACK", WAIT, || {
         pubacks(&broker, &agent) >= 1
     });
-    assert_eq!(
-        pubacks(&broker, &agent),
-        1,
+    // The held message is tried again every 500 ms: an ack sent on that
+    // path before (or without) its commit shows up within a few retries.
+    let early = common::poll_until(Duration::from_secs(3), || pubacks(&broker, &agent) > 1);
+    assert!(
+        !early,
         "only the dropped message may be acked while the sync message is uncommitted:\n{}",
         broker.log()
     );
+    assert_eq!(pubacks(&broker, &agent), 1);
     agent.kill();
     db.execute_batch("ROLLBACK").unwrap();
     drop(db);
@@ -441,6 +444,33 @@ fn a_404_fails_the_url_after_one_attempt() {
     assert_eq!(http.hits("/gone/x.png"), 1);
     assert_eq!(row(dir.path(), &url).unwrap().0, "failed");
     assert!(!agent.cache().join("gone/x.png").exists());
+}
+
+/// A transient failure is tried exactly `download.max_attempts` times: a URL
+/// that always answers 500 is asked for three times with `max_attempts: 3`,
+/// then the row is `failed` naming the status and the count, and it is
+/// never asked for again.
+#[test]
+fn a_transient_failure_is_tried_exactly_max_attempts_times() {
+    let broker = Mosquitto::start();
+    let http = HttpServer::start();
+    let dir = TempDir::new("promise-attempts");
+    http.set("/busy/x.png", Route::Status(500, b"busy".to_vec()));
+    let _agent = agent_with(
+        dir.path(),
+        &broker,
+        json!({"download": {"interval_ms": 0, "max_attempts": 3,
+                            "retry_base_ms": 100, "retry_max_ms": 100}}),
+    );
+    let url = http.url("/busy/x.png");
+    broker.publish("sync", url.as_bytes(), 1);
+    let (_, attempts, error) = wait_state(dir.path(), &url, "failed");
+    assert_eq!(attempts, 3, "{error}");
+    assert!(error.contains("500"), "the error names the status: {error}");
+    // A fourth request would come within 100 ms (the retry delay): watch 2 s.
+    let more = common::poll_until(Duration::from_secs(2), || http.hits("/busy/x.png") > 3);
+    assert!(!more, "asked for {} times", http.hits("/busy/x.png"));
+    assert_eq!(http.hits("/busy/x.png"), 3);
 }
 
 /// Content-Length is checked: a body that ends (the server closes) before
