@@ -456,9 +456,9 @@ fn a_retained_command_runs_once_across_broker_restarts() {
     agent.wait_log("(id \"after\")", WAIT);
     let log = agent.log();
     assert_eq!(log.matches("command forget").count(), 1, "{log}");
-    assert_eq!(
-        log.matches("ignored a retained command").count(),
-        3,
+    // Each replay is one line (a replay whose ack a restart cut off comes again).
+    assert!(
+        log.matches("ignored a retained command").count() >= 3,
         "{log}"
     );
     assert_eq!(

@@ -195,10 +195,18 @@ fn projector_faults_are_bounded_and_do_not_block_the_rest() {
             format!("127.0.0.1:{}", good.port)]}),
     );
     assert_eq!(good.wait_received(1), [b"%1POWR 1\r".to_vec()]);
-    let log = agent.wait_log(
+    agent.wait_log(
         &format!("projector 127.0.0.1:{} (pjlink) \"on\": OK", good.port),
         WAIT,
     );
+    // The projectors are driven at once: the faults end after the good one.
+    for port in [refused, silent_port, cut.port, garbage.port] {
+        agent.wait_log(
+            &format!("projector 127.0.0.1:{port} (pjlink) \"on\": failed: "),
+            WAIT,
+        );
+    }
+    let log = agent.log();
     // Bounded by the timeouts, not by the wall clock: every fault ends in
     // exactly one failure line with its reason (the silent one by the I/O
     // timeout, not by hanging), and the good projector got its command once.
