@@ -82,11 +82,13 @@ impl Agent {
         let queue = Queue::open_or_recover(&config.database)?;
         let client_id = client_id(&config, &queue)?;
         log::info!(
-            "holosync {} starting: config {}, client id {client_id}, broker {}:{}, cache {}, database {}",
+            "holosync {} starting: config {}, client id {client_id}, broker {}, cache {}, database {}",
             env!("CARGO_PKG_VERSION"),
             config_path.display(),
-            config.mqtt.host,
-            config.mqtt.port(),
+            config
+                .mqtt
+                .ws_url()
+                .unwrap_or_else(|| format!("{}:{}", config.mqtt.host, config.mqtt.port())),
             config.cache_dir.display(),
             config.database.display()
         );
@@ -125,19 +127,29 @@ impl Agent {
         let mut report = Report::new(&config, identity);
         report.load_done_ids(&queue);
         let m = &config.mqtt;
-        let mut options = MqttOptions::new(client_id, m.host.clone(), m.port());
+        // For WebSockets rumqttc takes the broker as a URL (its port argument is unused).
+        let broker = m.ws_url().unwrap_or_else(|| m.host.clone());
+        let mut options = MqttOptions::new(client_id, broker, m.port());
         options.set_keep_alive(Duration::from_secs(m.keep_alive_secs));
+        #[cfg(feature = "ws")]
+        if m.transport == crate::config::Transport::Ws {
+            options.set_transport(rumqttc::Transport::Ws);
+        }
         #[cfg(feature = "tls")]
         {
             let files = |(key, message)| {
                 crate::error::Error::msg(format!("config error: key `{key}`: {message}"))
             };
             crate::tls::init_https(&config);
-            if m.tls {
-                let tls = crate::tls::mqtt_config(&config).map_err(files)?;
-                options.set_transport(rumqttc::Transport::tls_with_config(
-                    rumqttc::TlsConfiguration::Rustls(tls),
-                ));
+            if m.uses_tls() {
+                let tls = rumqttc::TlsConfiguration::Rustls(
+                    crate::tls::mqtt_config(&config).map_err(files)?,
+                );
+                options.set_transport(match m.transport {
+                    #[cfg(feature = "ws")]
+                    crate::config::Transport::Wss => rumqttc::Transport::wss_with_config(tls),
+                    _ => rumqttc::Transport::tls_with_config(tls),
+                });
             }
         }
         if let Some(state) = &report.topics().state {

@@ -88,6 +88,19 @@ pub struct Mqtt {
     /// roots (plus `ca_file`) and its name against `host`.
     #[serde(default)]
     pub tls: bool,
+    /// How MQTT travels: plain TCP (or TLS with `tls`), or WebSockets
+    /// (`ws`, or `wss` over TLS), which get out of networks that let only
+    /// HTTP(S) and a proxy through.
+    #[serde(default)]
+    pub transport: Transport,
+    /// The WebSocket path (`ws`, `wss`): Mosquitto and EMQX serve `/mqtt`,
+    /// RabbitMQ's Web MQTT plugin `/ws`.
+    #[serde(default = "default_ws_path")]
+    pub ws_path: String,
+    /// Whether plain or TLS MQTT (`tcp`) also goes through the proxy (with
+    /// CONNECT); WebSockets always do where a proxy is in force.
+    #[serde(default)]
+    pub via_proxy: bool,
     /// PEM file of extra CA certificates trusted for the broker (a private CA).
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
@@ -129,6 +142,19 @@ pub struct Mqtt {
     /// so a fleet powered on at once does not connect in one burst.
     #[serde(default)]
     pub connect_jitter_ms: u64,
+}
+
+/// How MQTT travels to the broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// MQTT over TCP (TLS with `mqtt.tls`).
+    #[default]
+    Tcp,
+    /// MQTT over WebSockets.
+    Ws,
+    /// MQTT over WebSockets over TLS.
+    Wss,
 }
 
 /// `download` section.
@@ -289,14 +315,42 @@ fn default_sync_topics(mall: Option<&str>) -> Vec<String> {
 impl Mqtt {
     /// The broker port: `port` if given, else 8883 with `tls`, else 1883.
     pub fn port(&self) -> u16 {
-        self.port_given
-            .unwrap_or(if self.tls { MQTT_TLS_PORT } else { MQTT_PORT })
+        self.port_given.unwrap_or(match self.transport {
+            Transport::Tcp if self.tls => MQTT_TLS_PORT,
+            Transport::Tcp => MQTT_PORT,
+            Transport::Ws => 80,
+            Transport::Wss => 443,
+        })
+    }
+
+    /// Whether the broker link uses TLS (`tls`, or the `wss` transport).
+    pub fn uses_tls(&self) -> bool {
+        self.tls || self.transport == Transport::Wss
+    }
+
+    /// The broker as a WebSocket URL (`ws://host:port/path`), for the
+    /// WebSocket transports; None for `tcp`.
+    pub fn ws_url(&self) -> Option<String> {
+        let scheme = match self.transport {
+            Transport::Tcp => return None,
+            Transport::Ws => "ws",
+            Transport::Wss => "wss",
+        };
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        Some(format!("{scheme}://{host}:{}{}", self.port(), self.ws_path))
     }
 
     /// The sync topics (resolved by [`Config::parse`]).
     pub fn sync_topics(&self) -> &[String] {
         self.sync_topics.as_deref().unwrap_or_default()
     }
+}
+fn default_ws_path() -> String {
+    "/mqtt".into()
 }
 fn default_projector_topic() -> String {
     "projector-remote-control".into()
@@ -524,18 +578,46 @@ impl Config {
                 "mqtt.client_cert and mqtt.client_key go together: give both or neither".into(),
             ));
         }
-        if !m.tls {
+        if m.tls && m.transport != Transport::Tcp {
+            return Err((
+                "mqtt.tls",
+                "goes with the \"tcp\" transport; for WebSockets over TLS set \"transport\": \"wss\""
+                    .into(),
+            ));
+        }
+        if !m.ws_path.starts_with('/')
+            || m.ws_path.len() > 1024
+            || m.ws_path.chars().any(|c| c.is_control() || c == ' ')
+        {
+            return Err((
+                "mqtt.ws_path",
+                format!(
+                    "{:?} is not a URL path (it starts with /, no spaces)",
+                    m.ws_path
+                ),
+            ));
+        }
+        if m.transport != Transport::Tcp && !cfg!(feature = "ws") {
+            return Err((
+                "mqtt.transport",
+                "this holosync was built without WebSockets (the `ws` feature)".into(),
+            ));
+        }
+        if !m.uses_tls() {
             for (key, given) in [
                 ("mqtt.ca_file", m.ca_file.is_some()),
                 ("mqtt.client_cert", m.client_cert.is_some()),
             ] {
                 if given {
-                    return Err((key, "is used only with \"tls\": true in mqtt".into()));
+                    return Err((
+                        key,
+                        "is used only with \"tls\": true or \"transport\": \"wss\" in mqtt".into(),
+                    ));
                 }
             }
         }
         if !cfg!(feature = "tls") {
-            if m.tls {
+            if m.uses_tls() {
                 return Err((
                     "mqtt.tls",
                     "this holosync was built without TLS (the `tls` feature); use a build with it or plain MQTT".into(),

@@ -148,7 +148,11 @@ impl Link {
     ) -> Link {
         let broker = {
             let (host, port) = options.broker_address();
-            format!("{host}:{port}")
+            if host.contains("://") {
+                host // a WebSocket URL, with its port
+            } else {
+                format!("{host}:{port}")
+            }
         };
         options
             .set_clean_session(false)

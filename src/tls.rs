@@ -68,7 +68,7 @@ pub fn check(config: &Config) -> Result<(), FileError> {
     if let Some(ca) = &config.download.ca_file {
         https_with(Some(ca))?;
     }
-    if config.mqtt.tls {
+    if config.mqtt.uses_tls() {
         mqtt_config(config)?;
     }
     Ok(())

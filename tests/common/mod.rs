@@ -2275,6 +2275,92 @@ impl Drop for RabbitMqtt {
     }
 }
 
+/// RabbitMQ's Web MQTT plugin (MQTT over WebSockets, path `/ws`), served
+/// by the RabbitMQ running on this machine: if it is off, it is turned on
+/// with its WebSocket listener and the MQTT listener it needs on free ports
+/// (1883 is mosquitto's), and both are turned off again when dropped.
+pub struct RabbitWebMqtt {
+    /// The WebSocket listener's port (path `/ws`).
+    pub ws_port: u16,
+    /// The plain MQTT listener, for test publishers and subscribers.
+    pub endpoint: Endpoint,
+    /// Whether this fixture turned the plugins on (and so turns them off).
+    enabled_here: bool,
+}
+
+impl RabbitWebMqtt {
+    /// Finds or starts the listeners; Err(reason) when RabbitMQ is not installed.
+    pub fn start() -> Result<RabbitWebMqtt, String> {
+        let sbin = Path::new("/usr/sbin");
+        if !sbin.join("rabbitmqctl").is_file() {
+            return Err("RabbitMQ is not installed here (no rabbitmqctl)".into());
+        }
+        let run = |prog: &str, args: &[&str]| {
+            let mut cmd = Command::new(sbin.join(prog));
+            cmd.args(args);
+            run_bounded(cmd, None, Duration::from_secs(120))
+        };
+        let listener = |out: &Output, protocol: &str| {
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .find(|l| l.contains(&format!("protocol: {protocol},")))
+                .and_then(|l| l.split("port: ").nth(1))
+                .and_then(|p| p.split(',').next())
+                .and_then(|p| p.trim().parse::<u16>().ok())
+        };
+        let listeners = run("rabbitmq-diagnostics", &["-q", "listeners"]);
+        assert!(
+            listeners.status.success(),
+            "RabbitMQ is installed but does not answer: {listeners:?}"
+        );
+        let mut enabled_here = false;
+        let (ws_port, mqtt_port) = match (
+            listener(&listeners, "http/web-mqtt"),
+            listener(&listeners, "mqtt"),
+        ) {
+            (Some(ws), Some(mqtt)) => (ws, mqtt),
+            _ => {
+                let (ws, mqtt) = (free_port(), free_port());
+                let set = format!(
+                    "application:load(rabbitmq_mqtt), application:set_env(rabbitmq_mqtt, tcp_listeners, [{mqtt}]), \
+                     application:load(rabbitmq_web_mqtt), application:set_env(rabbitmq_web_mqtt, tcp_config, [{{port, {ws}}}])."
+                );
+                let out = run("rabbitmqctl", &["eval", &set]);
+                assert!(out.status.success(), "{out:?}");
+                let out = run("rabbitmq-plugins", &["enable", "rabbitmq_web_mqtt"]);
+                assert!(out.status.success(), "enabling rabbitmq_web_mqtt: {out:?}");
+                enabled_here = true;
+                (ws, mqtt)
+            }
+        };
+        for port in [ws_port, mqtt_port] {
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            wait_until("RabbitMQ's listeners", Duration::from_secs(60), || {
+                TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok()
+            });
+        }
+        Ok(RabbitWebMqtt {
+            ws_port,
+            endpoint: Endpoint {
+                port: mqtt_port,
+                login: Some(("guest".into(), "guest".into())),
+            },
+            enabled_here,
+        })
+    }
+}
+
+impl Drop for RabbitWebMqtt {
+    /// Turns the plugins off again if this fixture turned them on.
+    fn drop(&mut self) {
+        if self.enabled_here {
+            let mut cmd = Command::new("/usr/sbin/rabbitmq-plugins");
+            cmd.args(["disable", "rabbitmq_web_mqtt", "rabbitmq_mqtt"]);
+            let _ = run_bounded(cmd, None, Duration::from_secs(120));
+        }
+    }
+}
+
 /// Applies a JSON merge patch: objects merge key by key, anything else replaces.
 pub fn merge(base: &mut Value, patch: Value) {
     match (base, patch) {
