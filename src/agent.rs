@@ -152,6 +152,30 @@ impl Agent {
                 });
             }
         }
+        let proxies = proxies(&config);
+        log::info!("{}", proxies.describe());
+        #[cfg(feature = "ws")]
+        let mqtt_proxy = (m.transport != crate::config::Transport::Tcp || m.via_proxy)
+            .then(|| proxies.for_host(m.uses_tls(), &m.host))
+            .flatten();
+        #[cfg(feature = "ws")]
+        {
+            if let Some(p) = mqtt_proxy {
+                log::info!("MQTT goes through {p} (CONNECT)");
+                options.set_proxy(rumqttc::Proxy {
+                    ty: rumqttc::ProxyType::Http,
+                    auth: match &p.auth {
+                        Some((user, password)) => rumqttc::ProxyAuth::Basic {
+                            username: user.clone(),
+                            password: password.expose().to_string(),
+                        },
+                        None => rumqttc::ProxyAuth::None,
+                    },
+                    addr: p.host.clone(),
+                    port: p.port,
+                });
+            }
+        }
         if let Some(state) = &report.topics().state {
             let will = report.identity().offline("connection lost");
             options.set_last_will(LastWill::new(state, will, QoS::AtLeastOnce, true));
@@ -175,6 +199,10 @@ impl Agent {
             )
             .collect();
         let mut link = Link::new(options, topics, Duration::from_millis(m.connect_jitter_ms));
+        #[cfg(feature = "ws")]
+        if let Some(p) = mqtt_proxy {
+            link.set_via(p.to_string());
+        }
         if let Some(state) = &report.topics().state {
             link.set_birth(state.clone(), report.identity().online());
         }
@@ -421,6 +449,22 @@ fn commit(
         }
         Kind::Command => Ok(report.command(link, queue, d)),
     }
+}
+
+/// The proxies in force (config, else environment, else Windows' Internet
+/// Options); a bad environment or registry value is logged and ignored.
+fn proxies(config: &Config) -> crate::proxy::Proxies {
+    let p = &config.proxy;
+    crate::proxy::Proxies::resolve(
+        p.url.as_ref().map(|u| u.expose()),
+        p.no_proxy.as_deref(),
+        |k| std::env::var(k).ok(),
+        crate::os::windows_proxy_settings().as_ref(),
+    )
+    .unwrap_or_else(|e| {
+        log::error!("ignored a proxy setting: {e}; going without a proxy");
+        crate::proxy::Proxies::default()
+    })
 }
 
 /// The configured client id, else the one made on first start and kept in the database.

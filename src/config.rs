@@ -44,6 +44,9 @@ pub struct Config {
     /// What the kiosk reports about itself over MQTT, and the commands it takes.
     #[serde(default)]
     pub report: Report,
+    /// The HTTP proxy for downloads and MQTT over WebSockets (see `proxy.rs`).
+    #[serde(default)]
+    pub proxy: ProxyConfig,
 }
 
 /// `report` section: the fleet's view of this kiosk.
@@ -255,12 +258,32 @@ pub enum Protocol {
     Pjlink,
 }
 
+/// `proxy` section: when absent, the environment and (on Windows) the
+/// Internet Options decide, as for curl and Python's `requests`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// `http://[user:password@]host:port`; `""` means no proxy whatever the
+    /// environment says. Never logged with its password.
+    #[serde(default)]
+    pub url: Option<Secret>,
+    /// Hosts reached directly, comma-separated (as `NO_PROXY`): names (their
+    /// subdomains too), addresses, IPv4 ranges, `*`.
+    #[serde(default)]
+    pub no_proxy: Option<String>,
+}
+
 /// A password: its `Debug` and `Display` print a mask, so it cannot reach the log.
 #[derive(Clone, PartialEq, Eq, Deserialize)]
 #[serde(transparent)]
 pub struct Secret(String);
 
 impl Secret {
+    /// A secret holding `s`.
+    pub fn new(s: String) -> Secret {
+        Secret(s)
+    }
+
     /// The password itself, for the one place that sends it.
     pub fn expose(&self) -> &str {
         &self.0
@@ -667,6 +690,11 @@ impl Config {
                 "mqtt.max_payload_bytes",
                 format!("must be 1-{}", MAX_PACKET_BYTES),
             ));
+        }
+        if let Some(url) = &self.proxy.url {
+            if !url.expose().trim().is_empty() {
+                crate::proxy::Proxy::parse(url.expose()).map_err(|e| ("proxy.url", e))?;
+            }
         }
         if m.max_command_bytes == 0 || m.max_command_bytes > MAX_PACKET_BYTES {
             return Err((

@@ -21,6 +21,7 @@ pub mod logger;
 pub mod message;
 pub mod os;
 pub mod projector;
+pub mod proxy;
 pub mod queue;
 pub mod random;
 pub mod report;

@@ -132,6 +132,8 @@ pub struct Link {
     birth: Option<(String, Vec<u8>)>,
     /// A ConnAck came since [`Link::take_connected`] was last asked.
     connected: bool,
+    /// The proxy the link goes through (masked), for log lines.
+    via: Option<String>,
     /// Longest time between two timer-running polls while connected (the
     /// loop's promise: far below the keep-alive), for the log and `bench/run`.
     longest_gap: Duration,
@@ -175,6 +177,7 @@ impl Link {
             last_run: Instant::now(),
             inbox: VecDeque::new(),
             inbox_bytes: 0,
+            via: None,
             birth: None,
             connected: false,
             longest_gap: Duration::ZERO,
@@ -189,6 +192,11 @@ impl Link {
     /// Whether messages received are waiting for the loop.
     pub fn has_deliveries(&self) -> bool {
         !self.inbox.is_empty()
+    }
+
+    /// Names the proxy the link goes through (masked), for its log lines.
+    pub fn set_via(&mut self, proxy: String) {
+        self.via = Some(proxy);
     }
 
     /// Sets what is published (retained, QoS 1) on every ConnAck, first.
@@ -233,7 +241,7 @@ impl Link {
                 self.last_run = Instant::now();
                 match polled {
                     Ok(Ok(event)) => self.handle(event),
-                    Ok(Err(e)) => self.lost(&describe(&e)),
+                    Ok(Err(e)) => self.lost(&describe(&e, self.via.as_deref())),
                     Err(rumqttc::RecvTimeoutError::Timeout) => self.lost("connect timed out"),
                     Err(rumqttc::RecvTimeoutError::Disconnected) => {
                         unreachable!("the link holds the client, so the request channel stays open")
@@ -277,7 +285,7 @@ impl Link {
             };
             match polled {
                 Ok(Ok(event)) => self.handle(event),
-                Ok(Err(e)) => return self.lost(&describe(&e)),
+                Ok(Err(e)) => return self.lost(&describe(&e, self.via.as_deref())),
                 Err(rumqttc::RecvTimeoutError::Timeout) => return,
                 Err(rumqttc::RecvTimeoutError::Disconnected) => {
                     unreachable!("the link holds the client, so the request channel stays open")
@@ -478,11 +486,23 @@ impl Link {
     }
 }
 
-/// A connection error for the log. A failed TLS handshake says so and why
+/// A connection error for the log (`via`: the proxy, if any). A proxy's
+/// refusal names the proxy. A failed TLS handshake says so and why
 /// (rustls' reason: `invalid peer certificate: UnknownIssuer`, `... Expired`,
 /// `... NotValidForName`, or the broker's alert), without rumqttc's layers.
-fn describe(e: &rumqttc::ConnectionError) -> String {
+fn describe(e: &rumqttc::ConnectionError, via: Option<&str>) -> String {
     match e {
+        #[cfg(feature = "ws")]
+        rumqttc::ConnectionError::Proxy(p) => {
+            let proxy = via.unwrap_or("the proxy");
+            let text = p.to_string();
+            let hint = if text.contains("407") {
+                " (407: the proxy wants other credentials; check proxy.url)"
+            } else {
+                ""
+            };
+            format!("through proxy {proxy}: {text}{hint}")
+        }
         #[cfg(feature = "tls")]
         rumqttc::ConnectionError::Tls(rumqttc::TlsError::Io(io)) => {
             format!("TLS handshake failed: {io}")

@@ -338,3 +338,68 @@ pub fn attach_parent_console() {
 /// Elsewhere a program always has its terminal: nothing to do.
 #[cfg(not(windows))]
 pub fn attach_parent_console() {}
+
+/// The user's proxy settings from Internet Options (HKCU), as `requests`
+/// and most Windows programs read them; None where there are none.
+#[cfg(windows)]
+pub fn windows_proxy_settings() -> Option<crate::proxy::WindowsSettings> {
+    use windows_sys::Win32::System::Registry::{
+        RegGetValueW, HKEY_CURRENT_USER, RRF_RT_REG_DWORD, RRF_RT_REG_SZ,
+    };
+    let wide = |s: &str| s.encode_utf16().chain([0]).collect::<Vec<u16>>();
+    let key = wide(r"Software\Microsoft\Windows\CurrentVersion\Internet Settings");
+    let dword = |name: &str| -> Option<u32> {
+        let name = wide(name);
+        let mut value = 0u32;
+        let mut size = std::mem::size_of::<u32>() as u32;
+        // SAFETY: the key and name are NUL-terminated UTF-16; value and size
+        // point to a u32 and its size, as RRF_RT_REG_DWORD needs.
+        let r = unsafe {
+            RegGetValueW(
+                HKEY_CURRENT_USER,
+                key.as_ptr(),
+                name.as_ptr(),
+                RRF_RT_REG_DWORD,
+                std::ptr::null_mut(),
+                (&mut value as *mut u32).cast(),
+                &mut size,
+            )
+        };
+        (r == 0).then_some(value)
+    };
+    let string = |name: &str| -> Option<String> {
+        let name = wide(name);
+        let mut buf = vec![0u16; 4096];
+        let mut size = (buf.len() * 2) as u32;
+        // SAFETY: as above; buf has `size` bytes, and RegGetValueW
+        // NUL-terminates what it writes there (RRF_RT_REG_SZ).
+        let r = unsafe {
+            RegGetValueW(
+                HKEY_CURRENT_USER,
+                key.as_ptr(),
+                name.as_ptr(),
+                RRF_RT_REG_SZ,
+                std::ptr::null_mut(),
+                buf.as_mut_ptr().cast(),
+                &mut size,
+            )
+        };
+        if r != 0 {
+            return None;
+        }
+        let len = buf.iter().position(|&c| c == 0).unwrap_or(buf.len());
+        Some(String::from_utf16_lossy(&buf[..len]))
+    };
+    let enable = dword("ProxyEnable")?;
+    Some(crate::proxy::WindowsSettings {
+        enable: enable != 0,
+        server: string("ProxyServer"),
+        bypass: string("ProxyOverride"),
+    })
+}
+
+/// No Internet Options outside Windows.
+#[cfg(not(windows))]
+pub fn windows_proxy_settings() -> Option<crate::proxy::WindowsSettings> {
+    None
+}

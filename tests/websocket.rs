@@ -75,3 +75,79 @@ fn sync_over_websockets_survives_a_stop_and_keeps_the_link() {
     });
     assert!(!lost, "{}", agent.log());
 }
+
+/// Behind a venue's proxy: the broker's name is one only the proxy can
+/// resolve, and the proxy wants Basic credentials (`proxy.url`). MQTT over
+/// WebSockets goes through it (CONNECT) and a sync message arrives; the
+/// start-up line says which proxy is in force, without its password. With a
+/// wrong password the agent logs the proxy's refusal (naming the proxy,
+/// never the password) and keeps trying.
+#[test]
+fn mqtt_over_websockets_goes_through_the_venue_proxy() {
+    let rabbit = match RabbitWebMqtt::start() {
+        Ok(r) => r,
+        Err(why) => {
+            common::cannot_run(&why);
+            return;
+        }
+    };
+    let http = HttpServer::start();
+    let proxy = common::TestProxy::start(&["broker.venue.test"], Some(("kiosk", "s3cret")));
+    let dir = TempDir::new("ws-proxy");
+    let a = png(6, 6, 9);
+    http.set("/px/a.png", Route::Ok(a.clone()));
+    let agent = ws_agent(
+        &dir,
+        &rabbit,
+        json!({"mqtt": {"host": "broker.venue.test"},
+               "proxy": {"url": proxy.url(Some(("kiosk", "s3cret"))), "no_proxy": "127.0.0.1"}}),
+    );
+    let log = agent.log();
+    assert!(
+        log.contains(&format!(
+            "proxy http://kiosk:****@127.0.0.1:{} (from proxy.url)",
+            proxy.port
+        )),
+        "{log}"
+    );
+    assert!(!log.contains("s3cret"), "{log}");
+    let connect = format!("CONNECT broker.venue.test:{} ", rabbit.ws_port);
+    assert!(
+        proxy
+            .seen()
+            .requests
+            .iter()
+            .any(|r| r.starts_with(&connect)),
+        "{:?}",
+        proxy.seen()
+    );
+    rabbit
+        .endpoint
+        .publish("sync", http.url("/px/a.png").as_bytes(), 1);
+    agent.wait_done(1, WAIT);
+    assert_eq!(std::fs::read(agent.cache().join("px/a.png")).unwrap(), a);
+    drop(agent);
+
+    let dir = TempDir::new("ws-proxy-wrong");
+    let mut config = Agent::default_config(rabbit.ws_port);
+    merge(
+        &mut config,
+        json!({"mqtt": {"transport": "ws", "ws_path": "/ws", "username": "guest",
+                        "password": "guest", "host": "broker.venue.test"},
+               "proxy": {"url": proxy.url(Some(("kiosk", "wrong-pw")))}}),
+    );
+    let mut agent = Agent::new(dir.path(), config);
+    agent.start();
+    let log = agent.wait_log("could not connect to broker", WAIT);
+    let line = log
+        .lines()
+        .find(|l| l.contains("could not connect to broker"))
+        .unwrap();
+    assert!(
+        line.contains(&format!("127.0.0.1:{}", proxy.port)),
+        "{line}"
+    );
+    assert!(line.contains("407"), "{line}");
+    assert!(!log.contains("wrong-pw"), "{log}");
+    assert!(proxy.seen().refused >= 1);
+}

@@ -2286,11 +2286,17 @@ pub struct RabbitWebMqtt {
     pub endpoint: Endpoint,
     /// Whether this fixture turned the plugins on (and so turns them off).
     enabled_here: bool,
+    /// Tests of one binary take the plugin in turn (one turns it off when done).
+    _turn: MutexGuard<'static, ()>,
 }
+
+/// Held by the [`RabbitWebMqtt`] in use.
+static RABBIT_WEB_TURN: Mutex<()> = Mutex::new(());
 
 impl RabbitWebMqtt {
     /// Finds or starts the listeners; Err(reason) when RabbitMQ is not installed.
     pub fn start() -> Result<RabbitWebMqtt, String> {
+        let turn = RABBIT_WEB_TURN.lock().unwrap_or_else(|e| e.into_inner());
         let sbin = Path::new("/usr/sbin");
         if !sbin.join("rabbitmqctl").is_file() {
             return Err("RabbitMQ is not installed here (no rabbitmqctl)".into());
@@ -2346,6 +2352,7 @@ impl RabbitWebMqtt {
                 login: Some(("guest".into(), "guest".into())),
             },
             enabled_here,
+            _turn: turn,
         })
     }
 }
@@ -2382,4 +2389,222 @@ pub fn agent_with(dir: &Path, broker: &Mosquitto, patch: Value) -> Agent {
     agent.start();
     agent.wait_log("subscribed to", Duration::from_secs(30));
     agent
+}
+
+// ---------------------------------------------------------------------------
+// A forward proxy
+// ---------------------------------------------------------------------------
+
+/// What a [`TestProxy`] saw: one line per request (`CONNECT host:port`,
+/// `GET http://...`) and the `Proxy-Authorization` it carried.
+#[derive(Debug, Clone, Default)]
+pub struct ProxyLog {
+    /// Request lines, in arrival order.
+    pub requests: Vec<String>,
+    /// Requests refused with 407.
+    pub refused: usize,
+}
+
+/// A small HTTP forward proxy on 127.0.0.1, as a venue's network has: it
+/// takes absolute-form requests (`GET http://host/...`) and `CONNECT`
+/// tunnels, may ask for Basic credentials (407 without them), and resolves
+/// host names through its own table, so a name only the proxy knows is
+/// reachable only through it. Everything it connects to is on 127.0.0.1.
+pub struct TestProxy {
+    /// The listening port.
+    pub port: u16,
+    /// What it saw.
+    log: Arc<Mutex<ProxyLog>>,
+    /// Set on drop.
+    stopping: Arc<AtomicBool>,
+}
+
+impl TestProxy {
+    /// Starts a proxy that maps each of `names` to 127.0.0.1 (other names
+    /// must be IP addresses on 127.0.0.1) and, with `credentials`, wants
+    /// `Proxy-Authorization: Basic base64(user:password)`.
+    pub fn start(names: &[&str], credentials: Option<(&str, &str)>) -> TestProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let port = listener.local_addr().expect("local_addr").port();
+        let names: Arc<HashSet<String>> =
+            Arc::new(names.iter().map(|n| n.to_ascii_lowercase()).collect());
+        let want =
+            credentials.map(|(u, p)| format!("Basic {}", base64(format!("{u}:{p}").as_bytes())));
+        let log = Arc::new(Mutex::new(ProxyLog::default()));
+        let stopping = Arc::new(AtomicBool::new(false));
+        let (l, stop) = (log.clone(), stopping.clone());
+        thread::spawn(move || {
+            for conn in listener.incoming() {
+                if stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(client) = conn else { continue };
+                let (names, want, log) = (names.clone(), want.clone(), l.clone());
+                thread::spawn(move || {
+                    let _ = serve_proxy_client(client, &names, want.as_deref(), &log);
+                });
+            }
+        });
+        TestProxy {
+            port,
+            log,
+            stopping,
+        }
+    }
+
+    /// `http://[user:password@]127.0.0.1:<port>`.
+    pub fn url(&self, credentials: Option<(&str, &str)>) -> String {
+        match credentials {
+            Some((u, p)) => format!("http://{u}:{p}@127.0.0.1:{}", self.port),
+            None => format!("http://127.0.0.1:{}", self.port),
+        }
+    }
+
+    /// What it saw so far.
+    pub fn seen(&self) -> ProxyLog {
+        lock(&self.log).clone()
+    }
+}
+
+impl Drop for TestProxy {
+    fn drop(&mut self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+/// Standard base64 with padding.
+fn base64(bytes: &[u8]) -> String {
+    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | (u32::from(*b) << (16 - 8 * i)));
+        for i in 0..4 {
+            out.push(if i <= chunk.len() {
+                ABC[(n >> (18 - 6 * i) & 63) as usize] as char
+            } else {
+                '='
+            });
+        }
+    }
+    out
+}
+
+/// Serves one client connection of a [`TestProxy`]: reads the request head,
+/// checks credentials, then tunnels (CONNECT) or forwards one request.
+fn serve_proxy_client(
+    mut client: TcpStream,
+    names: &HashSet<String>,
+    want: Option<&str>,
+    log: &Mutex<ProxyLog>,
+) -> io::Result<()> {
+    client.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if client.read(&mut byte)? == 0 || head.len() > 64 * 1024 {
+            return Ok(());
+        }
+        head.push(byte[0]);
+    }
+    let text = String::from_utf8_lossy(&head).into_owned();
+    let mut lines = text.split("\r\n");
+    let request_line = lines.next().unwrap_or_default().to_string();
+    let auth = lines.clone().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case("proxy-authorization")
+            .then(|| v.trim().to_string())
+    });
+    lock(log).requests.push(request_line.clone());
+    if want.is_some() && auth.as_deref() != want {
+        lock(log).refused += 1;
+        client.write_all(
+            b"HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Basic realm=\"venue\"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        )?;
+        return Ok(());
+    }
+    let mut parts = request_line.split(' ');
+    let (method, target) = (
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+    );
+    let resolve = |authority: &str| -> Option<SocketAddr> {
+        let (host, port) = authority.rsplit_once(':')?;
+        let port: u16 = port.parse().ok()?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if names.contains(&host.to_ascii_lowercase()) || host == "127.0.0.1" {
+            Some(SocketAddr::from(([127, 0, 0, 1], port)))
+        } else {
+            None
+        }
+    };
+    let bad_gateway = |client: &mut TcpStream| {
+        client.write_all(
+            b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        )
+    };
+    if method == "CONNECT" {
+        let Some(addr) = resolve(target) else {
+            return bad_gateway(&mut client);
+        };
+        let Ok(upstream) = TcpStream::connect_timeout(&addr, Duration::from_secs(5)) else {
+            return bad_gateway(&mut client);
+        };
+        client.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")?;
+        return splice(client, upstream);
+    }
+    // Absolute form: http://authority/path -> origin form to the origin.
+    let Some(rest) = target.strip_prefix("http://") else {
+        return bad_gateway(&mut client);
+    };
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let authority = if authority.contains(':') && !authority.ends_with(']') {
+        authority.to_string()
+    } else {
+        format!("{authority}:80")
+    };
+    let Some(addr) = resolve(&authority) else {
+        return bad_gateway(&mut client);
+    };
+    let Ok(mut upstream) = TcpStream::connect_timeout(&addr, Duration::from_secs(5)) else {
+        return bad_gateway(&mut client);
+    };
+    let path = if path.is_empty() { "/" } else { path };
+    let mut forwarded = format!("{method} {path} {}\r\n", parts.next().unwrap_or("HTTP/1.1"));
+    for line in text.split("\r\n").skip(1).filter(|l| !l.is_empty()) {
+        let name = line
+            .split(':')
+            .next()
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        if !name.starts_with("proxy-") && name != "connection" {
+            forwarded.push_str(line);
+            forwarded.push_str("\r\n");
+        }
+    }
+    forwarded.push_str("Connection: close\r\n\r\n");
+    upstream.write_all(forwarded.as_bytes())?;
+    // One request per client connection: the response, then close.
+    client.set_read_timeout(None)?;
+    let mut up = upstream.try_clone()?;
+    io::copy(&mut up, &mut client)?;
+    Ok(())
+}
+
+/// Copies both ways until either side closes.
+fn splice(client: TcpStream, upstream: TcpStream) -> io::Result<()> {
+    client.set_read_timeout(None)?;
+    let (mut c_read, mut u_write) = (client.try_clone()?, upstream.try_clone()?);
+    let forward = thread::spawn(move || {
+        let _ = io::copy(&mut c_read, &mut u_write);
+        let _ = u_write.shutdown(std::net::Shutdown::Write);
+    });
+    let (mut u_read, mut c_write) = (upstream, client);
+    let _ = io::copy(&mut u_read, &mut c_write);
+    let _ = c_write.shutdown(std::net::Shutdown::Write);
+    let _ = forward.join();
+    Ok(())
 }
