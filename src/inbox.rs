@@ -17,7 +17,9 @@ pub const COMMIT_RETRY: Duration = Duration::from_millis(500);
 /// How often a failing held commit is logged again (the first failure always is).
 const COMMIT_FAILURE_LOG_EVERY: Duration = Duration::from_secs(30);
 
-/// Skipped payload entries logged one by one per message; the rest are counted.
+/// Skipped payload entries, and rejected URLs, logged one by one per
+/// message; the rest are counted in one line (a message of thousands of bad
+/// URLs must not rotate the log's history away).
 const MAX_SKIPPED_LINES: usize = 10;
 
 /// What a message asks for, which decides how it is committed.
@@ -148,13 +150,19 @@ pub fn commit_sync(queue: &mut Queue, d: &Delivery, max_delay_ms: u64) -> Result
             parsed.skipped.len() - MAX_SKIPPED_LINES
         );
     }
-    for e in &parsed.entries {
-        if let Some(reason) = &e.rejected {
-            log::warn!(
-                "rejected {}: {reason} (stored as failed, nothing written)",
-                e.url
-            );
-        }
+    let rejected: Vec<_> = parsed
+        .entries
+        .iter()
+        .filter_map(|e| e.rejected.as_ref().map(|r| (&e.url, r)))
+        .collect();
+    for (url, reason) in rejected.iter().take(MAX_SKIPPED_LINES) {
+        log::warn!("rejected {url}: {reason} (stored as failed, nothing written)");
+    }
+    if rejected.len() > MAX_SKIPPED_LINES {
+        log::warn!(
+            "rejected {} more URLs in the same message (each stored as failed with its reason; `holosync status` lists them)",
+            rejected.len() - MAX_SKIPPED_LINES
+        );
     }
     log::info!(
         "queued {} URLs from {} ({} already queued, {} rejected, {} skipped)",

@@ -777,3 +777,37 @@ fn pictures_from_one_server_share_a_kept_alive_connection() {
         assert_eq!(&std::fs::read(&local).unwrap(), bytes);
     }
 }
+
+/// One message of 5,000 URLs that climb out of the cache (`/../`): every one
+/// is a failed row with its reason, and the log gets ten lines naming URLs
+/// and one counting the rest, not 5,000 (which rotated the log's history
+/// away).
+#[test]
+fn thousands_of_rejected_urls_take_a_few_log_lines() {
+    let broker = Mosquitto::start();
+    let dir = TempDir::new("sync-rejected-flood");
+    let agent = agent_with(dir.path(), &broker, json!({}));
+    let payload: Vec<String> = (0..5000)
+        .map(|i| format!("http://127.0.0.1:9/a/../../x{i}.png"))
+        .collect();
+    broker.publish("sync", payload.join(",").as_bytes(), 1);
+    agent.wait_log("queued 0 URLs from sync", WAIT);
+    let log = agent.log();
+    assert_eq!(
+        log.matches("WARN  rejected http").count(),
+        10,
+        "{}",
+        common::tail(&log, 3000)
+    );
+    assert!(
+        log.contains("rejected 4990 more URLs in the same message"),
+        "{}",
+        common::tail(&log, 3000)
+    );
+    assert!(
+        log.contains("5000 rejected"),
+        "{}",
+        common::tail(&log, 3000)
+    );
+    assert_eq!(agent.status()["failed"], 5000);
+}
