@@ -5,7 +5,7 @@
 //! ARCHITECTURE.md for the timing budget.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use rumqttc::{LastWill, MqttOptions, QoS};
 
@@ -18,7 +18,7 @@ use crate::inbox::{self, Inbox, Kind};
 use crate::intake::{Intake, Sorted};
 use crate::link::{Delivery, Link};
 use crate::projector::{self, Batch, Projectors};
-use crate::queue::Queue;
+use crate::queue::{unix_ms, Queue};
 use crate::report::{Acked, Identity, Report};
 use crate::transfers::Transfers;
 
@@ -67,13 +67,6 @@ pub struct Agent {
     report: Report,
     /// The wall clock and monotonic clock at the last turn, to see jumps.
     clock: (Instant, i64),
-}
-
-/// Milliseconds since the Unix epoch (the queue's clock: it survives restarts).
-pub fn unix_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 impl Agent {

@@ -7,11 +7,12 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use crate::agent::{unix_ms, Agent};
+use crate::agent::Agent;
 use crate::config::{self, Config};
 use crate::error::{Context, Error, Result};
 use crate::logger::{utc_timestamp, FileLogger};
 use crate::message;
+use crate::queue::unix_ms;
 use crate::queue::Queue;
 
 const HELP: &str = "\

@@ -135,7 +135,7 @@ pub fn ack(link: &Link, d: &Delivery) {
 pub fn commit_sync(queue: &mut Queue, d: &Delivery, max_delay_ms: u64) -> Result<Enqueued, Error> {
     let publish = &d.publish;
     let parsed = message::parse_sync(&publish.payload);
-    let r = queue.enqueue(&parsed.entries, crate::agent::unix_ms(), max_delay_ms)?;
+    let r = queue.enqueue(&parsed.entries, crate::queue::unix_ms(), max_delay_ms)?;
     for s in parsed.skipped.iter().take(MAX_SKIPPED_LINES) {
         log::warn!(
             "skipped entry {:?} in a message on {}: {}",

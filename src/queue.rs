@@ -25,6 +25,14 @@ const CLI_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 /// a later turn (a sync message stays unacknowledged meanwhile).
 pub const AGENT_BUSY_TIMEOUT: Duration = Duration::from_millis(250);
 
+/// Milliseconds since the Unix epoch: the queue's clock (it survives
+/// restarts; `clamp_schedule` keeps rows on time when it jumps).
+pub fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS queue (
     id            INTEGER PRIMARY KEY,
@@ -532,7 +540,7 @@ impl Queue {
     /// (all from the queue; URLs and errors cut to a few hundred characters,
     /// so a status message stays small).
     pub fn status(&self, limit: usize) -> Result<Status> {
-        self.status_at(limit, crate::agent::unix_ms())
+        self.status_at(limit, unix_ms())
     }
 
     fn status_at(&self, limit: usize, now_ms: i64) -> Result<Status> {

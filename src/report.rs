@@ -572,7 +572,7 @@ impl Report {
     ) -> Option<Option<Delivery>> {
         loop {
             let job = self.jobs.front_mut()?;
-            let now = crate::agent::unix_ms();
+            let now = crate::queue::unix_ms();
             let forget = matches!(job.command, Command::Forget(_));
             let (result, end) = match &job.command {
                 Command::RetryFailed(Some(urls)) | Command::Forget(urls) => {
@@ -787,7 +787,7 @@ impl Report {
         let ids: Vec<i64> = audit.missing.iter().map(|(id, _)| *id).collect();
         let checked = rows.len();
         if !ids.is_empty() {
-            if let Err(e) = queue.requeue(&ids, crate::agent::unix_ms()) {
+            if let Err(e) = queue.requeue(&ids, crate::queue::unix_ms()) {
                 // Tried again next turn; the command stays unacknowledged.
                 if !std::mem::replace(&mut self.step_failure_logged, true) {
                     log::warn!("audit: {} (trying again)", e.chain());

@@ -210,14 +210,14 @@ impl Transfers {
         }
         let cpu = crate::os::thread_cpu();
         let busy = self.finishing.as_ref().map(|dl| dl.job().id);
-        let due = queue.next_due_except(crate::agent::unix_ms(), busy);
+        let due = queue.next_due_except(crate::queue::unix_ms(), busy);
         let queue_cpu = crate::os::thread_cpu().saturating_sub(cpu);
         let job = match due {
             Ok(Some(job)) => job,
             Ok(None) => {
                 let wait = match queue.next_due_time() {
                     Ok(Some(at)) => Duration::from_millis(
-                        at.saturating_sub(crate::agent::unix_ms()).max(0) as u64,
+                        at.saturating_sub(crate::queue::unix_ms()).max(0) as u64,
                     ),
                     _ => IDLE_RECHECK,
                 };
@@ -287,7 +287,7 @@ impl Transfers {
         resume: Resume,
     ) -> Finished {
         let ms = took.as_millis();
-        let now = crate::agent::unix_ms();
+        let now = crate::queue::unix_ms();
         let r = self.retries;
         let mut finished = Finished {
             url: job.url.clone(),
@@ -372,7 +372,7 @@ impl Transfers {
     /// Writes the results not yet in the queue; keeps them on failure.
     pub fn record_pending(&mut self, queue: &Queue) {
         while let Some(record) = self.unrecorded.first() {
-            let now = crate::agent::unix_ms();
+            let now = crate::queue::unix_ms();
             let written = match record {
                 Record::Done(job, size, v) => queue.mark_done(job, *size, v, now),
                 Record::Failed(job, reason) => queue.mark_failed(job, reason, now),
