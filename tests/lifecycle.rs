@@ -195,3 +195,101 @@ fn a_windows_log_off_is_logged_as_a_stop() {
         agent.log()
     );
 }
+
+/// On Windows the proxy comes from the user's Internet Options when neither
+/// the config nor the environment names one: with `ProxyEnable` 1 and
+/// `ProxyServer` set in the registry (`wine reg add`), the start-up line says
+/// so, and MQTT (`via_proxy`) reaches a broker whose name only the proxy
+/// resolves; a host in `ProxyOverride` would go directly. Run by `.ci/run`
+/// under Wine against the exe.
+#[test]
+#[ignore = "Windows only: .ci/run runs it under Wine against the exe"]
+fn windows_internet_options_name_the_proxy() {
+    assert!(
+        common::under_wine(),
+        "needs HOLOSYNC_EXE (the Windows exe) and Wine"
+    );
+    let broker = Mosquitto::start();
+    let proxy = common::TestProxy::start(&["broker.venue.test"], None);
+    let key = r"HKCU\Software\Microsoft\Windows\CurrentVersion\Internet Settings";
+    let reg = |args: &[&str]| {
+        let status = common::command_for(std::path::Path::new("reg"), args)
+            .env_remove("HTTP_PROXY")
+            .status()
+            .expect("wine reg runs");
+        assert!(status.success(), "reg {args:?}: {status}");
+    };
+    let server = format!("127.0.0.1:{}", proxy.port);
+    reg(&[
+        "add",
+        key,
+        "/v",
+        "ProxyEnable",
+        "/t",
+        "REG_DWORD",
+        "/d",
+        "1",
+        "/f",
+    ]);
+    reg(&[
+        "add",
+        key,
+        "/v",
+        "ProxyServer",
+        "/t",
+        "REG_SZ",
+        "/d",
+        &server,
+        "/f",
+    ]);
+    reg(&[
+        "add",
+        key,
+        "/v",
+        "ProxyOverride",
+        "/t",
+        "REG_SZ",
+        "/d",
+        "<local>;*.lan",
+        "/f",
+    ]);
+    let dir = TempDir::new("life-winproxy");
+    let mut config = common::Agent::default_config(broker.port);
+    common::merge(
+        &mut config,
+        json!({"mqtt": {"host": "broker.venue.test", "via_proxy": true}}),
+    );
+    let mut agent = common::Agent::new(dir.path(), config);
+    agent.start();
+    let subscribed = common::poll_until(WAIT, || agent.log().contains("subscribed to"));
+    reg(&[
+        "add",
+        key,
+        "/v",
+        "ProxyEnable",
+        "/t",
+        "REG_DWORD",
+        "/d",
+        "0",
+        "/f",
+    ]);
+    let log = agent.log();
+    assert!(subscribed, "{}", agent.diagnostics());
+    assert!(
+        log.contains(&format!(
+            "proxy http://{server} (from Windows Internet Options), 2 hosts or ranges bypass it"
+        )),
+        "{log}"
+    );
+    let connect = format!("CONNECT broker.venue.test:{} ", broker.port);
+    assert!(
+        proxy
+            .seen()
+            .requests
+            .iter()
+            .any(|r| r.starts_with(&connect)),
+        "{:?}",
+        proxy.seen()
+    );
+    agent.kill();
+}
