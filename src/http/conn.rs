@@ -1,0 +1,126 @@
+//! A connection, plain TCP or TLS over it, read and written with
+//! socket timeouts so no call waits past the caller's deadline.
+
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::time::Instant;
+
+use super::MIN_SOCKET_WAIT;
+
+/// A socket, plain or wrapped in TLS.
+pub(super) enum Conn {
+    /// Plain TCP.
+    Plain(TcpStream),
+    /// TLS over TCP.
+    #[cfg(feature = "tls")]
+    Tls(Box<(rustls::ClientConnection, TcpStream)>),
+}
+
+/// A read that found nothing yet (socket timeouts are WouldBlock on Unix and TimedOut on Windows).
+pub(super) fn is_wait(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+    )
+}
+
+impl Conn {
+    pub(super) fn socket(&self) -> &TcpStream {
+        match self {
+            Conn::Plain(s) => s,
+            #[cfg(feature = "tls")]
+            Conn::Tls(t) => &t.1,
+        }
+    }
+
+    /// Lets the next socket call wait at most until `deadline`.
+    pub(super) fn wait_until(&self, deadline: Instant) -> io::Result<()> {
+        let wait = deadline
+            .saturating_duration_since(Instant::now())
+            .max(MIN_SOCKET_WAIT);
+        self.socket().set_read_timeout(Some(wait))?;
+        self.socket().set_write_timeout(Some(wait))
+    }
+
+    /// Drives the TLS handshake; true once it is done (plain sockets: at once).
+    pub(super) fn handshake(&mut self) -> io::Result<bool> {
+        match self {
+            Conn::Plain(_) => Ok(true),
+            #[cfg(feature = "tls")]
+            Conn::Tls(t) => {
+                let (conn, sock) = &mut **t;
+                while conn.is_handshaking() {
+                    if conn.wants_write() {
+                        conn.write_tls(sock)?;
+                    } else if conn.wants_read() {
+                        if conn.read_tls(sock)? == 0 {
+                            return Err(io::Error::new(
+                                io::ErrorKind::UnexpectedEof,
+                                "server closed the connection during the TLS handshake",
+                            ));
+                        }
+                        conn.process_new_packets().map_err(tls_error)?;
+                    } else {
+                        break;
+                    }
+                }
+                Ok(!conn.is_handshaking())
+            }
+        }
+    }
+
+    /// Writes some of `buf`; returns how much was taken.
+    pub(super) fn send(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Conn::Plain(s) => s.write(buf),
+            #[cfg(feature = "tls")]
+            Conn::Tls(t) => {
+                let (conn, sock) = &mut **t;
+                // rustls buffers the plaintext; it goes out with write_tls.
+                let n = conn.writer().write(buf)?;
+                while conn.wants_write() {
+                    conn.write_tls(sock)?;
+                }
+                Ok(n)
+            }
+        }
+    }
+
+    /// Reads what is there (0 at the end of the stream).
+    pub(super) fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Conn::Plain(s) => s.read(buf),
+            #[cfg(feature = "tls")]
+            Conn::Tls(t) => {
+                let (conn, sock) = &mut **t;
+                loop {
+                    match conn.reader().read(buf) {
+                        Ok(n) => return Ok(n),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Err(e),
+                    }
+                    while conn.wants_write() {
+                        conn.write_tls(sock)?;
+                    }
+                    if conn.read_tls(sock)? == 0 {
+                        // The server closed without close_notify: an end of
+                        // stream all the same (the body framing tells whether
+                        // anything is missing).
+                        conn.process_new_packets().map_err(tls_error)?;
+                        return match conn.reader().read(buf) {
+                            Ok(n) => Ok(n),
+                            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(0),
+                            Err(e) => Err(e),
+                        };
+                    }
+                    conn.process_new_packets().map_err(tls_error)?;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(feature = "tls")]
+fn tls_error(e: rustls::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("TLS: {e}"))
+}
