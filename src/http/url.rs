@@ -1,5 +1,6 @@
 //! `http`/`https` URLs: parsing one for a request, resolving a redirect's
-//! `Location` against it, and the `Host` header (pure).
+//! `Location` against it (RFC 3986, 5.2, dot segments removed), and the
+//! `Host` header (pure).
 
 use std::fmt::Write as _;
 
@@ -51,28 +52,42 @@ impl Url {
         })
     }
 
-    /// The URL a `Location` header points to, relative to this one.
+    /// The URL a `Location` header points to, relative to this one, with
+    /// its dot segments removed (`sub/../x.jpg` asks for `x.jpg`).
     pub fn join(&self, location: &str) -> Result<Url, String> {
         let location = location.trim();
-        if location.contains("://") {
-            return Url::parse(location);
-        }
         let scheme = if self.https { "https" } else { "http" };
-        if let Some(rest) = location.strip_prefix("//") {
-            return Url::parse(&format!("{scheme}://{rest}"));
-        }
-        let target = if location.starts_with('/') {
-            location.to_string()
+        let mut url = if location.contains("://") {
+            Url::parse(location)?
+        } else if let Some(rest) = location.strip_prefix("//") {
+            Url::parse(&format!("{scheme}://{rest}"))?
         } else {
             let path = self.target.split('?').next().unwrap_or("/");
-            let dir = &path[..path.rfind('/').map_or(0, |i| i + 1)];
-            format!("{dir}{location}")
+            let target = if location.starts_with('/') {
+                location.to_string()
+            } else if location.starts_with('?') {
+                format!("{path}{location}")
+            } else {
+                let dir = &path[..path.rfind('/').map_or(0, |i| i + 1)];
+                format!("{dir}{location}")
+            };
+            let target = target.split('#').next().unwrap_or_default();
+            Url {
+                target: encode_target(target),
+                ..self.clone()
+            }
         };
-        let target = target.split('#').next().unwrap_or_default();
-        Ok(Url {
-            target: encode_target(target),
-            ..self.clone()
-        })
+        let (path, query) = match url.target.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (url.target.as_str(), None),
+        };
+        let mut target = remove_dot_segments(path);
+        if let Some(q) = query {
+            target.push('?');
+            target.push_str(q);
+        }
+        url.target = target;
+        Ok(url)
     }
 
     /// The `Host` header: the port only when it is not the scheme's default.
@@ -90,20 +105,49 @@ impl Url {
     }
 }
 
+/// An absolute path without its `.` and `..` segments (RFC 3986, 5.2.4):
+/// `..` removes the segment before it and never climbs above the root.
+fn remove_dot_segments(path: &str) -> String {
+    let mut out: Vec<&str> = Vec::new();
+    let mut ends_in_dir = false;
+    for segment in path.strip_prefix('/').unwrap_or(path).split('/') {
+        ends_in_dir = matches!(segment, "." | "..");
+        match segment {
+            "." => {}
+            ".." => {
+                out.pop();
+            }
+            s => out.push(s),
+        }
+    }
+    let mut result = format!("/{}", out.join("/"));
+    if ends_in_dir && !out.is_empty() {
+        result.push('/');
+    }
+    result
+}
+
+/// A port: ASCII digits only (`+80` is not a port), at most 65535.
+fn parse_port(p: &str) -> Result<u16, String> {
+    Some(p)
+        .filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|p| p.parse().ok())
+        .ok_or_else(|| format!("invalid port {p:?}"))
+}
+
 /// `host[:port]` or `[v6][:port]`.
 fn split_host_port(authority: &str) -> Result<(&str, Option<u16>), String> {
-    let bad_port = |p: &str| format!("invalid port {p:?}");
     if let Some(rest) = authority.strip_prefix('[') {
         let (host, after) = rest.split_once(']').ok_or("unclosed [ in the host")?;
         return match after.strip_prefix(':') {
-            Some(p) => Ok((host, Some(p.parse().map_err(|_| bad_port(p))?))),
+            Some(p) => Ok((host, Some(parse_port(p)?))),
             None if after.is_empty() => Ok((host, None)),
             None => Err(format!("unexpected {after:?} after the host")),
         };
     }
     match authority.rsplit_once(':') {
         Some((host, "")) => Ok((host, None)),
-        Some((host, p)) => Ok((host, Some(p.parse().map_err(|_| bad_port(p))?))),
+        Some((host, p)) => Ok((host, Some(parse_port(p)?))),
         None => Ok((authority, None)),
     }
 }
@@ -146,6 +190,9 @@ mod tests {
         assert_eq!(Url::parse("http://h/é.jpg").unwrap().target, "/%C3%A9.jpg");
         assert!(Url::parse("http://user:pw@h/a.jpg").is_err());
         assert!(Url::parse("http://h:99999/a.jpg").is_err());
+        assert!(Url::parse("http://h:+80/a.jpg").is_err());
+        assert!(Url::parse("http://[::1]:+80/a.jpg").is_err());
+        assert!(Url::parse("http://h:8 0/a.jpg").is_err());
         assert!(Url::parse("ftp://h/a.jpg").is_err());
         assert!(Url::parse("http://bücher.de/a.jpg").is_err());
     }
@@ -158,5 +205,38 @@ mod tests {
         let other = base.join("//cdn.com/y.jpg").unwrap();
         assert_eq!((other.https, other.host.as_str()), (true, "cdn.com"));
         assert!(!base.join("http://h.com/z.jpg").unwrap().https);
+        assert_eq!(base.join("?r").unwrap().target, "/a/b/c.jpg?r");
+    }
+
+    #[test]
+    fn locations_lose_their_dot_segments() {
+        let base = Url::parse("http://h.com/a/b/c.jpg").unwrap();
+        let target = |l: &str| base.join(l).unwrap().target;
+        assert_eq!(target("sub/../x.jpg"), "/a/b/x.jpg");
+        assert_eq!(target("./x.jpg"), "/a/b/x.jpg");
+        assert_eq!(target("../../../../x.jpg"), "/x.jpg");
+        assert_eq!(target("/a/./b/../x.jpg?y=../z"), "/a/x.jpg?y=../z");
+        assert_eq!(target(".."), "/a/");
+        assert_eq!(target("http://o.com/p/../q.jpg"), "/q.jpg");
+        assert_eq!(target("//o.com/p/./q/"), "/p/q/");
+        // RFC 3986, 5.4's examples that apply to a path.
+        let rfc = Url::parse("http://a/b/c/d;p?q").unwrap();
+        for (l, want) in [
+            ("g", "/b/c/g"),
+            ("./g", "/b/c/g"),
+            ("g/", "/b/c/g/"),
+            ("..", "/b/"),
+            ("../g", "/b/g"),
+            ("../..", "/"),
+            ("../../../g", "/g"),
+            ("/./g", "/g"),
+            ("g.", "/b/c/g."),
+            ("..g", "/b/c/..g"),
+            ("./../g", "/b/g"),
+            ("g/./h", "/b/c/g/h"),
+            ("g/../h", "/b/c/h"),
+        ] {
+            assert_eq!(rfc.join(l).unwrap().target, want, "{l}");
+        }
     }
 }
