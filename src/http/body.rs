@@ -1,7 +1,27 @@
 //! Body framing: how a response says where its body ends (length,
 //! chunks, or the connection's close), and the chunked decoder (pure).
+//!
+//! The rules, strict where a cut picture could pass for a whole one:
+//! - `Transfer-Encoding` may only be `chunked` (`identity` entries, a
+//!   leftover of RFC 2616, are ignored as Python's http.client does, so
+//!   `Content-Length` still counts); any other coding, or `chunked` not
+//!   alone, fails the attempt: holosync never offered one (no `TE` header)
+//!   and cannot tell where such a body ends.
+//! - `Content-Length` is digits only (`+4222` is refused) and every copy
+//!   agrees; `Transfer-Encoding: chunked` overrides it (RFC 9112, 6.3) and
+//!   the connection is not reused after such a response.
+//! - A chunked body is whole only with its last (zero) chunk and the blank
+//!   line after its trailers; a close before that is a cut.
+//! - Without either, the body ends when the connection closes. That end
+//!   proves nothing on plain HTTP (a cut looks the same), so the download
+//!   accepts such a body only if the file proves itself whole (see
+//!   `verify::whole`); over TLS only a close_notify ends it (`conn.rs`).
+//! - `Content-Encoding` other than `identity` (the request says
+//!   `Accept-Encoding: identity`) fails the attempt: encoded bytes are never
+//!   stored as the picture.
 
 use super::head::Head;
+use super::Failure;
 
 /// Longest chunk-size line in a chunked body (hex size plus extensions).
 const MAX_CHUNK_LINE_BYTES: usize = 1024;
@@ -22,18 +42,32 @@ pub(super) enum Framing {
     Empty,
 }
 
-/// The framing a head announces; errors for contradictory lengths.
-pub(super) fn framing(head: &Head) -> Result<Framing, String> {
+/// The framing a head announces; errors for contradictory or invalid lengths
+/// (permanent, as today's other malformed heads) and for transfer codings
+/// holosync cannot decode (transient: a server or proxy setting, not the URL).
+pub(super) fn framing(head: &Head) -> Result<Framing, Failure> {
     if head.status == 204 || head.status == 304 {
         return Ok(Framing::Empty);
     }
-    if let Some(te) = head.header("transfer-encoding") {
-        let last = te.rsplit(',').next().unwrap_or_default().trim();
-        return Ok(if last.eq_ignore_ascii_case("chunked") {
-            Framing::Chunked(Chunked::default())
-        } else {
-            Framing::UntilClose
-        });
+    let codings: Vec<&str> = head
+        .headers
+        .iter()
+        .filter(|(k, _)| k.eq_ignore_ascii_case("transfer-encoding"))
+        .flat_map(|(_, v)| v.split(','))
+        .map(str::trim)
+        .filter(|c| !c.is_empty() && !c.eq_ignore_ascii_case("identity"))
+        .collect();
+    match codings[..] {
+        [] => {}
+        [only] if only.eq_ignore_ascii_case("chunked") => {
+            return Ok(Framing::Chunked(Chunked::default()))
+        }
+        _ => {
+            return Err(Failure::transient(format!(
+                "unsupported Transfer-Encoding {:?} (only chunked is decoded; holosync offers no other)",
+                codings.join(", ")
+            )))
+        }
     }
     let mut length = None;
     for (_, v) in head
@@ -42,17 +76,40 @@ pub(super) fn framing(head: &Head) -> Result<Framing, String> {
         .filter(|(k, _)| k.eq_ignore_ascii_case("content-length"))
     {
         for part in v.split(',') {
-            let n = part
-                .trim()
-                .parse::<u64>()
-                .map_err(|_| format!("invalid Content-Length {v:?}"))?;
+            let part = part.trim();
+            let n = Some(part)
+                .filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|p| p.parse::<u64>().ok())
+                .ok_or_else(|| Failure::Permanent(format!("invalid Content-Length {v:?}")))?;
             if length.is_some_and(|l| l != n) {
-                return Err("conflicting Content-Length headers".into());
+                return Err(Failure::Permanent(
+                    "conflicting Content-Length headers".into(),
+                ));
             }
             length = Some(n);
         }
     }
     Ok(length.map_or(Framing::UntilClose, Framing::Length))
+}
+
+/// Refuses a body in a content coding: the request accepted only `identity`,
+/// and encoded bytes stored as a picture are a broken picture.
+pub(super) fn check_content_coding(head: &Head) -> Result<(), Failure> {
+    let codings: Vec<&str> = head
+        .headers
+        .iter()
+        .filter(|(k, _)| k.eq_ignore_ascii_case("content-encoding"))
+        .flat_map(|(_, v)| v.split(','))
+        .map(str::trim)
+        .filter(|c| !c.is_empty() && !c.eq_ignore_ascii_case("identity"))
+        .collect();
+    if codings.is_empty() {
+        return Ok(());
+    }
+    Err(Failure::transient(format!(
+        "the server sent the body with Content-Encoding {:?} though only identity was accepted; encoded bytes are not stored",
+        codings.join(", ")
+    )))
 }
 
 /// Where a chunked body's decoder is.
@@ -185,10 +242,63 @@ mod tests {
         );
         assert_eq!(framing(&head(&[])), Ok(Framing::UntilClose));
         assert!(framing(&head(&[("Content-Length", "7"), ("Content-Length", "8")])).is_err());
-        assert!(framing(&head(&[("Content-Length", "-1")])).is_err());
+        assert_eq!(
+            framing(&head(&[("Content-Length", "7, 7")])),
+            Ok(Framing::Length(7))
+        );
+        for bad in ["-1", "+7", " ", "0x7", "99999999999999999999"] {
+            let f = framing(&head(&[("Content-Length", bad)]));
+            assert!(matches!(f, Err(Failure::Permanent(_))), "{bad:?}: {f:?}");
+        }
         let mut not_modified = head(&[("Content-Length", "7")]);
         not_modified.status = 304;
         assert_eq!(framing(&not_modified), Ok(Framing::Empty));
+    }
+
+    #[test]
+    fn only_chunked_is_a_transfer_coding() {
+        let head = |te: &str| Head {
+            status: 200,
+            version_1_1: true,
+            headers: vec![
+                ("Transfer-Encoding".into(), te.into()),
+                ("Content-Length".into(), "2105".into()),
+            ],
+        };
+        // identity changes nothing: the length still counts.
+        assert_eq!(framing(&head("identity")), Ok(Framing::Length(2105)));
+        assert_eq!(
+            framing(&head("identity, Chunked")),
+            Ok(Framing::Chunked(Chunked::default()))
+        );
+        for bad in ["chunked, gzip", "gzip, chunked", "gzip", "chunked, chunked"] {
+            let f = framing(&head(bad));
+            assert!(
+                matches!(f, Err(Failure::Transient { .. })),
+                "{bad:?}: {f:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn content_codings_are_refused() {
+        let head = |ce: &[&str]| Head {
+            status: 200,
+            version_1_1: true,
+            headers: ce
+                .iter()
+                .map(|v| ("Content-Encoding".to_string(), v.to_string()))
+                .collect(),
+        };
+        assert!(check_content_coding(&head(&[])).is_ok());
+        assert!(check_content_coding(&head(&["identity"])).is_ok());
+        let err = check_content_coding(&head(&["gzip"])).unwrap_err();
+        assert!(matches!(err, Failure::Transient { .. }));
+        assert!(
+            err.reason().contains("Content-Encoding \"gzip\""),
+            "{err:?}"
+        );
+        assert!(check_content_coding(&head(&["identity", "br"])).is_err());
     }
 
     #[test]

@@ -42,8 +42,9 @@ impl Conn {
         self.socket().set_write_timeout(Some(wait))
     }
 
-    /// Drives the TLS handshake; true once it is done (plain sockets: at once).
-    pub(super) fn handshake(&mut self) -> io::Result<bool> {
+    /// Drives the TLS handshake; true once it is done (plain sockets: at
+    /// once). Adds the bytes read from the server to `received`.
+    pub(super) fn handshake(&mut self, received: &mut usize) -> io::Result<bool> {
         match self {
             Conn::Plain(_) => Ok(true),
             #[cfg(feature = "tls")]
@@ -53,7 +54,9 @@ impl Conn {
                     if conn.wants_write() {
                         conn.write_tls(sock)?;
                     } else if conn.wants_read() {
-                        if conn.read_tls(sock)? == 0 {
+                        let n = conn.read_tls(sock)?;
+                        *received += n;
+                        if n == 0 {
                             return Err(io::Error::new(
                                 io::ErrorKind::UnexpectedEof,
                                 "server closed the connection during the TLS handshake",
@@ -86,10 +89,17 @@ impl Conn {
         }
     }
 
-    /// Reads what is there (0 at the end of the stream).
-    pub(super) fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+    /// Reads what is there: 0 at the end of the stream, which over TLS means
+    /// a close_notify came (an end without one is an `UnexpectedEof` error).
+    /// Adds the bytes read from the socket to `wire` (over TLS, records that
+    /// carry no data yet, such as session tickets, count: they are progress).
+    pub(super) fn recv(&mut self, buf: &mut [u8], wire: &mut usize) -> io::Result<usize> {
         match self {
-            Conn::Plain(s) => s.read(buf),
+            Conn::Plain(s) => {
+                let n = s.read(buf)?;
+                *wire += n;
+                Ok(n)
+            }
             #[cfg(feature = "tls")]
             Conn::Tls(t) => {
                 let (conn, sock) = &mut **t;
@@ -102,16 +112,16 @@ impl Conn {
                     while conn.wants_write() {
                         conn.write_tls(sock)?;
                     }
-                    if conn.read_tls(sock)? == 0 {
-                        // The server closed without close_notify: an end of
-                        // stream all the same (the body framing tells whether
-                        // anything is missing).
+                    let n = conn.read_tls(sock)?;
+                    *wire += n;
+                    if n == 0 {
+                        // The TCP stream ended: rustls gives what is left,
+                        // then Ok(0) after a close_notify, else UnexpectedEof
+                        // (an attacker on the path can cut a TCP stream, not
+                        // forge a close_notify), which callers must not take
+                        // for the end of a body without a length.
                         conn.process_new_packets().map_err(tls_error)?;
-                        return match conn.reader().read(buf) {
-                            Ok(n) => Ok(n),
-                            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(0),
-                            Err(e) => Err(e),
-                        };
+                        return conn.reader().read(buf);
                     }
                     conn.process_new_packets().map_err(tls_error)?;
                 }

@@ -2,13 +2,14 @@
 //! head, body; redirects, stall, overall and rate limits, each step bounded.
 
 use std::fmt::Write as _;
+use std::io;
 use std::net::TcpStream;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use super::body::{framing, Framing};
+use super::body::{check_content_coding, framing, Framing};
 use super::conn::{is_wait, Conn};
-use super::head::{parse_head, Head};
+use super::head::{parse_head, Head, HeadError};
 use super::pool::{Origin, Pool};
 use super::url::Url;
 use super::{
@@ -79,6 +80,9 @@ pub struct Get {
     keep_alive: bool,
     /// The connection, once the response is complete and it can be reused.
     idle: Option<Conn>,
+    /// The body had no length and ended when a plain TCP connection closed,
+    /// which a cut looks just like.
+    ended_by_close: bool,
 }
 
 impl Get {
@@ -106,6 +110,7 @@ impl Get {
             reused: false,
             keep_alive: false,
             idle: None,
+            ended_by_close: false,
         };
         get.state = match pool.take(&Origin::of(&get.url)) {
             Some(conn) => {
@@ -129,15 +134,17 @@ impl Get {
         }
     }
 
-    /// A reused connection failed before any byte of the response: the
-    /// server closed it while it was idle. Dial a new one (once).
+    /// A reused connection failed before any byte of the response, or what
+    /// came first was no response head: the server closed it while it was
+    /// idle, or left stray bytes on it after the last response. Dial a new
+    /// one (once).
     fn stale(&mut self, e: &str) -> Result<State, Failure> {
         if !self.reused {
             return Err(Failure::transient(format!("connection failed: {e}")));
         }
         self.reused = false;
         log::debug!(
-            "{}: a kept-alive connection was closed by the server ({e}); reconnecting",
+            "{}: a kept-alive connection was closed or broken by the server ({e}); reconnecting",
             self.url.host
         );
         self.dial()
@@ -151,6 +158,14 @@ impl Get {
     /// The final response head, once [`Progress::Head`] was returned.
     pub fn head(&self) -> Option<&Head> {
         self.head.as_ref()
+    }
+
+    /// Whether the body had no length (neither Content-Length nor chunked)
+    /// and ended when a plain-HTTP connection closed: nothing then tells a
+    /// cut from the end, and the caller must check the bytes themselves.
+    /// (Over HTTPS such a body ends only with the server's close_notify.)
+    pub fn ended_by_close(&self) -> bool {
+        self.ended_by_close
     }
 
     /// Body bytes received so far.
@@ -203,7 +218,7 @@ impl Get {
 
     fn request(&self) -> Vec<u8> {
         let mut r = format!(
-            "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: holosync/{}\r\nAccept: */*\r\n",
+            "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: holosync/{}\r\nAccept: */*\r\nAccept-Encoding: identity\r\n",
             self.url.target,
             self.url.host_header(),
             env!("CARGO_PKG_VERSION")
@@ -273,12 +288,17 @@ impl Get {
                     mut sent,
                 } => {
                     conn.wait_until(deadline).map_err(net_failure)?;
-                    let step = conn.handshake().and_then(|done| {
+                    let mut handshake_bytes = 0;
+                    let step = conn.handshake(&mut handshake_bytes).and_then(|done| {
                         while done && sent < request.len() {
                             sent += conn.send(&request[sent..])?;
                         }
                         Ok(done)
                     });
+                    if handshake_bytes > 0 {
+                        // A handshake trickling in is not a stall.
+                        self.last_progress = Instant::now();
+                    }
                     match step {
                         Ok(true) if sent == request.len() => {
                             self.last_progress = Instant::now();
@@ -307,7 +327,17 @@ impl Get {
                     }
                 }
                 State::Head { mut conn, mut buf } => {
-                    if let Some((head, len)) = parse_head(&buf).map_err(Failure::Permanent)? {
+                    let parsed = match parse_head(&buf) {
+                        Err(e) if self.reused => {
+                            self.state =
+                                self.stale(&format!("no response head: {}", e.reason()))?;
+                            continue;
+                        }
+                        Err(HeadError::TooLarge(e)) => return Err(Failure::transient(e)),
+                        Err(HeadError::Malformed(e)) => return Err(Failure::Permanent(e)),
+                        Ok(parsed) => parsed,
+                    };
+                    if let Some((head, len)) = parsed {
                         let pending = buf.split_off(len);
                         if let Some(next) = self.after_head(head, conn, pending)? {
                             self.state = next;
@@ -323,7 +353,12 @@ impl Get {
                     }
                     conn.wait_until(deadline).map_err(net_failure)?;
                     let mut chunk = vec![0u8; 8192];
-                    match conn.recv(&mut chunk) {
+                    let mut wire = 0;
+                    let read = conn.recv(&mut chunk, &mut wire);
+                    if wire > 0 {
+                        self.last_progress = Instant::now();
+                    }
+                    match read {
                         Ok(0) if buf.is_empty() && self.reused => {
                             self.state = self.stale("closed")?;
                         }
@@ -335,7 +370,6 @@ impl Get {
                             }))
                         }
                         Ok(n) => {
-                            self.last_progress = Instant::now();
                             buf.extend_from_slice(&chunk[..n]);
                             self.state = State::Head { conn, buf };
                         }
@@ -434,11 +468,15 @@ impl Get {
                 }
                 self.redirects += 1;
                 self.url = next;
+                self.reused = false;
                 drop(conn);
                 return self.dial().map(Some);
             }
         }
-        let framing = framing(&head).map_err(Failure::Permanent)?;
+        let framing = framing(&head)?;
+        if (200..300).contains(&head.status) {
+            check_content_coding(&head)?;
+        }
         if let Framing::Length(n) = framing {
             if n > self.limits.max_bytes {
                 return Err(too_large(self.limits.max_bytes));
@@ -446,8 +484,12 @@ impl Get {
         }
         // HTTP/1.1 keeps the connection unless told otherwise; a body that
         // ends with the connection cannot leave it reusable.
+        // A length beside chunked is a sign of smuggling: never reuse that.
+        let smuggled =
+            head.header("transfer-encoding").is_some() && head.header("content-length").is_some();
         self.keep_alive = !matches!(framing, Framing::UntilClose)
             && head.version_1_1
+            && !smuggled
             && !head
                 .header("connection")
                 .is_some_and(|v| v.to_ascii_lowercase().contains("close"));
@@ -491,27 +533,22 @@ impl Get {
                 }
                 Some(n) => chunk.len().min(usize::try_from(n).unwrap_or(usize::MAX)),
             };
-            match conn.recv(&mut chunk[..cap]) {
-                Ok(0) => {
-                    return match framing {
-                        Framing::UntilClose | Framing::Empty => Ok(true),
-                        Framing::Length(n) => Err(Failure::transient(format!(
-                            "short body: got {} of {n} bytes (Content-Length)",
-                            self.received
-                        ))),
-                        Framing::Chunked(_) => Err(Failure::transient(format!(
-                        "short body: the connection closed inside the chunked body after {} bytes",
-                        self.received
-                    ))),
-                    }
-                }
+            let mut wire = 0;
+            let read = conn.recv(&mut chunk[..cap], &mut wire);
+            if wire > 0 {
+                self.last_progress = Instant::now();
+            }
+            match read {
+                Ok(0) => return self.stream_ended(framing, true),
                 Ok(n) => {
-                    self.last_progress = Instant::now();
                     if self.take(framing, &chunk[..n], body)? {
                         return Ok(true);
                     }
                 }
                 Err(e) if is_wait(&e) => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    return self.stream_ended(framing, false)
+                }
                 Err(e) => {
                     return Err(Failure::transient(format!(
                         "reading the body failed after {} bytes: {e}",
@@ -522,6 +559,29 @@ impl Get {
             if Instant::now() >= deadline {
                 return Ok(false);
             }
+        }
+    }
+
+    /// The server ended the stream (`clean`: with a TLS close_notify, or a
+    /// plain TCP close); true when that completes the body.
+    fn stream_ended(&mut self, framing: &Framing, clean: bool) -> Result<bool, Failure> {
+        let got = self.received;
+        match framing {
+            Framing::Empty => Ok(true),
+            Framing::UntilClose if clean => {
+                // A plain close proves nothing; the caller checks the bytes.
+                self.ended_by_close = !self.url.https;
+                Ok(true)
+            }
+            Framing::UntilClose => Err(Failure::transient(format!(
+                "short body: the server closed the TLS connection without close_notify after {got} bytes of a body without a length, so it may be cut"
+            ))),
+            Framing::Length(n) => Err(Failure::transient(format!(
+                "short body: got {got} of {n} bytes (Content-Length)"
+            ))),
+            Framing::Chunked(_) => Err(Failure::transient(format!(
+                "short body: the connection closed inside the chunked body after {got} bytes"
+            ))),
         }
     }
 

@@ -9,10 +9,16 @@
 //! [`MAX_REDIRECTS`]; an `https` page is never redirected to `http`.
 //! Parsing (URLs, response heads, chunked bodies) is pure and unit-tested.
 //!
-//! One file per seam: [`url`] (URLs and redirects), [`head`] (response
-//! heads), [`body`] (framing and chunks), [`conn`] (plain or TLS
-//! connections), [`pool`] (kept-alive connections), [`get`] (the request's
-//! state machine).
+//! Framing is strict: a body is complete only when its length, its last
+//! chunk or a TLS close_notify says so; a body ended by a plain TCP close is
+//! flagged ([`Get::ended_by_close`]) for the caller to check, and nothing in
+//! a transfer or content coding other than chunked is accepted (`body.rs`
+//! states every rule).
+//!
+//! One file per seam: `url.rs` (URLs and redirects), `head.rs` (response
+//! heads, by httparse), `body.rs` (framing and chunks), `conn.rs` (plain or
+//! TLS connections), `pool.rs` (kept-alive connections), `get.rs` (the
+//! request's state machine).
 
 mod body;
 mod conn;
