@@ -12,9 +12,19 @@ use std::path::{Path, PathBuf};
 /// Temporary files start with this, so a sweep at start-up can find and remove them.
 pub const TEMP_PREFIX: &str = ".holosync-tmp-";
 
-/// Longest name for one path component: 255 UTF-8 bytes is Unix's NAME_MAX,
-/// and it also keeps the name under Windows' 255 UTF-16 code units.
-const MAX_SEGMENT_BYTES: usize = 255;
+/// Longest name for one path component, in the units the file system
+/// counts: NTFS allows 255 UTF-16 code units (92 CJK characters are 92 of
+/// them, though 276 UTF-8 bytes), Unix file systems 255 bytes (NAME_MAX).
+const MAX_SEGMENT_UNITS: usize = 255;
+
+/// The length of a name in the units the platform's file system counts.
+fn name_units(s: &str) -> usize {
+    if cfg!(windows) {
+        s.encode_utf16().count()
+    } else {
+        s.len()
+    }
+}
 
 /// The path segments of `url` after the host, each checked to be a safe
 /// Windows and Unix file name. Errors say which segment is wrong and why.
@@ -45,8 +55,12 @@ pub fn check_segment(s: &str) -> Result<(), &'static str> {
     if s == "." || s == ".." {
         return Err("would leave its folder");
     }
-    if s.len() > MAX_SEGMENT_BYTES {
-        return Err("is longer than 255 bytes");
+    if name_units(s) > MAX_SEGMENT_UNITS {
+        return Err(if cfg!(windows) {
+            "is longer than 255 UTF-16 units (NTFS's limit)"
+        } else {
+            "is longer than 255 bytes (NAME_MAX)"
+        });
     }
     if let Some(c) = s
         .chars()
@@ -512,6 +526,12 @@ mod tests {
         let url = format!("http://h.com/{}.jpg", "a".repeat(251));
         assert!(segs(&url).is_ok());
         let url = format!("http://h.com/{}.jpg", "a".repeat(252));
+        assert!(segs(&url).is_err());
+        // 92 CJK characters: 92 UTF-16 units (NTFS's count, fits) but 276
+        // UTF-8 bytes (ext4's count, does not).
+        let cjk = format!("http://h.com/{}", "\u{6f22}".repeat(92));
+        assert_eq!(segs(&cjk).is_ok(), cfg!(windows), "{:?}", segs(&cjk));
+        let url = format!("http://h.com/{}", "\u{6f22}".repeat(256));
         assert!(segs(&url).is_err());
     }
 

@@ -17,7 +17,7 @@ use crate::cache::{self, TempFile};
 pub use crate::http::Failure;
 use crate::http::{Get, Head, Limits, Pool, Progress};
 use crate::queue::{Job, Validators};
-use crate::verify::{self, Kind, Verifier};
+use crate::verify::{self, Kind, Verifier, Whole};
 
 /// Longest `Retry-After` honoured, so a hostile header cannot park a URL for days.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
@@ -380,6 +380,7 @@ impl Download {
         }
         match (self.complete, self.kind) {
             (true, Some(kind)) => {
+                self.check_whole(kind)?;
                 let t = crate::os::thread_cpu();
                 let stored = self.finish(kind);
                 self.cpu.write += crate::os::thread_cpu().saturating_sub(t);
@@ -543,6 +544,26 @@ impl Download {
             self.resume_dirty = true;
         }
         Ok(())
+    }
+
+    /// A body without a length that ended with a plain TCP close may have
+    /// been cut anywhere: only the file can show it is whole. JPEG and PNG
+    /// did already (their walkers refuse an early end); a GIF, WebP or BMP
+    /// shows it by its own structure; any other file cannot, and is refused.
+    fn check_whole(&self, kind: Kind) -> Result<(), Failure> {
+        let ended_by_close = self.get.as_ref().is_some_and(Get::ended_by_close);
+        if !ended_by_close || kind != Kind::Other {
+            return Ok(());
+        }
+        match verify::whole(&self.body) {
+            Whole::Yes => Ok(()),
+            Whole::Cut(why) => Err(Failure::transient(format!(
+                "cut short: the body had no length and ended when the server closed the connection, and {why}"
+            ))),
+            Whole::Unknown => Err(Failure::Permanent(
+                "the body had no length (no Content-Length, not chunked) and ended when the server closed the connection, which a cut looks just like; only a JPEG, PNG, GIF, WebP or BMP can show it is whole".into(),
+            )),
+        }
     }
 
     /// Re-encodes if asked, fsyncs and renames into place.

@@ -13,7 +13,7 @@ mod common;
 
 use std::fs;
 use std::io::{Read, Write};
-use std::net::TcpListener;
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -298,6 +298,20 @@ fn files_none(dir: &Path) -> bool {
 /// An HTTPS/1.1 server on 127.0.0.1 (rustls with the test CA's server
 /// certificate) that answers every request with `body` as a JPEG; returns its port.
 fn https_server(pki: &Pki, body: Vec<u8>) -> u16 {
+    let mut reply = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    reply.extend(body);
+    https_raw(pki, move |_| (reply.clone(), true))
+}
+
+/// An HTTPS server on 127.0.0.1 (rustls with the test CA's server
+/// certificate) that writes the raw bytes `answer` gives for a request's
+/// path, then closes the connection, with a TLS close_notify first if
+/// `answer` says so; returns its port.
+fn https_raw(pki: &Pki, answer: impl Fn(&str) -> (Vec<u8>, bool) + Send + Sync + 'static) -> u16 {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(pki.path("server.pem"))
@@ -314,12 +328,13 @@ fn https_server(pki: &Pki, body: Vec<u8>) -> u16 {
     .with_single_cert(certs, key)
     .unwrap();
     let config = Arc::new(config);
+    let answer = Arc::new(answer);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {
             let config = config.clone();
-            let body = body.clone();
+            let answer = answer.clone();
             std::thread::spawn(move || {
                 let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
                 let conn = rustls::ServerConnection::new(config).unwrap();
@@ -332,16 +347,157 @@ fn https_server(pki: &Pki, body: Vec<u8>) -> u16 {
                         _ => return,
                     }
                 }
-                let reply = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                    body.len()
-                );
-                let _ = tls.write_all(reply.as_bytes());
-                let _ = tls.write_all(&body);
-                tls.conn.send_close_notify();
+                let head = String::from_utf8_lossy(&head).into_owned();
+                let (reply, close_notify) = answer(head.split(' ').nth(1).unwrap_or_default());
+                let _ = tls.write_all(&reply);
+                if close_notify {
+                    tls.conn.send_close_notify();
+                }
                 let _ = tls.flush();
             });
         }
     });
     port
+}
+
+/// A GIF89a of a few hundred bytes (its structure whole, its data unchecked).
+fn gif() -> Vec<u8> {
+    let mut g =
+        b"GIF89a\x02\x00\x02\x00\x00\x00\x00\x2c\x00\x00\x00\x00\x02\x00\x02\x00\x00\x02".to_vec();
+    for _ in 0..3 {
+        g.push(100);
+        g.extend([0x55; 100]);
+    }
+    g.extend(b"\x00\x3b");
+    g
+}
+
+/// An agent trusting the test CA (`download.ca_file`), with `download`
+/// merged into its download settings; transient failures wait ten minutes,
+/// so a row's first verdict stays in place.
+fn https_agent(dir: &Path, pki: &Pki, broker: &Mosquitto, download: Value) -> Agent {
+    pki.copy_to(dir, &["ca.pem"]);
+    let mut config = Agent::default_config(broker.port);
+    merge(
+        &mut config,
+        json!({ "download": { "ca_file": "ca.pem", "interval_ms": 0, "max_attempts": 100,
+                              "retry_base_ms": 600_000, "retry_max_ms": 600_000 } }),
+    );
+    merge(&mut config, json!({ "download": download }));
+    let mut agent = Agent::new(dir, config);
+    agent.start();
+    agent.wait_log("subscribed to", WAIT);
+    agent
+}
+
+/// A body without a length over HTTPS ends only with the server's
+/// close_notify: with it the picture is stored, and a TCP close without it
+/// (what an attacker on the path can do) is a transient failure, the file
+/// not stored.
+#[test]
+fn https_body_without_length_needs_close_notify() {
+    let pki = Pki::make();
+    let picture = gif();
+    let body = picture.clone();
+    let port = https_raw(&pki, move |path| {
+        let mut reply =
+            b"HTTP/1.1 200 OK\r\nContent-Type: image/gif\r\nConnection: close\r\n\r\n".to_vec();
+        reply.extend(&body);
+        (reply, path == "/notify.gif")
+    });
+    let broker = Mosquitto::start();
+    let dir = TempDir::new("tls-close-notify");
+    let agent = https_agent(dir.path(), &pki, &broker, json!({}));
+    let urls = ["/notify.gif", "/cut.gif"].map(|p| format!("https://127.0.0.1:{port}{p}"));
+    for url in &urls {
+        broker.publish("sync", url.as_bytes(), 1);
+    }
+    let rows = agent.wait_tried(&urls, WAIT);
+    let (state, _, reason) = &rows[&urls[0]];
+    assert_eq!(state, "done", "{reason}\n{}", agent.diagnostics());
+    assert_eq!(fs::read(agent.cache().join("notify.gif")).unwrap(), picture);
+    let (state, _, reason) = &rows[&urls[1]];
+    assert_eq!(state, "retry", "{reason}\n{}", agent.diagnostics());
+    assert!(reason.contains("without close_notify"), "{reason}");
+    assert!(!agent.cache().join("cut.gif").exists());
+}
+
+/// An https page redirecting to http is refused (permanently, with the
+/// reason) and the http server is never asked.
+#[test]
+fn https_to_http_redirect_is_refused() {
+    let pki = Pki::make();
+    let http = HttpServer::start();
+    http.set("/plain.jpg", Route::Ok(jpeg(32, 24, 3)));
+    let target = http.url("/plain.jpg");
+    let port = https_raw(&pki, move |_| {
+        let reply =
+            format!("HTTP/1.1 302 Found\r\nLocation: {target}\r\nContent-Length: 0\r\n\r\n");
+        (reply.into_bytes(), true)
+    });
+    let broker = Mosquitto::start();
+    let dir = TempDir::new("tls-downgrade");
+    let agent = https_agent(dir.path(), &pki, &broker, json!({}));
+    let url = format!("https://127.0.0.1:{port}/secure.jpg");
+    broker.publish("sync", url.as_bytes(), 1);
+    let rows = agent.wait_tried(std::slice::from_ref(&url), WAIT);
+    let (state, _, reason) = &rows[&url];
+    assert_eq!(state, "failed", "{reason}\n{}", agent.diagnostics());
+    assert!(
+        reason.contains("refused a redirect from https to http"),
+        "{reason}"
+    );
+    assert_eq!(http.hits("/plain.jpg"), 0);
+    assert!(files_none(&agent.cache()), "{}", agent.diagnostics());
+}
+
+/// A TLS handshake that trickles in (100 bytes every 700 ms through a
+/// proxy, far longer in all than the 3 s stall limit, no gap near it) is
+/// progress, not a stall: the picture arrives.
+#[test]
+fn a_tls_handshake_trickling_in_is_not_a_stall() {
+    let pki = Pki::make();
+    let picture = jpeg(40, 30, 9);
+    let server = https_server(&pki, picture.clone());
+    let proxy = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = proxy.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for client in proxy.incoming().flatten() {
+            let Ok(upstream) = TcpStream::connect(("127.0.0.1", server)) else {
+                return;
+            };
+            let (mut c_in, mut u_out) =
+                (client.try_clone().unwrap(), upstream.try_clone().unwrap());
+            std::thread::spawn(move || std::io::copy(&mut c_in, &mut u_out));
+            let (mut u_in, mut c_out) = (upstream, client);
+            std::thread::spawn(move || {
+                // The first 2,000 bytes (the server's whole handshake) in
+                // pieces, then the rest as it comes.
+                let mut trickled = 0;
+                let mut buf = [0u8; 100];
+                while trickled < 2000 {
+                    match u_in.read(&mut buf) {
+                        Ok(n) if n > 0 => {
+                            if c_out.write_all(&buf[..n]).is_err() {
+                                return;
+                            }
+                            trickled += n;
+                            std::thread::sleep(Duration::from_millis(700));
+                        }
+                        _ => return,
+                    }
+                }
+                let _ = std::io::copy(&mut u_in, &mut c_out);
+            });
+        }
+    });
+    let broker = Mosquitto::start();
+    let dir = TempDir::new("tls-trickle");
+    let agent = https_agent(dir.path(), &pki, &broker, json!({ "timeout_secs": 3 }));
+    let url = format!("https://127.0.0.1:{port}/slow.jpg");
+    broker.publish("sync", url.as_bytes(), 1);
+    let rows = agent.wait_tried(std::slice::from_ref(&url), WAIT);
+    let (state, _, reason) = &rows[&url];
+    assert_eq!(state, "done", "{reason}\n{}", agent.diagnostics());
+    assert_eq!(fs::read(agent.cache().join("slow.jpg")).unwrap(), picture);
 }

@@ -19,9 +19,12 @@ mod jpeg;
 mod jpeg_arith;
 mod jpeg_huffman;
 mod png;
+mod whole;
 
 use std::fmt;
 use std::time::{Duration, Instant};
+
+pub use whole::{whole, Whole};
 
 /// Largest picture accepted; a tiny file claiming more is a decompression bomb.
 pub const MAX_PIXELS: u64 = 100_000_000;

@@ -1830,6 +1830,44 @@ impl Agent {
         self.config_file(&self.config["cache_dir"], "images")
     }
 
+    /// The queue's rows so far, read from its database: url -> (state,
+    /// attempts, last error or ""). Empty while there is no queue yet.
+    pub fn rows(&self) -> std::collections::HashMap<String, (String, i64, String)> {
+        let read = || -> rusqlite::Result<_> {
+            let db = rusqlite::Connection::open(self.dir.join("holosync.db"))?;
+            let mut st =
+                db.prepare("SELECT url, state, attempts, COALESCE(last_error, '') FROM queue")?;
+            let rows = st.query_map([], |r| Ok((r.get(0)?, (r.get(1)?, r.get(2)?, r.get(3)?))))?;
+            rows.collect()
+        };
+        read().unwrap_or_default()
+    }
+
+    /// Waits until every one of `urls` has had its first verdict (done,
+    /// failed, or an attempt counted) and returns the rows; panics with the
+    /// rows and the log tail otherwise.
+    pub fn wait_tried(
+        &self,
+        urls: &[String],
+        timeout: Duration,
+    ) -> std::collections::HashMap<String, (String, i64, String)> {
+        let mut last = std::collections::HashMap::new();
+        let tried = poll_until(timeout, || {
+            last = self.rows();
+            urls.iter().all(|u| {
+                last.get(u).is_some_and(|(state, attempts, _)| {
+                    state == "done" || state == "failed" || *attempts >= 1
+                })
+            })
+        });
+        assert!(
+            tried,
+            "not every URL was tried after {timeout:?}: {last:#?}\n{}",
+            self.diagnostics()
+        );
+        last
+    }
+
     /// Polls `status` until its top-level `done` is at least `n`; returns
     /// that status. A failing status command just counts as "not yet".
     pub fn wait_done(&self, n: u64, timeout: Duration) -> Value {
