@@ -210,7 +210,7 @@ impl Agent {
             },
             reencode_jpeg_quality: d.reencode_jpeg_quality,
         };
-        let transfers = Transfers::new(&config, settings);
+        let transfers = Transfers::new(&config, settings, proxies.clone());
         // A technician who deleted the cache gets it back without a message.
         report.start_audit(&link, None, None);
         Ok(Agent {

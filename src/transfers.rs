@@ -94,7 +94,11 @@ struct Retries {
 
 impl Transfers {
     /// The downloads side for `config`; it looks at the queue at once.
-    pub fn new(config: &config::Config, settings: download::Settings) -> Transfers {
+    pub fn new(
+        config: &config::Config,
+        settings: download::Settings,
+        proxies: crate::proxy::Proxies,
+    ) -> Transfers {
         let d = &config.download;
         Transfers {
             root: config.cache_dir.clone(),
@@ -111,7 +115,7 @@ impl Transfers {
             previous_start: None,
             next_check: Instant::now(),
             unrecorded: Vec::new(),
-            pool: Pool::default(),
+            pool: Pool::new(proxies),
         }
     }
 

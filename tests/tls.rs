@@ -501,3 +501,50 @@ fn a_tls_handshake_trickling_in_is_not_a_stall() {
     assert_eq!(state, "done", "{reason}\n{}", agent.diagnostics());
     assert_eq!(fs::read(agent.cache().join("slow.jpg")).unwrap(), picture);
 }
+
+/// HTTPS behind a venue's proxy (`HTTPS_PROXY` in the environment): the
+/// agent asks the proxy for a tunnel (`CONNECT localhost:<port>`, a name the
+/// proxy resolves), speaks TLS to the origin inside it, checks the
+/// certificate against `download.ca_file` and the name `localhost`, and
+/// stores the picture.
+#[test]
+fn https_goes_through_the_proxy_tunnel_with_download_ca_file() {
+    let pki = Pki::make();
+    let picture = jpeg(30, 20, 4);
+    let port = https_server(&pki, picture.clone());
+    let proxy = common::TestProxy::start(&["localhost"], Some(("kiosk", "pw")));
+    let broker = Mosquitto::start();
+    let dir = TempDir::new("tls-https-proxy");
+    pki.copy_to(dir.path(), &["ca.pem"]);
+    let mut config = Agent::default_config(broker.port);
+    merge(&mut config, json!({ "download": { "ca_file": "ca.pem" } }));
+    let mut agent = Agent::new(dir.path(), config);
+    agent.start_with_env(&[("HTTPS_PROXY", &proxy.url(Some(("kiosk", "pw"))))]);
+    agent.wait_log("subscribed to", WAIT);
+    broker.publish(
+        "sync",
+        format!("https://localhost:{port}/venue/t.jpg").as_bytes(),
+        1,
+    );
+    agent.wait_done(1, WAIT);
+    assert_eq!(
+        fs::read(agent.cache().join("venue/t.jpg")).unwrap(),
+        picture
+    );
+    let seen = proxy.seen();
+    assert!(
+        seen.requests
+            .iter()
+            .any(|r| r.starts_with(&format!("CONNECT localhost:{port} "))),
+        "{seen:?}"
+    );
+    let log = agent.log();
+    assert!(
+        log.contains(&format!(
+            "proxy none for http, http://kiosk:****@127.0.0.1:{} for https (from the environment)",
+            proxy.port
+        )),
+        "{log}"
+    );
+    assert!(!log.contains(":pw@"), "{log}");
+}

@@ -2,7 +2,7 @@
 //! head, body; redirects, stall, overall and rate limits, each step bounded.
 
 use std::fmt::Write as _;
-use std::io;
+use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -17,11 +17,24 @@ use super::{
     MIN_SOCKET_WAIT, READ_BUFFER_BYTES,
 };
 use crate::dial::Dial;
+use crate::proxy::{Proxies, Proxy};
 
 /// Where a [`Get`] is.
 enum State {
-    /// Looking up the host and connecting.
+    /// Looking up the host (or the proxy) and connecting.
     Dialing(Dial),
+    /// Connected to the proxy: asking it for a tunnel to the https origin
+    /// (`CONNECT`), then reading its answer.
+    Tunnel {
+        /// The socket to the proxy.
+        sock: TcpStream,
+        /// The CONNECT request.
+        request: Vec<u8>,
+        /// Bytes of it sent.
+        sent: usize,
+        /// The proxy's answer so far.
+        buf: Vec<u8>,
+    },
     /// Connected: TLS handshake (if any), then the request bytes.
     Sending {
         /// The connection.
@@ -83,6 +96,10 @@ pub struct Get {
     /// The body had no length and ended when a plain TCP connection closed,
     /// which a cut looks just like.
     ended_by_close: bool,
+    /// The proxies in force (a redirect may lead to a host that bypasses them).
+    proxies: Proxies,
+    /// The proxy the current request goes through, if any.
+    via: Option<Proxy>,
 }
 
 impl Get {
@@ -95,6 +112,7 @@ impl Get {
         pool: &mut Pool,
     ) -> Result<Get, Failure> {
         let url = Url::parse(url).map_err(Failure::Permanent)?;
+        let via = pool.proxies().for_host(url.https, &url.host).cloned();
         let now = Instant::now();
         let mut get = Get {
             state: State::Done,
@@ -111,8 +129,10 @@ impl Get {
             keep_alive: false,
             idle: None,
             ended_by_close: false,
+            via,
+            proxies: pool.proxies().clone(),
         };
-        get.state = match pool.take(&Origin::of(&get.url)) {
+        get.state = match pool.take(&Origin::of(&get.url, get.via.as_ref())) {
             Some(conn) => {
                 get.reused = true;
                 State::Sending {
@@ -130,7 +150,7 @@ impl Get {
     /// the server keeps it open.
     pub fn release(&mut self, pool: &mut Pool) {
         if let Some(conn) = self.idle.take() {
-            pool.put(Origin::of(&self.url), conn);
+            pool.put(Origin::of(&self.url, self.via.as_ref()), conn);
         }
     }
 
@@ -207,9 +227,13 @@ impl Get {
                 .unwrap_or(usize::MAX)
                 .clamp(16 << 10, 256 << 10)
         });
+        let (host, port) = match &self.via {
+            Some(p) => (&p.host, p.port),
+            None => (&self.url.host, self.url.port),
+        };
         Ok(State::Dialing(Dial::start_with(
-            &self.url.host,
-            self.url.port,
+            host,
+            port,
             self.limits.stall,
             self.limits.stall.min(left),
             window,
@@ -217,12 +241,24 @@ impl Get {
     }
 
     fn request(&self) -> Vec<u8> {
+        // Through a proxy, plain HTTP asks for the absolute URL (RFC 9112,
+        // 3.2.2) and carries the proxy's credentials; https goes through a
+        // tunnel, where the request is the same as without a proxy.
+        let (target, auth) = match &self.via {
+            Some(p) if !self.url.https => (
+                format!("http://{}{}", self.url.host_header(), self.url.target),
+                p.authorization(),
+            ),
+            _ => (self.url.target.clone(), None),
+        };
         let mut r = format!(
-            "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: holosync/{}\r\nAccept: */*\r\nAccept-Encoding: identity\r\n",
-            self.url.target,
+            "GET {target} HTTP/1.1\r\nHost: {}\r\nUser-Agent: holosync/{}\r\nAccept: */*\r\nAccept-Encoding: identity\r\n",
             self.url.host_header(),
             env!("CARGO_PKG_VERSION")
         );
+        if let Some(auth) = auth {
+            let _ = write!(r, "Proxy-Authorization: {auth}\r\n");
+        }
         for (k, v) in &self.extra {
             let _ = write!(r, "{k}: {v}\r\n");
         }
@@ -267,7 +303,20 @@ impl Get {
                             return Ok(Progress::Pending);
                         }
                         Poll::Ready(Err(e)) => {
-                            return Err(Failure::transient(format!("connect failed: {e}")))
+                            return Err(Failure::transient(match &self.via {
+                                Some(p) => format!("could not reach proxy {p}: {e}"),
+                                None => format!("connect failed: {e}"),
+                            }))
+                        }
+                        Poll::Ready(Ok(sock)) if self.via.is_some() && self.url.https => {
+                            let _ = sock.set_nodelay(true);
+                            self.last_progress = Instant::now();
+                            self.state = State::Tunnel {
+                                sock,
+                                request: self.connect_request(),
+                                sent: 0,
+                                buf: Vec::new(),
+                            };
                         }
                         Poll::Ready(Ok(sock)) => {
                             let _ = sock.set_nodelay(true);
@@ -282,6 +331,15 @@ impl Get {
                         }
                     }
                 }
+                State::Tunnel {
+                    sock,
+                    request,
+                    sent,
+                    buf,
+                } => match self.tunnel(sock, request, sent, buf, deadline)? {
+                    Some(state) => self.state = state,
+                    None => return Ok(Progress::Pending),
+                },
                 State::Sending {
                     mut conn,
                     request,
@@ -419,6 +477,104 @@ impl Get {
         }
     }
 
+    /// `CONNECT host:port` for the https origin, with the proxy's credentials.
+    fn connect_request(&self) -> Vec<u8> {
+        let authority = format!("{}:{}", self.url.host_bracketed(), self.url.port);
+        let mut r = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n");
+        if let Some(auth) = self.via.as_ref().and_then(Proxy::authorization) {
+            let _ = write!(r, "Proxy-Authorization: {auth}\r\n");
+        }
+        r.push_str("\r\n");
+        r.into_bytes()
+    }
+
+    /// Sends the CONNECT and reads the proxy's answer until `deadline`: the
+    /// next state (TLS to the origin through the tunnel) once it says 200,
+    /// None while it has not answered yet, a transient failure naming the
+    /// proxy when it refuses.
+    fn tunnel(
+        &mut self,
+        sock: TcpStream,
+        request: Vec<u8>,
+        mut sent: usize,
+        mut buf: Vec<u8>,
+        deadline: Instant,
+    ) -> Result<Option<State>, Failure> {
+        let proxy = self.via.clone().expect("a tunnel goes through a proxy");
+        let fail = |why: String| Failure::transient(format!("proxy {proxy}: {why}"));
+        let wait = deadline
+            .saturating_duration_since(Instant::now())
+            .max(MIN_SOCKET_WAIT);
+        sock.set_read_timeout(Some(wait)).map_err(net_failure)?;
+        sock.set_write_timeout(Some(wait)).map_err(net_failure)?;
+        while sent < request.len() {
+            match (&sock).write(&request[sent..]) {
+                Ok(n) => sent += n,
+                Err(e) if is_wait(&e) => {
+                    self.state = State::Tunnel {
+                        sock,
+                        request,
+                        sent,
+                        buf,
+                    };
+                    return Ok(None);
+                }
+                Err(e) => return Err(fail(format!("sending CONNECT failed: {e}"))),
+            }
+        }
+        loop {
+            match parse_head(&buf) {
+                Ok(Some((head, len))) => {
+                    if head.status == 200 {
+                        if len != buf.len() {
+                            return Err(fail("sent bytes after its answer to CONNECT".into()));
+                        }
+                        self.last_progress = Instant::now();
+                        let conn = self.wrap(sock)?;
+                        return Ok(Some(State::Sending {
+                            conn,
+                            request: self.request(),
+                            sent: 0,
+                        }));
+                    }
+                    let hint = if head.status == 407 {
+                        " (it wants other credentials: check proxy.url)"
+                    } else {
+                        ""
+                    };
+                    return Err(fail(format!(
+                        "refused the tunnel to {}:{} with status {}{hint}",
+                        self.url.host, self.url.port, head.status
+                    )));
+                }
+                Ok(None) => {}
+                Err(e) => return Err(fail(format!("no HTTP answer to CONNECT: {}", e.reason()))),
+            }
+            let mut chunk = [0u8; 1024];
+            match (&sock).read(&mut chunk) {
+                Ok(0) => {
+                    return Err(fail(
+                        "closed the connection instead of answering CONNECT".into(),
+                    ))
+                }
+                Ok(n) => {
+                    self.last_progress = Instant::now();
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                Err(e) if is_wait(&e) => {
+                    self.state = State::Tunnel {
+                        sock,
+                        request,
+                        sent,
+                        buf,
+                    };
+                    return Ok(None);
+                }
+                Err(e) => return Err(fail(format!("reading its answer to CONNECT: {e}"))),
+            }
+        }
+    }
+
     #[cfg(feature = "tls")]
     fn wrap(&self, sock: TcpStream) -> Result<Conn, Failure> {
         if !self.url.https {
@@ -450,6 +606,13 @@ impl Get {
             // 100 Continue and friends: the real head follows.
             return Ok(Some(State::Head { conn, buf: pending }));
         }
+        if head.status == 407 {
+            if let Some(p) = &self.via {
+                return Err(Failure::transient(format!(
+                    "proxy {p} refused the request with status 407 (it wants other credentials: check proxy.url)"
+                )));
+            }
+        }
         if matches!(head.status, 301 | 302 | 303 | 307 | 308) {
             if let Some(location) = head.header("location") {
                 if self.redirects >= MAX_REDIRECTS {
@@ -467,6 +630,7 @@ impl Get {
                     )));
                 }
                 self.redirects += 1;
+                self.via = self.proxies.for_host(next.https, &next.host).cloned();
                 self.url = next;
                 self.reused = false;
                 drop(conn);

@@ -90,13 +90,18 @@ impl Url {
         Ok(url)
     }
 
-    /// The `Host` header: the port only when it is not the scheme's default.
-    pub(super) fn host_header(&self) -> String {
-        let host = if self.host.contains(':') {
+    /// The host as it stands in an authority (an IPv6 address in brackets).
+    pub(super) fn host_bracketed(&self) -> String {
+        if self.host.contains(':') {
             format!("[{}]", self.host)
         } else {
             self.host.clone()
-        };
+        }
+    }
+
+    /// The `Host` header: the port only when it is not the scheme's default.
+    pub(super) fn host_header(&self) -> String {
+        let host = self.host_bracketed();
         if self.port == if self.https { 443 } else { 80 } {
             host
         } else {
