@@ -1,45 +1,18 @@
-//! What a kiosk tells its fleet over MQTT, and the commands it takes, in
-//! the conventions MQTT users know (Home Assistant, Tasmota, Zigbee2MQTT):
-//!
-//! - `<prefix>/state`, retained: `{"online":true,...}` on every connect, the
-//!   Last Will `{"online":false,...}` when the link dies, and the same
-//!   `offline` published by a clean stop;
-//! - `<prefix>/status`, retained: the queue and cache figures of `holosync
-//!   status --json`, after connecting and when something changed, at most
-//!   once per `report.status_interval_secs`;
-//! - `<prefix>/events`, QoS 0: one message per finished download or command,
-//!   grouped into one message a second when they come faster than 10 a second;
-//! - `<prefix>/cmd` and the fleet topic, QoS 1: `status`, `retry-failed`,
-//!   `audit`, `forget`, acknowledged once their effect is committed.
+//! The fleet commands (`status`, `retry-failed`, `audit`, `forget`): each
+//! message parsed (bounded before, its id cut for the answer), the ids of
+//! the last commands run (kept in the queue, so a redelivery is answered
+//! "already done"), `retry-failed` and `forget` in steps of a transaction
+//! each, and the one audit in slices that later `audit` commands join.
 
-use std::collections::VecDeque;
-use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde_json::{json, Value};
 
+use super::{Acked, Report};
 use crate::cache;
-use crate::config;
 use crate::link::{Delivery, Link};
 use crate::queue::Queue;
-use crate::transfers::{Finished, Transfers};
-
-/// Failures listed in a status.
-pub const STATUS_FAILURES: usize = 20;
-
-/// Events published one by one per second before they are grouped.
-const EVENTS_PER_SECOND: f64 = 10.0;
-
-/// How often grouped events go out.
-const GROUP_EVERY: Duration = Duration::from_secs(1);
-
-/// Most events in one grouped message (a bigger group is split).
-const MAX_GROUP: usize = 100;
-
-/// Most bytes of events in one grouped message: far below what the link
-/// publishes at most (`link::MAX_PUBLISH_BYTES`), since every event is small
-/// (ids are cut, lists of URLs are capped).
-const MAX_GROUP_BYTES: usize = 256 * 1024;
+use crate::transfers::Transfers;
 
 /// URLs one command may name.
 const MAX_COMMAND_URLS: usize = 10_000;
@@ -172,167 +145,8 @@ fn ack_handle(d: &Delivery) -> Option<Delivery> {
     Some(d)
 }
 
-/// Whether a message's ack may go out now, or only once its effect is done.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Acked {
-    /// The effect is committed: ack now.
-    Now,
-    /// The effect comes later (an audit): the report acks it then.
-    Later,
-}
-
-/// The topics, those that are turned on.
-#[derive(Debug, Clone)]
-pub struct Topics {
-    /// `<prefix>/state`.
-    pub state: Option<String>,
-    /// `<prefix>/status`.
-    pub status: Option<String>,
-    /// `<prefix>/events`.
-    pub events: Option<String>,
-    /// `<prefix>/cmd` and the fleet topic.
-    pub commands: Vec<String>,
-}
-
-impl Topics {
-    /// The topics for `config`, under `holosync/<client id>` unless a prefix is set.
-    pub fn new(config: &config::Report, client_id: &str) -> Topics {
-        let prefix = config
-            .prefix
-            .clone()
-            .unwrap_or_else(|| format!("holosync/{client_id}"));
-        let on = |yes: bool, name: &str| yes.then(|| format!("{prefix}/{name}"));
-        let mut commands: Vec<String> = on(config.commands, "cmd").into_iter().collect();
-        if config.commands && !config.fleet_topic.is_empty() {
-            commands.push(config.fleet_topic.clone());
-        }
-        Topics {
-            state: on(config.state, "state"),
-            status: on(config.status, "status"),
-            events: on(config.events, "events"),
-            commands,
-        }
-    }
-}
-
-/// Who this kiosk is, for the state messages.
-#[derive(Debug, Clone)]
-pub struct Identity {
-    /// The MQTT client id.
-    pub client_id: String,
-    /// When this run started (UTC).
-    pub started_at: String,
-    /// The machine's name.
-    pub host: String,
-}
-
-impl Identity {
-    /// `{"online":true,...}`.
-    pub fn online(&self) -> Vec<u8> {
-        json!({
-            "online": true,
-            "version": env!("CARGO_PKG_VERSION"),
-            "client_id": self.client_id,
-            "started_at": self.started_at,
-            "host": self.host,
-        })
-        .to_string()
-        .into_bytes()
-    }
-
-    /// `{"online":false,...}`, saying why: the Last Will (`connection lost`)
-    /// or a clean stop (`stopped`).
-    pub fn offline(&self, reason: &str) -> Vec<u8> {
-        json!({
-            "online": false,
-            "version": env!("CARGO_PKG_VERSION"),
-            "client_id": self.client_id,
-            "started_at": self.started_at,
-            "host": self.host,
-            "reason": reason,
-        })
-        .to_string()
-        .into_bytes()
-    }
-}
-
-/// Events waiting to be published: at most [`EVENTS_PER_SECOND`] go out one
-/// by one; past that they are grouped, one message a second.
-#[derive(Debug)]
-struct Events {
-    /// Events that may go out one by one now (a token bucket).
-    tokens: f64,
-    /// When the tokens were last topped up.
-    refilled: Instant,
-    /// Events waiting for the next group message.
-    group: Vec<Value>,
-    /// When the oldest of them came.
-    group_since: Option<Instant>,
-}
-
-impl Events {
-    fn new() -> Events {
-        Events {
-            tokens: EVENTS_PER_SECOND,
-            refilled: Instant::now(),
-            group: Vec::new(),
-            group_since: None,
-        }
-    }
-
-    /// Adds an event; returns it as a message if it may go out at once.
-    fn push(&mut self, event: Value) -> Option<Vec<u8>> {
-        let now = Instant::now();
-        let elapsed = now.duration_since(self.refilled).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * EVENTS_PER_SECOND).min(EVENTS_PER_SECOND);
-        self.refilled = now;
-        if self.group.is_empty() && self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            return Some(event.to_string().into_bytes());
-        }
-        self.group.push(event);
-        self.group_since.get_or_insert(now);
-        None
-    }
-
-    /// The grouped messages due now: every waiting event, in order.
-    fn due(&mut self) -> Vec<Vec<u8>> {
-        match self.group_since {
-            Some(t) if t.elapsed() >= GROUP_EVERY => {}
-            _ => return Vec::new(),
-        }
-        self.group_since = None;
-        // Split by count and by size, so no message nears the packet limit.
-        let mut messages = Vec::new();
-        let mut chunk: Vec<Value> = Vec::new();
-        let mut bytes = 0;
-        for event in std::mem::take(&mut self.group) {
-            let size = event.to_string().len();
-            if !chunk.is_empty() && (chunk.len() >= MAX_GROUP || bytes + size > MAX_GROUP_BYTES) {
-                messages.push(
-                    json!({"events": std::mem::take(&mut chunk)})
-                        .to_string()
-                        .into_bytes(),
-                );
-                bytes = 0;
-            }
-            bytes += size;
-            chunk.push(event);
-        }
-        if !chunk.is_empty() {
-            messages.push(json!({"events": chunk}).to_string().into_bytes());
-        }
-        messages
-    }
-
-    /// When the waiting group is due.
-    fn next_due(&self) -> Option<Instant> {
-        self.group_since.map(|t| t + GROUP_EVERY)
-    }
-}
-
 /// A `retry-failed` or `forget` in progress, a transaction per step.
-struct Job {
+pub(super) struct Job {
     /// The command's id.
     id: Value,
     /// The command (`RetryFailed` or `Forget`).
@@ -347,7 +161,7 @@ struct Job {
 
 /// The audit in progress (one at most: commands that ask for one while it
 /// runs join it): every done row's file checked, a slice at a time.
-struct Audit {
+pub(super) struct Audit {
     /// The ids of the commands that asked for it (none for the audit at
     /// start-up), the first [`MAX_AUDIT_IDS`].
     ids: Vec<Value>,
@@ -363,53 +177,7 @@ struct Audit {
     missing: Vec<(i64, String)>,
 }
 
-/// The fleet report: state, status, events and commands.
-pub struct Report {
-    /// The topics turned on.
-    topics: Topics,
-    /// Who this kiosk is.
-    identity: Identity,
-    /// The cache root (audits check files there; the status tells its free space).
-    cache_dir: PathBuf,
-    /// Least time between two status messages.
-    status_interval: Duration,
-    /// Something changed since the last status message.
-    status_dirty: bool,
-    /// A status is wanted now (after a connect, or asked for).
-    status_now: bool,
-    /// When the last status went out.
-    status_sent: Option<Instant>,
-    /// Events waiting.
-    events: Events,
-    /// The audit in progress.
-    audit: Option<Audit>,
-    /// `retry-failed` and `forget` commands in progress, oldest first.
-    jobs: VecDeque<Job>,
-    /// Ids of the last commands carried out (their JSON), oldest first.
-    done_ids: VecDeque<String>,
-    /// A failing step was logged (logged again only after a success).
-    step_failure_logged: bool,
-}
-
 impl Report {
-    /// The report for `config`, as kiosk `identity`.
-    pub fn new(config: &config::Config, identity: Identity) -> Report {
-        Report {
-            topics: Topics::new(&config.report, &identity.client_id),
-            identity,
-            cache_dir: config.cache_dir.clone(),
-            status_interval: Duration::from_secs(config.report.status_interval_secs),
-            status_dirty: true,
-            status_now: false,
-            status_sent: None,
-            events: Events::new(),
-            audit: None,
-            jobs: VecDeque::new(),
-            done_ids: VecDeque::new(),
-            step_failure_logged: false,
-        }
-    }
-
     /// Loads the ids of the commands carried out by earlier runs.
     pub fn load_done_ids(&mut self, queue: &Queue) {
         match queue.meta(REMEMBERED_IDS_KEY) {
@@ -436,37 +204,6 @@ impl Report {
         if let Err(e) = queue.set_meta(REMEMBERED_IDS_KEY, &json) {
             log::warn!("{}", e.chain());
         }
-    }
-
-    /// The topics turned on.
-    pub fn topics(&self) -> &Topics {
-        &self.topics
-    }
-
-    /// Who this kiosk is.
-    pub fn identity(&self) -> &Identity {
-        &self.identity
-    }
-
-    /// Whether `topic` carries commands.
-    pub fn is_command_topic(&self, topic: &str) -> bool {
-        self.topics.commands.iter().any(|t| t == topic)
-    }
-
-    /// The link came up: a status goes out at once.
-    pub fn connected(&mut self) {
-        self.status_now = true;
-    }
-
-    /// The queue changed (a message queued, a row moved): a status is due.
-    pub fn changed(&mut self) {
-        self.status_dirty = true;
-    }
-
-    /// A download finished: one event, and a status is due.
-    pub fn finished(&mut self, link: &Link, f: &Finished) {
-        self.status_dirty = true;
-        self.event(link, json!(f));
     }
 
     /// Checks every cached file (the start-up audit, or the command `id`
@@ -563,7 +300,7 @@ impl Report {
     /// Works on the oldest `retry-failed` or `forget` until `deadline`, a
     /// transaction of at most [`URLS_PER_STEP`] URLs at a time; when its
     /// whole effect is committed, answers and returns its message (to ack).
-    fn job_step(
+    pub(super) fn job_step(
         &mut self,
         link: &Link,
         queue: &mut Queue,
@@ -651,107 +388,9 @@ impl Report {
         self.event(link, json!({"id": Value::Null, "error": why}));
     }
 
-    /// Publishes `event` now, or groups it (see [`Events`]).
-    fn event(&mut self, link: &Link, event: Value) {
-        let Some(topic) = &self.topics.events else {
-            return;
-        };
-        if let Some(payload) = self.events.push(event) {
-            if let Err(e) = link.publish(topic, false, payload) {
-                log::debug!("could not publish an event to {topic}: {e}");
-            }
-        }
-    }
-
-    /// Whether an audit or a command is in progress (work the loop must not wait on).
-    pub fn busy(&self) -> bool {
-        self.audit.is_some() || !self.jobs.is_empty()
-    }
-
-    /// When the report has something to publish (a throttled status, a
-    /// group of events); None when nothing is waiting.
-    pub fn next_due(&self) -> Option<Instant> {
-        [self.status_due(), self.events.next_due()]
-            .into_iter()
-            .flatten()
-            .min()
-    }
-
-    /// When the next status message may go out, if one is wanted.
-    fn status_due(&self) -> Option<Instant> {
-        if self.topics.status.is_none() {
-            None
-        } else if self.status_now {
-            Some(Instant::now())
-        } else if self.status_dirty {
-            Some(
-                self.status_sent
-                    .map_or_else(Instant::now, |t| t + self.status_interval),
-            )
-        } else {
-            None
-        }
-    }
-
-    /// One slice: a piece of an audit, then what is due to publish. Returns
-    /// the command messages whose effect is now committed (to be acked).
-    pub fn step(
-        &mut self,
-        link: &Link,
-        queue: &mut Queue,
-        transfers: &mut Transfers,
-        deadline: Instant,
-    ) -> Vec<Delivery> {
-        let mut to_ack = Vec::new();
-        if let Some(done) = self.job_step(link, queue, transfers, deadline) {
-            to_ack.extend(done);
-        }
-        if Instant::now() < deadline {
-            to_ack.extend(
-                self.audit_step(link, queue, transfers, deadline)
-                    .unwrap_or_default(),
-            );
-        }
-        if let Some(topic) = &self.topics.events {
-            for payload in self.events.due() {
-                if let Err(e) = link.publish(topic, false, payload) {
-                    log::debug!("could not publish events to {topic}: {e}");
-                }
-            }
-        }
-        if link.is_up() && self.status_due().is_some_and(|t| t <= Instant::now()) {
-            self.publish_status(link, queue);
-        }
-        to_ack
-    }
-
-    /// Publishes the status (retained) if its time has come.
-    fn publish_status(&mut self, link: &Link, queue: &Queue) {
-        let Some(topic) = &self.topics.status else {
-            return;
-        };
-        let mut status = match queue.status(STATUS_FAILURES) {
-            Ok(s) => s,
-            Err(e) => {
-                log::debug!("{}", e.chain());
-                return;
-            }
-        };
-        status.cache_free_bytes = crate::os::free_bytes(&self.cache_dir);
-        let payload = serde_json::to_vec(&status).expect("a status always serializes");
-        match link.publish(topic, true, payload) {
-            Ok(()) => {
-                self.status_sent = Some(Instant::now());
-                self.status_dirty = false;
-                self.status_now = false;
-            }
-            Err(e) => log::debug!("could not publish the status to {topic}: {e}"),
-        }
-    }
-
     /// Works on the oldest audit until `deadline`; when it is done and its
     /// requeue committed, answers and returns its command message (if any).
-    fn audit_step(
+    pub(super) fn audit_step(
         &mut self,
         link: &Link,
         queue: &mut Queue,
@@ -887,21 +526,6 @@ mod tests {
     }
 
     #[test]
-    fn topics_follow_the_prefix_and_the_switches() {
-        let mut c: config::Report = serde_json::from_str("{}").unwrap();
-        let t = Topics::new(&c, "kiosk-1");
-        assert_eq!(t.state.as_deref(), Some("holosync/kiosk-1/state"));
-        assert_eq!(t.commands, ["holosync/kiosk-1/cmd", "holosync/all/cmd"]);
-        c.prefix = Some("mall/2/k1".into());
-        c.events = false;
-        c.fleet_topic = String::new();
-        let t = Topics::new(&c, "kiosk-1");
-        assert_eq!(t.status.as_deref(), Some("mall/2/k1/status"));
-        assert_eq!(t.events, None);
-        assert_eq!(t.commands, ["mall/2/k1/cmd"]);
-    }
-
-    #[test]
     fn long_ids_are_cut_and_marked() {
         let long = "é".repeat(1_100_000);
         let (id, command) =
@@ -911,48 +535,5 @@ mod tests {
         assert_eq!(id.chars().count(), MAX_ID_CHARS + 1);
         assert!(id.ends_with('…') && id.starts_with("éé"));
         assert_eq!(cut_id(&"a".repeat(MAX_ID_CHARS)), "a".repeat(MAX_ID_CHARS));
-    }
-
-    #[test]
-    fn grouped_events_stay_far_below_the_packet_limit() {
-        let mut e = Events::new();
-        e.tokens = 0.0;
-        let big = "u".repeat(40_000);
-        for i in 0..60 {
-            assert!(e.push(json!({"id": i, "url": big})).is_none());
-        }
-        e.group_since = Some(Instant::now() - GROUP_EVERY);
-        let groups = e.due();
-        assert!(groups.len() >= 2, "{} groups", groups.len());
-        let mut ids = Vec::new();
-        for g in &groups {
-            assert!(g.len() <= MAX_GROUP_BYTES + 41_000, "{} bytes", g.len());
-            let v: Value = serde_json::from_slice(g).unwrap();
-            ids.extend(
-                v["events"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|e| e["id"].as_u64().unwrap()),
-            );
-        }
-        assert_eq!(ids, (0..60).collect::<Vec<u64>>(), "every event, in order");
-    }
-
-    #[test]
-    fn events_past_ten_a_second_are_grouped() {
-        let mut e = Events::new();
-        let sent: usize = (0..25)
-            .filter_map(|i| e.push(json!({"url": format!("u{i}")})))
-            .count();
-        assert_eq!(sent, 10);
-        assert_eq!(e.group.len(), 15);
-        assert!(e.due().is_empty(), "a group waits a second");
-        e.group_since = Some(Instant::now() - GROUP_EVERY);
-        let groups = e.due();
-        assert_eq!(groups.len(), 1);
-        let v: Value = serde_json::from_slice(&groups[0]).unwrap();
-        assert_eq!(v["events"].as_array().unwrap().len(), 15);
-        assert_eq!(v["events"][0]["url"], "u10");
     }
 }
