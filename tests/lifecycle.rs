@@ -212,9 +212,16 @@ fn windows_internet_options_name_the_proxy() {
     let broker = Mosquitto::start();
     let proxy = common::TestProxy::start(&["broker.venue.test"], None);
     let key = r"HKCU\Software\Microsoft\Windows\CurrentVersion\Internet Settings";
+    // Not `common::command_for`: it would take `/v` and `/d` for Unix paths.
+    let wine = ["/usr/lib/wine/wine64", "/usr/bin/wine64"]
+        .into_iter()
+        .find(|w| std::path::Path::new(w).exists())
+        .unwrap_or("wine64");
     let reg = |args: &[&str]| {
-        let status = common::command_for(std::path::Path::new("reg"), args)
-            .env_remove("HTTP_PROXY")
+        let status = std::process::Command::new(wine)
+            .arg("reg")
+            .args(args)
+            .env("WINEDEBUG", "-all")
             .status()
             .expect("wine reg runs");
         assert!(status.success(), "reg {args:?}: {status}");
