@@ -909,6 +909,47 @@ mod tests {
     }
 
     #[test]
+    fn the_new_doors_are_validated_by_key() {
+        let key = |json: &str| {
+            let mut c = Config::parse(json).unwrap();
+            c.resolve_paths(&std::env::temp_dir());
+            c.validate().err().map(|e| e.0)
+        };
+        assert_eq!(
+            key(r#"{"mqtt": {"max_command_bytes": 0}}"#),
+            Some("mqtt.max_command_bytes")
+        );
+        assert_eq!(
+            key(r#"{"projector": {"max_age_ms": 0}}"#),
+            Some("projector.max_age_ms")
+        );
+        assert_eq!(
+            key(r#"{"mqtt": {"tls": true, "transport": "ws"}}"#),
+            Some("mqtt.tls")
+        );
+        assert_eq!(
+            key(r#"{"mqtt": {"transport": "ws", "ws_path": "ws"}}"#),
+            Some("mqtt.ws_path")
+        );
+        assert_eq!(
+            key(r#"{"proxy": {"url": "socks5://p:1080"}}"#),
+            Some("proxy.url")
+        );
+        assert_eq!(key(r#"{"proxy": {"url": ""}}"#), None);
+        let c = Config::parse(
+            r#"{"mqtt": {"host": "b.example", "transport": "wss", "ws_path": "/ws"}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.mqtt.ws_url().as_deref(), Some("wss://b.example:443/ws"));
+        assert!(c.mqtt.uses_tls());
+        let c = Config::parse(r#"{"mqtt": {"host": "::1", "port": 15675, "transport": "ws"}}"#)
+            .unwrap();
+        assert_eq!(c.mqtt.ws_url().as_deref(), Some("ws://[::1]:15675/mqtt"));
+        let c = Config::parse(r#"{"mqtt": {}}"#).unwrap();
+        assert_eq!((c.mqtt.ws_url(), c.mqtt.port()), (None, 1883));
+    }
+
+    #[test]
     fn relative_paths_resolve_against_the_config_folder() {
         let mut c = Config::parse(MINIMAL).unwrap();
         c.resolve_paths(Path::new("/kiosk"));

@@ -775,6 +775,45 @@ impl Write for MemoryPeer {
 mod tests {
     use super::*;
 
+    fn defaults() -> config::Projector {
+        crate::config::Config::parse(r#"{"projector": {"max_age_ms": 10000}}"#)
+            .expect("a valid config")
+            .projector
+    }
+
+    fn batch(command: &str) -> Batch {
+        let message = format!(r#"{{"command": "{command}", "projectors": ["127.0.0.1:9"]}}"#);
+        parse_batch(message.as_bytes(), &defaults()).expect("a valid message")
+    }
+
+    #[test]
+    fn the_waiting_queue_is_bounded_and_drops_the_oldest() {
+        let mut p = Projectors::default();
+        for i in 0..MAX_WAITING_BATCHES + 3 {
+            p.push(batch(&format!("c{i}")));
+        }
+        assert_eq!(p.count(), MAX_WAITING_BATCHES);
+        assert_eq!(p.waiting.front().unwrap().command, "c3");
+        assert_eq!(
+            p.waiting.back().unwrap().command,
+            format!("c{}", MAX_WAITING_BATCHES + 2)
+        );
+    }
+
+    #[test]
+    fn a_message_that_waited_too_long_is_dropped_not_sent() {
+        let d = defaults();
+        let mut p = Projectors::default();
+        let mut old = batch("on");
+        old.arrived = Instant::now() - Duration::from_millis(d.max_age_ms + 1);
+        p.push(old);
+        p.push(batch("off"));
+        // The stale `on` is dropped; the `off` is taken and started.
+        let _ = p.step(&d);
+        assert!(p.waiting.is_empty());
+        assert_eq!(p.current.as_ref().map(|b| b.command.as_str()), Some("off"));
+    }
+
     #[test]
     fn raw_command_gets_the_terminator_once() {
         assert_eq!(raw_payload("PWR ON", "\r").unwrap(), b"PWR ON\r");
