@@ -548,3 +548,64 @@ fn https_goes_through_the_proxy_tunnel_with_download_ca_file() {
     );
     assert!(!log.contains(":pw@"), "{log}");
 }
+
+/// MQTT over WebSockets over TLS (`"transport": "wss"`) to RabbitMQ's Web
+/// MQTT TLS listener with the test CA's server certificate: the broker is
+/// checked against `mqtt.ca_file` and the name `localhost`, and a sync
+/// message arrives; with a CA the agent does not trust, the line says why.
+#[test]
+fn wss_to_rabbitmq_with_a_private_ca() {
+    let pki = Pki::make();
+    // The broker runs as its own user: give it copies it can read.
+    let served = TempDir::new("tls-wss-broker");
+    for name in ["server.pem", "server.key"] {
+        fs::copy(pki.path(name), served.path().join(name)).unwrap();
+        let mut perm = fs::metadata(served.path().join(name))
+            .unwrap()
+            .permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o644);
+        fs::set_permissions(served.path().join(name), perm).unwrap();
+    }
+    let (rabbit, wss_port) = match common::RabbitWebMqtt::start_tls(
+        &served.path().join("server.pem"),
+        &served.path().join("server.key"),
+    ) {
+        Ok(r) => r,
+        Err(why) => {
+            common::cannot_run(&why);
+            return;
+        }
+    };
+    let http = HttpServer::start();
+    let picture = jpeg(12, 12, 5);
+    http.set("/wss/p.jpg", Route::Ok(picture.clone()));
+    let wss = |dir: &TempDir, ca: &str| {
+        pki.copy_to(dir.path(), &[ca]);
+        let mut config = Agent::default_config(wss_port);
+        merge(
+            &mut config,
+            json!({"mqtt": {"host": "localhost", "transport": "wss", "ws_path": "/ws",
+                            "ca_file": ca, "username": "guest", "password": "guest"}}),
+        );
+        let mut agent = Agent::new(dir.path(), config);
+        agent.start();
+        agent
+    };
+    let dir = TempDir::new("tls-wss");
+    let agent = wss(&dir, "ca.pem");
+    agent.wait_log("subscribed to", WAIT);
+    assert!(agent.log().contains(&format!(
+        "connected to broker wss://localhost:{wss_port}/ws"
+    )));
+    rabbit
+        .endpoint
+        .publish("sync", http.url("/wss/p.jpg").as_bytes(), 1);
+    agent.wait_done(1, WAIT);
+    assert_eq!(fs::read(agent.cache().join("wss/p.jpg")).unwrap(), picture);
+    drop(agent);
+
+    let dir = TempDir::new("tls-wss-untrusted");
+    let agent = wss(&dir, "other-ca.pem");
+    let log = agent.wait_log("could not connect to broker", WAIT);
+    assert!(log.contains("UnknownIssuer"), "{log}");
+}

@@ -2334,6 +2334,18 @@ static RABBIT_WEB_TURN: Mutex<()> = Mutex::new(());
 impl RabbitWebMqtt {
     /// Finds or starts the listeners; Err(reason) when RabbitMQ is not installed.
     pub fn start() -> Result<RabbitWebMqtt, String> {
+        RabbitWebMqtt::start_with(None).map(|(r, _)| r)
+    }
+
+    /// Like [`RabbitWebMqtt::start`], with a WebSocket-over-TLS listener too,
+    /// serving `cert` and `key` (PEM files the broker's user can read); returns
+    /// its port. The plugin is (re)started here with that listener.
+    pub fn start_tls(cert: &Path, key: &Path) -> Result<(RabbitWebMqtt, u16), String> {
+        RabbitWebMqtt::start_with(Some((cert, key)))
+            .map(|(r, port)| (r, port.expect("a TLS listener was asked for")))
+    }
+
+    fn start_with(tls: Option<(&Path, &Path)>) -> Result<(RabbitWebMqtt, Option<u16>), String> {
         let turn = RABBIT_WEB_TURN.lock().unwrap_or_else(|e| e.into_inner());
         let sbin = Path::new("/usr/sbin");
         if !sbin.join("rabbitmqctl").is_file() {
@@ -2358,16 +2370,38 @@ impl RabbitWebMqtt {
             "RabbitMQ is installed but does not answer: {listeners:?}"
         );
         let mut enabled_here = false;
-        let (ws_port, mqtt_port) = match (
+        let existing = match (
             listener(&listeners, "http/web-mqtt"),
             listener(&listeners, "mqtt"),
         ) {
-            (Some(ws), Some(mqtt)) => (ws, mqtt),
-            _ => {
+            (Some(ws), Some(mqtt)) if tls.is_none() => Some((ws, mqtt)),
+            (Some(_), _) => {
+                // Started without the TLS listener this test needs: start it again.
+                let out = run(
+                    "rabbitmq-plugins",
+                    &["disable", "rabbitmq_web_mqtt", "rabbitmq_mqtt"],
+                );
+                assert!(out.status.success(), "{out:?}");
+                None
+            }
+            _ => None,
+        };
+        let wss_port = tls.map(|_| free_port());
+        let (ws_port, mqtt_port) = match existing {
+            Some(ports) => ports,
+            None => {
                 let (ws, mqtt) = (free_port(), free_port());
+                let ssl = match (tls, wss_port) {
+                    (Some((cert, key)), Some(port)) => format!(
+                        ", application:set_env(rabbitmq_web_mqtt, ssl_config, [{{port, {port}}}, {{certfile, \"{}\"}}, {{keyfile, \"{}\"}}])",
+                        cert.display(),
+                        key.display()
+                    ),
+                    _ => ", application:unset_env(rabbitmq_web_mqtt, ssl_config)".to_string(),
+                };
                 let set = format!(
                     "application:load(rabbitmq_mqtt), application:set_env(rabbitmq_mqtt, tcp_listeners, [{mqtt}]), \
-                     application:load(rabbitmq_web_mqtt), application:set_env(rabbitmq_web_mqtt, tcp_config, [{{port, {ws}}}])."
+                     application:load(rabbitmq_web_mqtt), application:set_env(rabbitmq_web_mqtt, tcp_config, [{{port, {ws}}}]){ssl}."
                 );
                 let out = run("rabbitmqctl", &["eval", &set]);
                 assert!(out.status.success(), "{out:?}");
@@ -2377,21 +2411,27 @@ impl RabbitWebMqtt {
                 (ws, mqtt)
             }
         };
-        for port in [ws_port, mqtt_port] {
+        for port in [Some(ws_port), Some(mqtt_port), wss_port]
+            .into_iter()
+            .flatten()
+        {
             let addr = SocketAddr::from(([127, 0, 0, 1], port));
             wait_until("RabbitMQ's listeners", Duration::from_secs(60), || {
                 TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok()
             });
         }
-        Ok(RabbitWebMqtt {
-            ws_port,
-            endpoint: Endpoint {
-                port: mqtt_port,
-                login: Some(("guest".into(), "guest".into())),
+        Ok((
+            RabbitWebMqtt {
+                ws_port,
+                endpoint: Endpoint {
+                    port: mqtt_port,
+                    login: Some(("guest".into(), "guest".into())),
+                },
+                enabled_here: enabled_here || tls.is_some(),
+                _turn: turn,
             },
-            enabled_here,
-            _turn: turn,
-        })
+            wss_port,
+        ))
     }
 }
 
