@@ -411,6 +411,25 @@ fn build_agent() -> Result<PathBuf, String> {
     build
         .args(["build", "--bin", "holosync", "--manifest-path"])
         .arg(Path::new(REPO).join("Cargo.toml"));
+    // `cargo run` gives this example the package's variables (CARGO_PKG_*,
+    // CARGO_MANIFEST_DIR, ...); passed on, they change what some build
+    // scripts see (ring's, rustls'), so the build here and a plain `cargo
+    // build --release` would each rebuild what the other built.
+    for (key, _) in std::env::vars_os() {
+        let k = key.to_string_lossy();
+        if k.starts_with("CARGO_PKG_")
+            || matches!(
+                k.as_ref(),
+                "CARGO_MANIFEST_DIR"
+                    | "CARGO_MANIFEST_PATH"
+                    | "CARGO_CRATE_NAME"
+                    | "CARGO_BIN_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+            )
+        {
+            build.env_remove(&key);
+        }
+    }
     if profile_dir.file_name().is_some_and(|n| n == "release") {
         build.arg("--release");
     }
