@@ -75,6 +75,9 @@ pub fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Args, Stri
             "--version" | "-V" => command = Some(Command::Version),
             "--config" | "-c" => {
                 let path = args.next().ok_or("--config needs a path")?;
+                if config.is_some() {
+                    return Err("--config given twice: name one config file".into());
+                }
                 config = Some(PathBuf::from(path));
             }
             "--json" => json = true,
@@ -194,8 +197,32 @@ fn run(config: Config, config_path: PathBuf) -> Result<()> {
     crate::os::watch_stop();
     install_logger(&config, true)?;
     let _lock = single_instance(&config.database)?;
-    Agent::new(config, config_path)?.run();
+    cache_writable(&config).map_err(|e| {
+        Error::msg(format!(
+            "holosync stopped: {} (nothing can be cached)",
+            e.chain()
+        ))
+    })?;
+    Agent::new(config, config_path)
+        .map_err(|e| Error::msg(format!("holosync stopped: {}", e.chain())))?
+        .run();
     Ok(())
+}
+
+/// Makes the cache folder (with its parents) and writes and removes a probe
+/// file in it: a folder the agent cannot write would fail every URL after
+/// downloading it, so it is refused at the door, as `check` does.
+fn cache_writable(config: &Config) -> Result<()> {
+    let probe = config.cache_dir.join(".holosync-check");
+    std::fs::create_dir_all(&config.cache_dir)
+        .and_then(|()| std::fs::write(&probe, b"ok"))
+        .and_then(|()| std::fs::remove_file(&probe))
+        .context(|| {
+            format!(
+                "cache folder {} is not writable (check cache_dir and the folder's permissions)",
+                config.cache_dir.display()
+            )
+        })
 }
 
 /// Holds an OS lock on `<database>.lock` for the life of the process. A second
@@ -223,6 +250,12 @@ fn single_instance(database: &Path) -> Result<std::fs::File> {
 }
 
 fn status(config: &Config, json: bool) -> Result<()> {
+    if !config.database.is_file() {
+        return Err(Error::msg(format!(
+            "no queue at {}: the agent has not run with this config yet (status creates nothing)",
+            config.database.display()
+        )));
+    }
     let mut st = Queue::open(&config.database)?.status(crate::report::STATUS_FAILURES)?;
     st.cache_free_bytes = crate::os::free_bytes(&config.cache_dir);
     if json {
@@ -319,15 +352,8 @@ fn enqueue(config: &Config, urls: &[String]) -> Result<()> {
 }
 
 fn check(config: &Config, config_path: &Path) -> ExitCode {
-    let probe = config.cache_dir.join(".holosync-check");
-    let writable = std::fs::create_dir_all(&config.cache_dir)
-        .and_then(|()| std::fs::write(&probe, b"ok"))
-        .and_then(|()| std::fs::remove_file(&probe));
-    if let Err(e) = writable {
-        eprintln!(
-            "holosync: cache folder {} is not writable: {e}",
-            config.cache_dir.display()
-        );
+    if let Err(e) = cache_writable(config) {
+        eprintln!("holosync: {}", e.chain());
         return ExitCode::from(2);
     }
     println!(

@@ -147,6 +147,31 @@ pub struct Mqtt {
     pub connect_jitter_ms: u64,
 }
 
+/// serde's type names in a config error, in a technician's words
+/// (`expected u16` -> `expected a whole number from 0 to 65535`).
+fn plain_words(message: &str) -> String {
+    let mut m = message.to_string();
+    for (rust, words) in [
+        ("expected u16", "expected a whole number from 0 to 65535"),
+        (
+            "expected u32",
+            "expected a whole number from 0 to 4294967295",
+        ),
+        ("expected u64", "expected a whole number of 0 or more"),
+        ("expected u8", "expected a whole number from 0 to 255"),
+        ("expected usize", "expected a whole number of 0 or more"),
+        ("expected a boolean", "expected true or false"),
+        ("expected a string", "expected text in double quotes"),
+        ("expected a sequence", "expected a list in [ ]"),
+    ] {
+        m = m.replace(rust, words);
+    }
+    if let Some(at) = m.find("expected struct ") {
+        m = format!("{}expected an object {{ ... }}", &m[..at]);
+    }
+    m
+}
+
 /// How MQTT travels to the broker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -542,15 +567,28 @@ impl Config {
 
     /// Parses JSON text; on error returns the dotted key and the reason.
     pub fn parse(text: &str) -> Result<Config, (String, String)> {
+        // serde would also take a JSON array for the config's fields in order.
+        if !text.trim_start().starts_with('{') {
+            return Err((
+                String::new(),
+                "the config must be one JSON object: { \"mqtt\": { ... }, ... }".into(),
+            ));
+        }
         let mut de = serde_json::Deserializer::from_str(text);
         let mut config: Config = serde_path_to_error::deserialize(&mut de).map_err(|e| {
             if e.inner().is_syntax() || e.inner().is_eof() {
                 // The key path is a guess here (`download.?`): the position is not.
-                return (String::new(), format!("not valid JSON: {}", e.inner()));
+                let message = e.inner().to_string();
+                let hint = if message.contains("invalid escape") {
+                    " (a backslash starts an escape in JSON: write a Windows path as D:/holo or D:\\\\holo)"
+                } else {
+                    ""
+                };
+                return (String::new(), format!("not valid JSON: {message}{hint}"));
             }
             let key = e.path().to_string();
             let key = if key == "." { String::new() } else { key };
-            (key, e.inner().to_string())
+            (key, plain_words(&e.inner().to_string()))
         })?;
         if config.mqtt.sync_topics.is_none() {
             config.mqtt.sync_topics = Some(default_sync_topics(config.mall.as_deref()));

@@ -492,6 +492,12 @@ impl Link {
 /// `... NotValidForName`, or the broker's alert), without rumqttc's layers.
 fn describe(e: &rumqttc::ConnectionError, via: Option<&str>) -> String {
     match e {
+        rumqttc::ConnectionError::ConnectionRefused(
+            code @ (rumqttc::ConnectReturnCode::BadUserNamePassword
+            | rumqttc::ConnectReturnCode::NotAuthorized),
+        ) => format!(
+            "the broker refused the login ({code:?}): check mqtt.username and mqtt.password"
+        ),
         #[cfg(feature = "ws")]
         rumqttc::ConnectionError::Proxy(p) => {
             let proxy = via.unwrap_or("the proxy");

@@ -181,6 +181,14 @@ unsafe extern "system" fn console_event(event: u32) -> windows_sys::core::BOOL {
     1
 }
 
+/// Tries at creating the log-off watcher's window, [`WINDOW_RETRY`] apart.
+#[cfg(windows)]
+const WINDOW_ATTEMPTS: u32 = 20;
+
+/// Pause between two tries at creating the window.
+#[cfg(windows)]
+const WINDOW_RETRY: Duration = Duration::from_millis(500);
+
 /// Creates a hidden top-level window (a message-only window is not sent
 /// session messages) and serves its messages until the process ends.
 #[cfg(windows)]
@@ -205,26 +213,38 @@ fn session_window() {
             log::warn!("could not register the log-off watcher's window class ({e}); a log-off will not be logged");
             return;
         }
-        let window = CreateWindowExW(
-            0,
-            class.as_ptr(),
-            class.as_ptr(),
-            WS_OVERLAPPED,
-            0,
-            0,
-            0,
-            0,
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-            instance,
-            std::ptr::null(),
-        );
-        if window.is_null() {
-            log::warn!(
-                "could not create the log-off watcher's window; a log-off will not be logged"
+        // The first window of a new session (a freshly made Wine prefix, a
+        // desktop still starting) can fail: try for a while before giving up.
+        let mut window = std::ptr::null_mut();
+        for attempt in 1..=WINDOW_ATTEMPTS {
+            window = CreateWindowExW(
+                0,
+                class.as_ptr(),
+                class.as_ptr(),
+                WS_OVERLAPPED,
+                0,
+                0,
+                0,
+                0,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                instance,
+                std::ptr::null(),
             );
-            return;
+            if !window.is_null() {
+                break;
+            }
+            let e = std::io::Error::last_os_error();
+            if attempt == WINDOW_ATTEMPTS {
+                log::warn!(
+                    "could not create the log-off watcher's window ({e}, {WINDOW_ATTEMPTS} tries); a log-off will not be logged"
+                );
+                return;
+            }
+            log::debug!("could not create the log-off watcher's window yet ({e}); trying again");
+            std::thread::sleep(WINDOW_RETRY);
         }
+        log::debug!("the log-off watcher's window is ready");
         let mut msg: MSG = std::mem::zeroed();
         while GetMessageW(&mut msg, std::ptr::null_mut(), 0, 0) > 0 {
             DispatchMessageW(&msg);

@@ -178,6 +178,8 @@ fn a_windows_log_off_is_logged_as_a_stop() {
     let broker = Mosquitto::start();
     let dir = TempDir::new("life-logoff");
     let mut agent = agent_with(dir.path(), &broker, json!({}));
+    // A first window in a freshly made Wine prefix can take a few tries.
+    agent.wait_log("the log-off watcher's window is ready", WAIT);
     let ended = common::command_for(std::path::Path::new("wineboot"), &["--end-session"])
         .status()
         .expect("wineboot runs");
