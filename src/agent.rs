@@ -72,7 +72,7 @@ pub struct Agent {
 impl Agent {
     /// Opens the queue, settles the client id and prepares the broker link.
     pub fn new(config: Config, config_path: PathBuf) -> Result<Agent> {
-        let queue = Queue::open_or_recover(&config.database)?;
+        let mut queue = Queue::open_or_recover(&config.database)?;
         let client_id = client_id(&config, &queue)?;
         log::info!(
             "holosync {} starting: config {}, client id {client_id}, broker {}, cache {}, database {}",
@@ -104,7 +104,9 @@ impl Agent {
             );
         }
         let started_at = crate::logger::utc_timestamp(SystemTime::now());
-        queue.set_meta(RUNNING_KEY, &started_at)?;
+        // Durably: a kiosk switched off while idle makes no other commit, and
+        // its next start must still know the run ended without a stop.
+        queue.set_meta_durably(RUNNING_KEY, &started_at)?;
         let moved = queue.clamp_schedule(unix_ms(), config.download.retry_max_ms)?;
         if moved > 0 {
             log::warn!(

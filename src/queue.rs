@@ -745,6 +745,21 @@ impl Queue {
             .map(drop)
             .context(|| format!("could not store {key} in the queue database"))
     }
+
+    /// Like [`Queue::set_meta`], committed with `synchronous = FULL`: on the
+    /// disk before this returns (the start-up marker must survive a power
+    /// cut while the kiosk is idle, when no other commit follows it).
+    pub fn set_meta_durably(&mut self, key: &str, value: &str) -> Result<()> {
+        self.durably(|tx| {
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                [key, value],
+            )
+        })
+        .map(drop)
+        .context(|| format!("could not store {key} in the queue database"))
+    }
 }
 
 /// Longest URL or error text in a status, in characters.

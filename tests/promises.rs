@@ -220,6 +220,69 @@ fn the_commit_with_the_url_is_fsynced_before_the_puback() {
     );
 }
 
+/// The start-up marker ("this run has not stopped yet") is on the disk
+/// before the agent says it is connected: strace shows the queue's WAL
+/// written with `running_since`, then fsynced. A kiosk switched off at the
+/// mains while idle makes no later commit, so a marker left to the next
+/// commit's fsync was lost, and the next start said nothing of the cut.
+#[test]
+fn the_start_up_marker_is_fsynced_at_once() {
+    let strace = common::find_program("strace");
+    let broker = Mosquitto::start();
+    let dir = TempDir::new("promise-marker");
+    let agent = Agent::new(dir.path(), Agent::default_config(broker.port));
+    let trace = dir.path().join("strace.txt");
+    let mut cmd = std::process::Command::new(strace);
+    cmd.args([
+        "-f",
+        "-qq",
+        "-s",
+        "65536",
+        "-e",
+        "trace=openat,fsync,fdatasync,write,pwrite64",
+        "-o",
+    ])
+    .arg(&trace)
+    .arg(common::holosync_exe())
+    .arg("--config")
+    .arg(agent.config_path())
+    .stdin(std::process::Stdio::null())
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null());
+    let child = cmd.spawn().expect("spawn strace");
+    let _guard = TracedAgent(child, &trace);
+    agent.wait_log("subscribed to", WAIT);
+    let text = common::read_lossy(&trace);
+    let lines: Vec<&str> = text.lines().collect();
+    let wal_fds: Vec<String> = lines
+        .iter()
+        .filter(|l| l.contains("openat(") && l.contains("holosync.db-wal\""))
+        .filter_map(|l| l.rsplit("= ").next().map(|fd| fd.trim().to_string()))
+        .collect();
+    let on_wal = |l: &str, calls: &[&str]| {
+        wal_fds.iter().any(|fd| {
+            calls
+                .iter()
+                .any(|c| l.contains(&format!("{c}({fd},")) || l.contains(&format!("{c}({fd})")))
+        })
+    };
+    let marker = lines
+        .iter()
+        .rposition(|l| on_wal(l, &["pwrite64", "write"]) && l.contains("running_since"))
+        .unwrap_or_else(|| panic!("no WAL write of the marker:\n{}", common::tail(&text, 3000)));
+    assert!(
+        lines[marker..]
+            .iter()
+            .any(|l| on_wal(l, &["fsync", "fdatasync"])),
+        "the marker's WAL write is never fsynced:\n{}",
+        lines[marker..]
+            .iter()
+            .map(|l| l.chars().take(160).collect::<String>())
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
 /// Nothing partial is visible: a download stalled after more than half of
 /// its body reached the disk leaves no file at the final path, neither while
 /// it stalls nor after a kill -9; restarted, the file arrives whole.
