@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 const STOP_GRACE: Duration = Duration::from_secs(3);
 
 /// Names of the stop requests; `STOP` holds the index + 1 of the one heard.
-const REASONS: [&str; 8] = [
+const REASONS: [&str; 9] = [
     "SIGTERM",
     "SIGINT (Ctrl-C)",
     "SIGHUP (terminal closed)",
@@ -24,6 +24,7 @@ const REASONS: [&str; 8] = [
     "the console window closing",
     "Windows log-off",
     "Windows shutdown",
+    "a close request (taskkill)",
 ];
 
 /// 0 until a stop is requested, then 1 + the index in `REASONS`.
@@ -215,9 +216,8 @@ fn session_window() {
         }
         // The first window of a new session (a freshly made Wine prefix, a
         // desktop still starting) can fail: try for a while before giving up.
-        let mut window = std::ptr::null_mut();
         for attempt in 1..=WINDOW_ATTEMPTS {
-            window = CreateWindowExW(
+            let window = CreateWindowExW(
                 0,
                 class.as_ptr(),
                 class.as_ptr(),
@@ -262,10 +262,16 @@ unsafe extern "system" fn session_message(
     lparam: windows_sys::Win32::Foundation::LPARAM,
 ) -> windows_sys::Win32::Foundation::LRESULT {
     use windows_sys::Win32::UI::WindowsAndMessaging::{
-        DefWindowProcW, ENDSESSION_LOGOFF, WM_ENDSESSION, WM_QUERYENDSESSION,
+        DefWindowProcW, ENDSESSION_LOGOFF, WM_CLOSE, WM_ENDSESSION, WM_QUERYENDSESSION,
     };
     match msg {
         WM_QUERYENDSESSION => 1,
+        // `taskkill /IM holosync.exe` (without /F) asks each window of the
+        // process to close: the clean stop of a windowless program.
+        WM_CLOSE => {
+            on_stop(8);
+            0
+        }
         WM_ENDSESSION => {
             if wparam != 0 {
                 let logoff = (lparam as u32) & ENDSESSION_LOGOFF != 0;

@@ -302,3 +302,42 @@ fn windows_internet_options_name_the_proxy() {
     );
     agent.kill();
 }
+
+/// On Windows, `taskkill /IM holosync.exe` (without /F) stops the windowless
+/// agent cleanly: its hidden window takes the close request, the log says
+/// `holosync stopped (a close request (taskkill))`, and the next start does
+/// not report a crash. Run by `.ci/run` under Wine against the exe.
+#[test]
+#[ignore = "Windows only: .ci/run runs it under Wine against the exe"]
+fn taskkill_stops_the_agent_cleanly() {
+    assert!(
+        common::under_wine(),
+        "needs HOLOSYNC_EXE (the Windows exe) and Wine"
+    );
+    let broker = Mosquitto::start();
+    let dir = TempDir::new("life-taskkill");
+    let mut agent = agent_with(dir.path(), &broker, json!({}));
+    agent.wait_log("the log-off watcher's window is ready", WAIT);
+    let wine = ["/usr/lib/wine/wine64", "/usr/bin/wine64"]
+        .into_iter()
+        .find(|w| std::path::Path::new(w).exists())
+        .unwrap_or("wine64");
+    let status = std::process::Command::new(wine)
+        .args(["taskkill", "/IM", "holosync.exe"])
+        .env("WINEDEBUG", "-all")
+        .status()
+        .expect("wine taskkill runs");
+    assert!(status.success(), "taskkill: {status}");
+    agent.wait_exit(WAIT);
+    let log = agent.log();
+    assert!(
+        log.contains("holosync stopped (a close request (taskkill))"),
+        "{log}"
+    );
+    start_and_wait(&mut agent);
+    assert!(
+        !agent.log().contains("ended without stopping"),
+        "{}",
+        agent.log()
+    );
+}
