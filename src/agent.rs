@@ -18,7 +18,7 @@ use crate::inbox::{self, Inbox, Kind};
 use crate::intake::{Intake, Sorted};
 use crate::link::{Delivery, Link};
 use crate::projector::{self, Batch, Projectors};
-use crate::queue::{unix_ms, Queue};
+use crate::queue::{unix_ms, Queue, RUNNING_KEY};
 use crate::report::{Acked, Identity, Report};
 use crate::transfers::Transfers;
 
@@ -42,10 +42,6 @@ const CLOCK_JUMP: Duration = Duration::from_secs(2);
 
 /// How long a clean stop waits for the broker to get the DISCONNECT.
 const STOP_FLUSH: Duration = Duration::from_millis(500);
-
-/// Queue meta key holding the running agent's start time; emptied by a clean
-/// stop, so a start that finds it set knows the last run ended abruptly.
-const RUNNING_KEY: &str = "running_since";
 
 /// The running agent: config, queue, broker link and the work in progress.
 pub struct Agent {

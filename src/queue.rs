@@ -25,6 +25,20 @@ const CLI_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 /// a later turn (a sync message stays unacknowledged meanwhile).
 pub const AGENT_BUSY_TIMEOUT: Duration = Duration::from_millis(250);
 
+/// Queue meta key holding the running agent's start time; emptied by a
+/// clean stop, so a start that finds it set knows the last run ended
+/// abruptly (and checks the database's pages).
+pub const RUNNING_KEY: &str = "running_since";
+
+/// When opening runs SQLite's `quick_check`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Check {
+    /// Never (a technician's command, tests).
+    Never,
+    /// When the last run did not stop cleanly (or never ran).
+    AfterAnUncleanEnd,
+}
+
 /// Milliseconds since the Unix epoch: the queue's clock (it survives
 /// restarts; `clamp_schedule` keeps rows on time when it jumps).
 pub fn unix_ms() -> i64 {
@@ -51,6 +65,10 @@ CREATE TABLE IF NOT EXISTS queue (
 CREATE INDEX IF NOT EXISTS queue_due ON queue (next_attempt, id)
     WHERE state IN ('pending', 'retry');
 CREATE INDEX IF NOT EXISTS queue_state ON queue (state, updated);
+CREATE INDEX IF NOT EXISTS queue_waiting ON queue (COALESCE(queued, updated))
+    WHERE state IN ('pending', 'retry');
+CREATE INDEX IF NOT EXISTS queue_done_size ON queue (size) WHERE state = 'done';
+CREATE INDEX IF NOT EXISTS queue_partial ON queue (id) WHERE partial > 0;
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -242,7 +260,7 @@ impl Queue {
     }
 
     fn open_with(path: &Path, busy: Duration) -> Result<Queue> {
-        match Queue::try_open(path, busy) {
+        match Queue::try_open(path, busy, Check::Never) {
             Ok(q) => Ok(q),
             Err(Unusable::Broken(why)) => Err(Error::msg(format!(
                 "queue database {} is not usable: {why}",
@@ -257,7 +275,7 @@ impl Queue {
     /// fresh queue is started: a kiosk must keep running. Other errors
     /// (permissions, a lock held too long) are returned, never "repaired".
     pub fn open_or_recover(path: &Path) -> Result<Queue> {
-        match Queue::try_open(path, AGENT_BUSY_TIMEOUT) {
+        match Queue::try_open(path, AGENT_BUSY_TIMEOUT, Check::AfterAnUncleanEnd) {
             Ok(q) => Ok(q),
             Err(Unusable::Other(e)) => Err(e),
             Err(Unusable::Broken(why)) => {
@@ -273,11 +291,11 @@ impl Queue {
         }
     }
 
-    fn try_open(path: &Path, busy: Duration) -> Result<Queue, Unusable> {
+    fn try_open(path: &Path, busy: Duration, check: Check) -> Result<Queue, Unusable> {
         let conn = Connection::open(path)
             .context(|| format!("could not open queue database {}", path.display()))
             .map_err(Unusable::Other)?;
-        Queue::init(conn, busy).map_err(|e| match e {
+        Queue::init(conn, busy, check).map_err(|e| match e {
             InitError::Sqlite(e) if is_corruption(&e) => Unusable::Broken(e.to_string()),
             InitError::Sqlite(e) => Unusable::Other(Error::new(
                 format!("could not set up queue database {}", path.display()),
@@ -290,13 +308,13 @@ impl Queue {
     /// An in-memory queue, for tests.
     pub fn in_memory() -> Queue {
         let conn = Connection::open_in_memory().expect("in-memory SQLite always opens");
-        match Queue::init(conn, CLI_BUSY_TIMEOUT) {
+        match Queue::init(conn, CLI_BUSY_TIMEOUT, Check::Never) {
             Ok(q) => q,
             Err(_) => unreachable!("the schema applies to an empty database"),
         }
     }
 
-    fn init(conn: Connection, busy: Duration) -> Result<Queue, InitError> {
+    fn init(conn: Connection, busy: Duration, check: Check) -> Result<Queue, InitError> {
         conn.busy_timeout(busy)?;
         // WAL: readers (`holosync status`) never block the agent. NORMAL keeps
         // commits durable across a process crash, fsyncing only at
@@ -330,11 +348,26 @@ impl Queue {
             }
         }
         conn.execute_batch(SCHEMA)?;
-        let check: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
-        if check != "ok" {
-            return Err(InitError::Foreign(format!(
-                "integrity check failed: {check}"
-            )));
+        // quick_check reads every page (about 1.5 s for a million rows on a
+        // kiosk): run it where a power cut or crash may have torn pages, not
+        // after a clean stop, and never for a technician's command.
+        let unclean = || -> rusqlite::Result<bool> {
+            let marker: Option<String> = conn
+                .query_row(
+                    "SELECT value FROM meta WHERE key = ?1",
+                    [RUNNING_KEY],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            Ok(marker.is_none_or(|m| !m.is_empty()))
+        };
+        if check == Check::AfterAnUncleanEnd && unclean()? {
+            let result: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
+            if result != "ok" {
+                return Err(InitError::Foreign(format!(
+                    "integrity check failed: {result}"
+                )));
+            }
         }
         Ok(Queue { conn })
     }
@@ -443,7 +476,11 @@ impl Queue {
     pub fn next_due_except(&self, now_ms: i64, busy: Option<i64>) -> Result<Option<Job>> {
         self.conn
             .prepare_cached(
+                // The due index gives the order: without INDEXED BY, SQLite
+                // took the state index and sorted every waiting row per call
+                // (0.37 s with a million rows).
                 "SELECT id, url, attempts, etag, last_modified, partial, size FROM queue
+                 INDEXED BY queue_due
                  WHERE state IN ('pending', 'retry') AND next_attempt <= ?1
                    AND (?2 IS NULL OR id != ?2)
                  ORDER BY next_attempt, id LIMIT 1",
@@ -458,7 +495,7 @@ impl Queue {
         let read = || -> rusqlite::Result<Vec<Job>> {
             let mut s = self.conn.prepare(
                 "SELECT id, url, attempts, etag, last_modified, partial, size FROM queue
-                 WHERE state IN ('pending', 'retry') AND partial > 0",
+                 INDEXED BY queue_partial WHERE partial > 0 AND state IN ('pending', 'retry')",
             )?;
             let rows = s.query_map([], job_from_row)?;
             rows.collect()
@@ -480,7 +517,9 @@ impl Queue {
     pub fn next_due_time(&self) -> Result<Option<i64>> {
         self.conn
             .query_row(
-                "SELECT MIN(next_attempt) FROM queue WHERE state IN ('pending', 'retry')",
+                // The due index's first entry (the state index would scan).
+                "SELECT MIN(next_attempt) FROM queue INDEXED BY queue_due
+                 WHERE state IN ('pending', 'retry')",
                 [],
                 |r| r.get(0),
             )
@@ -559,34 +598,41 @@ impl Queue {
                     _ => st.failed = n,
                 }
             }
+            // Failed first, then retrying, newest first: each by the state
+            // index backwards (one query over both sorted every such row).
             let mut s = self.conn.prepare(
                 "SELECT url, state, attempts, COALESCE(last_error, '') FROM queue
-                 WHERE state IN ('failed', 'retry')
-                 ORDER BY state = 'failed' DESC, updated DESC, id DESC LIMIT ?1",
+                 WHERE state = ?1 ORDER BY updated DESC, id DESC LIMIT ?2",
             )?;
-            st.failures = s
-                .query_map([limit as i64], |r| {
+            for state in ["failed", "retry"] {
+                let left = limit.saturating_sub(st.failures.len());
+                let rows = s.query_map(params![state, left as i64], |r| {
                     Ok(FailureRow {
                         url: r.get(0)?,
                         state: r.get(1)?,
                         attempts: r.get(2)?,
                         error: r.get(3)?,
                     })
-                })?
-                .collect::<rusqlite::Result<_>>()?;
+                })?;
+                for row in rows {
+                    st.failures.push(row?);
+                }
+            }
             for f in &mut st.failures {
                 cut(&mut f.url);
                 cut(&mut f.error);
             }
             let oldest: Option<i64> = self.conn.query_row(
-                "SELECT MIN(COALESCE(queued, updated)) FROM queue WHERE state IN ('pending', 'retry')",
+                "SELECT MIN(COALESCE(queued, updated)) FROM queue INDEXED BY queue_waiting
+                 WHERE state IN ('pending', 'retry')",
                 [],
                 |r| r.get(0),
             )?;
             st.oldest_pending_secs =
                 oldest.map(|t| (now_ms.saturating_sub(t).max(0) / 1000) as u64);
             let (files, bytes): (i64, i64) = self.conn.query_row(
-                "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM queue WHERE state = 'done'",
+                "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM queue INDEXED BY queue_done_size
+                 WHERE state = 'done'",
                 [],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )?;
@@ -605,21 +651,34 @@ impl Queue {
                 )
                 .optional()?;
             st.last_sync = last_sync.and_then(|v| v.parse().ok()).map(stamp);
-            st.last_download = self
-                .conn
-                .query_row(
-                    "SELECT url, state, updated FROM queue WHERE state IN ('done', 'retry', 'failed')
-                     AND attempts > 0 ORDER BY updated DESC, id DESC LIMIT 1",
-                    [],
-                    |r| {
-                        Ok(LastDownload {
-                            url: r.get(0)?,
-                            state: r.get(1)?,
-                            at: stamp(r.get(2)?),
-                        })
-                    },
-                )
-                .optional()?;
+            // The newest of each state's newest (by the state index backwards).
+            let mut s = self.conn.prepare(
+                "SELECT url, state, updated, id FROM queue WHERE state = ?1 AND attempts > 0
+                 ORDER BY updated DESC, id DESC LIMIT 1",
+            )?;
+            let mut newest: Option<(i64, i64, String, String)> = None;
+            for state in ["done", "retry", "failed"] {
+                let row = s
+                    .query_row([state], |r| {
+                        Ok((
+                            r.get::<_, i64>(2)?,
+                            r.get::<_, i64>(3)?,
+                            r.get(0)?,
+                            r.get(1)?,
+                        ))
+                    })
+                    .optional()?;
+                if let Some(row) = row {
+                    if newest.as_ref().is_none_or(|n| (row.0, row.1) > (n.0, n.1)) {
+                        newest = Some(row);
+                    }
+                }
+            }
+            st.last_download = newest.map(|(at, _, url, state)| LastDownload {
+                url,
+                state,
+                at: stamp(at),
+            });
             Ok(st)
         };
         read().context(|| "could not read the queue status")
@@ -674,13 +733,22 @@ impl Queue {
         .context(|| "could not forget URLs")
     }
 
-    /// Every done row: id, URL and the size of its file (if known).
-    pub fn done_files(&self) -> Result<Vec<(i64, String, Option<u64>)>> {
+    /// Done rows after row `after_id`, at most `limit`, in id order: id, URL
+    /// and the size of its file (if known). A caller pages through them, so
+    /// no read takes long or holds every row.
+    pub fn done_files(
+        &self,
+        after_id: i64,
+        limit: usize,
+    ) -> Result<Vec<(i64, String, Option<u64>)>> {
         let read = || -> rusqlite::Result<Vec<(i64, String, Option<u64>)>> {
-            let mut s = self
-                .conn
-                .prepare("SELECT id, url, size FROM queue WHERE state = 'done' ORDER BY id")?;
-            let rows = s.query_map([], |r| {
+            // By the rowid, not the state index: the state index would find
+            // every done row and sort them for each page.
+            let mut s = self.conn.prepare_cached(
+                "SELECT id, url, size FROM queue NOT INDEXED
+                 WHERE id > ?1 AND state = 'done' ORDER BY id LIMIT ?2",
+            )?;
+            let rows = s.query_map(params![after_id, limit as i64], |r| {
                 Ok((
                     r.get(0)?,
                     r.get(1)?,
@@ -791,9 +859,13 @@ fn job_from_row(r: &rusqlite::Row) -> rusqlite::Result<Job> {
 /// See [`Queue::clamp_schedule`].
 fn clamp(conn: &Connection, now_ms: i64, max_delay_ms: u64) -> rusqlite::Result<usize> {
     let max = i64::try_from(max_delay_ms).unwrap_or(i64::MAX / 4);
+    // Rows due later are found by the due index (a range on next_attempt),
+    // not by scanning every waiting row through the state index.
     let pending = conn.execute(
         "UPDATE queue SET next_attempt = ?1, updated = MIN(updated, ?1)
-         WHERE state = 'pending' AND next_attempt > ?1",
+         WHERE id IN (SELECT id FROM queue INDEXED BY queue_due
+                      WHERE state IN ('pending', 'retry') AND next_attempt > ?1)
+           AND state = 'pending'",
         params![now_ms],
     )?;
     let future = conn.execute(
@@ -803,7 +875,9 @@ fn clamp(conn: &Connection, now_ms: i64, max_delay_ms: u64) -> rusqlite::Result<
     )?;
     let far = conn.execute(
         "UPDATE queue SET next_attempt = ?1 + ?2
-         WHERE state = 'retry' AND next_attempt > ?1 + ?2",
+         WHERE id IN (SELECT id FROM queue INDEXED BY queue_due
+                      WHERE state IN ('pending', 'retry') AND next_attempt > ?1 + ?2)
+           AND state = 'retry'",
         params![now_ms, max],
     )?;
     Ok(pending + future + far)

@@ -44,6 +44,9 @@ const MAX_AUDIT_IDS: usize = 16;
 /// Missing files named in an audit's answer and log line.
 const MAX_LISTED: usize = 20;
 
+/// Done rows an audit reads from the queue at a time.
+const AUDIT_PAGE_ROWS: usize = 1024;
+
 /// Done rows an audit checks per clock read.
 const AUDIT_CHECKS_PER_CLOCK: usize = 64;
 
@@ -169,10 +172,14 @@ pub(super) struct Audit {
     asked: usize,
     /// The QoS 1 command messages, acked once the requeue is committed.
     deliveries: Vec<Delivery>,
-    /// The rows to check (loaded at the first step).
-    rows: Option<Vec<(i64, String, Option<u64>)>>,
-    /// Rows checked so far.
+    /// The page of rows being checked, and how far into it.
+    page: Vec<(i64, String, Option<u64>)>,
+    /// Rows of `page` checked.
     pos: usize,
+    /// The last row id read (pages follow it); None once every page is read.
+    after: Option<i64>,
+    /// Rows checked so far.
+    checked: usize,
     /// Rows whose file is missing or changed: id and URL.
     missing: Vec<(i64, String)>,
 }
@@ -213,8 +220,10 @@ impl Report {
             ids: Vec::new(),
             asked: 0,
             deliveries: Vec::new(),
-            rows: None,
+            page: Vec::new(),
             pos: 0,
+            after: Some(0),
+            checked: 0,
             missing: Vec::new(),
         });
         audit.deliveries.extend(d.and_then(ack_handle));
@@ -398,18 +407,24 @@ impl Report {
         deadline: Instant,
     ) -> Option<Vec<Delivery>> {
         let audit = self.audit.as_mut()?;
-        let rows = match &audit.rows {
-            Some(rows) => rows,
-            None => match queue.done_files() {
-                Ok(rows) => audit.rows.insert(rows),
-                Err(e) => {
-                    log::debug!("{}", e.chain());
-                    return None;
+        loop {
+            if audit.pos == audit.page.len() {
+                let Some(after) = audit.after else { break };
+                match queue.done_files(after, AUDIT_PAGE_ROWS) {
+                    Ok(page) => {
+                        audit.after = page.last().map(|(id, _, _)| *id);
+                        audit.page = page;
+                        audit.pos = 0;
+                    }
+                    Err(e) => {
+                        log::debug!("{}", e.chain());
+                        return None;
+                    }
                 }
-            },
-        };
-        while audit.pos < rows.len() {
-            for (id, url, size) in rows.iter().skip(audit.pos).take(AUDIT_CHECKS_PER_CLOCK) {
+                continue;
+            }
+            let end = (audit.pos + AUDIT_CHECKS_PER_CLOCK).min(audit.page.len());
+            for (id, url, size) in &audit.page[audit.pos..end] {
                 let in_place = cache::local_path(&self.cache_dir, url)
                     .ok()
                     .and_then(|p| std::fs::metadata(p).ok())
@@ -418,13 +433,14 @@ impl Report {
                     audit.missing.push((*id, url.clone()));
                 }
             }
-            audit.pos = (audit.pos + AUDIT_CHECKS_PER_CLOCK).min(rows.len());
+            audit.checked += end - audit.pos;
+            audit.pos = end;
             if Instant::now() >= deadline {
                 return None;
             }
         }
         let ids: Vec<i64> = audit.missing.iter().map(|(id, _)| *id).collect();
-        let checked = rows.len();
+        let checked = audit.checked;
         if !ids.is_empty() {
             if let Err(e) = queue.requeue(&ids, crate::queue::unix_ms()) {
                 // Tried again next turn; the command stays unacknowledged.
