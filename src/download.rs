@@ -32,6 +32,8 @@ pub struct Settings {
     pub limits: Limits,
     /// Re-encode JPEGs at this quality instead of storing the bytes unchanged.
     pub reencode_jpeg_quality: Option<u8>,
+    /// Limits against decompression bombs.
+    pub verify: verify::Limits,
 }
 
 /// How a download ended well.
@@ -495,7 +497,11 @@ impl Download {
         if let Some(t) = &mut self.temp {
             t.sync_every(self.sync_every);
         }
-        self.verifier = Some(Verifier::new(&self.job.url, head.header("content-type")));
+        self.verifier = Some(Verifier::with_limits(
+            &self.job.url,
+            head.header("content-type"),
+            self.settings.verify,
+        ));
         Ok(None)
     }
 
@@ -548,11 +554,12 @@ impl Download {
 
     /// A body without a length that ended with a plain TCP close may have
     /// been cut anywhere: only the file can show it is whole. JPEG and PNG
-    /// did already (their walkers refuse an early end); a GIF, WebP or BMP
-    /// shows it by its own structure; any other file cannot, and is refused.
+    /// and WebP did already (their walkers refuse an early end); a GIF
+    /// (accepted without its trailer when it has a Content-Length) or a BMP
+    /// must show it by its own structure; any other file cannot, and is refused.
     fn check_whole(&self, kind: Kind) -> Result<(), Failure> {
         let ended_by_close = self.get.as_ref().is_some_and(Get::ended_by_close);
-        if !ended_by_close || kind != Kind::Other {
+        if !ended_by_close || !matches!(kind, Kind::Other | Kind::Gif { .. }) {
             return Ok(());
         }
         match verify::whole(&self.body) {
