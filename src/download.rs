@@ -371,6 +371,18 @@ impl Download {
             return Ok(None);
         };
         if self.kind.is_none() {
+            // download.max_secs bounds the whole attempt: the HTTP side
+            // checks it while bytes arrive, this while they are verified.
+            // The same bytes would take as long again: permanent.
+            let max = self.settings.limits.max_time;
+            if self.started.elapsed() > max {
+                return Err(Failure::Permanent(format!(
+                    "not verified within download.max_secs ({} s for the whole attempt, \
+                     transfer and verification; {} bytes received)",
+                    max.as_secs(),
+                    self.body.len()
+                )));
+            }
             let t = crate::os::thread_cpu();
             let progress = verifier.step(&self.body, self.complete, deadline);
             self.cpu.verify += crate::os::thread_cpu().saturating_sub(t);
