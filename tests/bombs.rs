@@ -164,6 +164,21 @@ fn animated_webp(w: u32, h: u32, frames: usize) -> Vec<u8> {
     out
 }
 
+/// An APNG of `frames` grey frames of `w`x`h` (the png crate's encoder).
+fn apng(w: u32, h: u32, frames: u32) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut encoder = png::Encoder::new(&mut out, w, h);
+    encoder.set_color(png::ColorType::Grayscale);
+    encoder.set_animated(frames, 0).expect("animated");
+    let mut writer = encoder.write_header().expect("png header");
+    let pixels = vec![120u8; (w * h) as usize];
+    for _ in 0..frames {
+        writer.write_image_data(&pixels).expect("png frame");
+    }
+    writer.finish().expect("png finish");
+    out
+}
+
 /// How one URL ended: its state, its last error, and the verify CPU the
 /// agent logged for it (microseconds).
 struct Outcome {
@@ -275,7 +290,7 @@ fn jpeg_scan_bombs_are_refused_naming_the_rule() {
     refused_cheaply("a refinement repeated", &got[4], "already refined");
 }
 
-/// GIF and WebP animations whose frames declare more pixels together than
+/// GIF, WebP and APNG animations whose frames declare more pixels together than
 /// download.max_animation_pixels are refused at the frame that crosses it,
 /// naming the key; 200-frame animations under it are stored.
 /// Fails on the old code: GIF and WebP were stored unverified.
@@ -287,6 +302,8 @@ fn animation_bombs_are_refused_naming_the_budget() {
             ("bomb.webp", animated_webp(1000, 1000, 40)),
             ("ok.gif", gif(64, 48, 200)),
             ("ok.webp", animated_webp(64, 48, 200)),
+            ("bomb.png", apng(1000, 1000, 3)),
+            ("ok.png", apng(64, 48, 200)),
         ],
         json!({"download": {"max_animation_pixels": 1_500_000}}),
     );
@@ -296,6 +313,9 @@ fn animation_bombs_are_refused_naming_the_budget() {
     assert!(got[1].error.contains("frame 2"), "{}", got[1].error);
     assert_eq!(got[2].state, "done", "200-frame GIF: {}", got[2].error);
     assert_eq!(got[3].state, "done", "200-frame WebP: {}", got[3].error);
+    refused_cheaply("the APNG bomb", &got[4], "download.max_animation_pixels");
+    assert!(got[4].error.contains("frame 2"), "{}", got[4].error);
+    assert_eq!(got[5].state, "done", "200-frame APNG: {}", got[5].error);
 }
 
 /// download.max_secs bounds the whole attempt: a 100 MP progressive JPEG

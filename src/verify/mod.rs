@@ -288,7 +288,7 @@ impl Verifier {
     /// Which checker the first bytes call for; `None` to wait for more.
     fn sniff(&self, data: &[u8], complete: bool) -> Option<State> {
         if data.starts_with(png::MAGIC) {
-            return Some(State::Png(png::Checker::new()));
+            return Some(State::Png(png::Checker::new(self.limits)));
         }
         if data.starts_with(JPEG_SOI) {
             return match data.get(2) {
