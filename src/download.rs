@@ -372,10 +372,11 @@ impl Download {
         };
         if self.kind.is_none() {
             // download.max_secs bounds the whole attempt: the HTTP side
-            // checks it while bytes arrive, this while they are verified.
-            // The same bytes would take as long again: permanent.
+            // checks it while bytes arrive (transient), this once they are
+            // all in and still being verified (the same bytes would take
+            // as long again: permanent).
             let max = self.settings.limits.max_time;
-            if self.started.elapsed() > max {
+            if self.complete && self.started.elapsed() > max {
                 return Err(Failure::Permanent(format!(
                     "not verified within download.max_secs ({} s for the whole attempt, \
                      transfer and verification; {} bytes received)",
@@ -388,7 +389,9 @@ impl Download {
             self.cpu.verify += crate::os::thread_cpu().saturating_sub(t);
             match progress {
                 verify::Progress::NeedMore | verify::Progress::Paused => return Ok(None),
-                verify::Progress::Done(Err(e)) => return Err(Failure::Permanent(e)),
+                verify::Progress::Done(Err(e)) => {
+                    return Err(self.cut_by_close().unwrap_or(Failure::Permanent(e)))
+                }
                 verify::Progress::Done(Ok(kind)) => self.kind = Some(kind),
             }
         }
@@ -574,14 +577,31 @@ impl Download {
         if !ended_by_close || !matches!(kind, Kind::Other | Kind::Gif { .. }) {
             return Ok(());
         }
+        if let Some(cut) = self.cut_by_close() {
+            return Err(cut);
+        }
         match verify::whole(&self.body) {
-            Whole::Yes => Ok(()),
-            Whole::Cut(why) => Err(Failure::transient(format!(
-                "cut short: the body had no length and ended when the server closed the connection, and {why}"
-            ))),
+            Whole::Yes | Whole::Cut(_) => Ok(()),
             Whole::Unknown => Err(Failure::Permanent(
                 "the body had no length (no Content-Length, not chunked) and ended when the server closed the connection, which a cut looks just like; only a JPEG, PNG, GIF, WebP or BMP can show it is whole".into(),
             )),
+        }
+    }
+
+    /// A body without a length, ended by the server's close, that shows by
+    /// its own structure (a GIF's trailer, a WebP's RIFF size, a BMP's file
+    /// size) that the close cut it: worth another attempt, whatever the
+    /// verifier made of the cut.
+    fn cut_by_close(&self) -> Option<Failure> {
+        let ended_by_close = self.get.as_ref().is_some_and(Get::ended_by_close);
+        if !(ended_by_close && self.complete) {
+            return None;
+        }
+        match verify::whole(&self.body) {
+            Whole::Cut(why) => Some(Failure::transient(format!(
+                "cut short: the body had no length and ended when the server closed the connection, and {why}"
+            ))),
+            Whole::Yes | Whole::Unknown => None,
         }
     }
 
