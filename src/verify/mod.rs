@@ -1,14 +1,18 @@
 //! Bytes to a verified image kind, before anything becomes visible (pure).
 //!
 //! The rule: accept exactly what a normal viewer shows completely; refuse
-//! what it would show torn or not at all. PNG and JPEG (recognised by their
-//! magic bytes) are checked by walkers written here: every chunk and every
-//! inflated byte of a PNG, every entropy-coded bit of every scan of a JPEG,
-//! without making pixels. An error confined to an ancillary part that
-//! viewers skip (a PNG text or colour chunk, APNG animation chunks, a JPEG
-//! comment) does not refuse the picture. Other files only need to be
-//! non-empty (the length check against Content-Length happens in
-//! `download`).
+//! what it would show torn or not at all. PNG, JPEG, GIF and WebP
+//! (recognised by their magic bytes) are checked to the end: every chunk
+//! and every inflated byte of a PNG (and of every APNG frame), every
+//! entropy-coded bit of every scan of a JPEG, every frame's LZW data of a
+//! GIF (weezl), without making pixels; every frame of a WebP decoded by
+//! image-webp, one at a time. An error confined to an ancillary part that
+//! viewers skip (a PNG text or colour chunk, a JPEG comment, bytes after a
+//! GIF's trailer or a WebP's RIFF end) does not refuse the picture. Files
+//! that ask for far more work than their size (decompression and scan
+//! bombs) are refused by [`Limits`] and the JPEG scan rules. Other files
+//! only need to be non-empty (the length check against Content-Length
+//! happens in `download`).
 //!
 //! [`Verifier`] does the work incrementally on the caller's thread: in
 //! slices that end at a deadline, and while the body is still arriving.
