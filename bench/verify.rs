@@ -7,7 +7,9 @@
 //!   (`clock_gettime(CLOCK_PROCESS_CPUTIME_ID)`; verification no longer
 //!   starts threads, so it equals the calling thread's), with the calling
 //!   thread's share and the wall-clock
-//!   median beside it. With `--json` one JSON object is printed instead of a table.
+//!   median beside it, for 1080p JPEG, PNG, GIF, lossless WebP and (with
+//!   `cwebp`) lossy WebP, and a 4000x3000 JPEG. With `--json` one JSON
+//!   object is printed instead of a table.
 //! - `gen DIR JPEGS PNGS`: writes the deterministic images `bench/run`
 //!   serves: `DIR/drain/jNNNN.jpg` (1920x1080), `DIR/drain/pNNNN.png`
 //!   (1920x1080) and `DIR/big/photo-4000x3000.jpg`, then prints one line
@@ -16,6 +18,9 @@
 //!   verifier's memory promise, unless already there: `DIR/progressive-
 //!   10000x10000.jpg` (RGB, 4:4:4, the most memory a progressive JPEG of
 //!   that size needs) and `DIR/rgb-10000x10000.png`; prints their paths.
+//! - `anim DIR`: writes a 100-frame 1920x1080 lossy animated WebP
+//!   (`DIR/animated-100x1920x1080.webp`, one `cwebp` still repeated in
+//!   ANMF chunks; needs Debian's `webp` package) and prints its path.
 //! - `peak FILE`: reads FILE, verifies it with `verify::Verifier` in 5 ms
 //!   slices on this thread, and prints one JSON object: the verdict, the
 //!   verifier's largest `memory_bytes()`, the process's VmHWM before and
@@ -144,6 +149,101 @@ fn png_with_noise(width: u32, height: u32, seed: u64, noise: u8) -> Vec<u8> {
     out
 }
 
+/// A deterministic GIF of `frames` frames (a 3-3-2 bit palette of the
+/// same pixels as the JPEG rows, shifted per frame), LZW code size 8.
+fn gif(width: u16, height: u16, frames: usize, seed: u64) -> Vec<u8> {
+    let data = pixels(usize::from(width), usize::from(height), seed, 28);
+    let mut g = b"GIF89a".to_vec();
+    g.extend(width.to_le_bytes());
+    g.extend(height.to_le_bytes());
+    g.extend([0xf7, 0, 0]);
+    for i in 0..=255u8 {
+        g.extend([i & 0xe0, (i << 3) & 0xe0, (i << 6) & 0xc0]);
+    }
+    for f in 0..frames {
+        let index: Vec<u8> = data
+            .chunks_exact(3)
+            .map(|p| (p[0] & 0xe0) | ((p[1] >> 3) & 0x1c) | (p[2] >> 6))
+            .map(|i| i.wrapping_add(f as u8))
+            .collect();
+        let lzw = weezl::encode::Encoder::new(weezl::BitOrder::Lsb, 8)
+            .encode(&index)
+            .expect("LZW-encode");
+        g.extend(b"\x21\xf9\x04\x00\x04\x00\x00\x00\x2c\x00\x00\x00\x00");
+        g.extend(width.to_le_bytes());
+        g.extend(height.to_le_bytes());
+        g.extend([0, 8]);
+        for block in lzw.chunks(255) {
+            g.push(block.len() as u8);
+            g.extend(block);
+        }
+        g.push(0);
+    }
+    g.push(0x3b);
+    g
+}
+
+/// A deterministic lossless WebP (image-webp's encoder).
+fn webp_lossless(width: u32, height: u32, seed: u64) -> Vec<u8> {
+    let data = pixels(width as usize, height as usize, seed, 2);
+    let mut out = Vec::new();
+    image_webp::WebPEncoder::new(&mut out)
+        .encode(&data, width, height, image_webp::ColorType::Rgb8)
+        .expect("encode webp");
+    out
+}
+
+/// A deterministic lossy WebP, quality 80, made by libwebp's `cwebp` from
+/// a PNG of the same pixels; None when `cwebp` is not installed (Debian's
+/// `webp` package).
+fn webp_lossy(width: u32, height: u32, seed: u64) -> Option<Vec<u8>> {
+    let dir = std::env::temp_dir().join(format!("holosync-bench-{}", std::process::id()));
+    fs::create_dir_all(&dir).ok()?;
+    let (png_path, webp_path) = (dir.join("in.png"), dir.join("out.webp"));
+    fs::write(&png_path, png_with_noise(width, height, seed, 28)).ok()?;
+    let ok = std::process::Command::new("cwebp")
+        .args(["-quiet", "-q", "80"])
+        .arg(&png_path)
+        .arg("-o")
+        .arg(&webp_path)
+        .status()
+        .is_ok_and(|s| s.success());
+    let bytes = fs::read(&webp_path).ok().filter(|_| ok);
+    let _ = fs::remove_dir_all(&dir);
+    bytes
+}
+
+/// An animated WebP: `frames` copies of a lossy still's VP8 bitstream
+/// (from `webp_lossy`, so None without `cwebp`) in ANMF chunks.
+fn webp_animated(width: u32, height: u32, frames: usize) -> Option<Vec<u8>> {
+    let still = webp_lossy(width, height, 79)?;
+    let chunk = |out: &mut Vec<u8>, fourcc: &[u8], data: &[u8]| {
+        out.extend(fourcc);
+        out.extend((data.len() as u32).to_le_bytes());
+        out.extend(data);
+        if data.len() % 2 == 1 {
+            out.push(0);
+        }
+    };
+    let mut vp8x = vec![0x02, 0, 0, 0];
+    vp8x.extend(&(width - 1).to_le_bytes()[..3]);
+    vp8x.extend(&(height - 1).to_le_bytes()[..3]);
+    let mut out = b"RIFF\0\0\0\0WEBP".to_vec();
+    chunk(&mut out, b"VP8X", &vp8x);
+    chunk(&mut out, b"ANIM", &[0, 0, 0, 0, 0, 0]);
+    for _ in 0..frames {
+        let mut anmf = vec![0; 6];
+        anmf.extend(&(width - 1).to_le_bytes()[..3]);
+        anmf.extend(&(height - 1).to_le_bytes()[..3]);
+        anmf.extend([40, 0, 0, 0]);
+        anmf.extend(&still[12..]);
+        chunk(&mut out, b"ANMF", &anmf);
+    }
+    let riff = (out.len() - 8) as u32;
+    out[4..8].copy_from_slice(&riff.to_le_bytes());
+    Some(out)
+}
+
 /// Median of `v` (sorted in place); 0 for an empty slice.
 fn median(v: &mut [f64]) -> f64 {
     if v.is_empty() {
@@ -197,11 +297,22 @@ fn run_verify(args: &[String]) {
         .find_map(|a| a.parse::<usize>().ok())
         .unwrap_or(15)
         .max(1);
-    let cases = [
+    let mut cases = vec![
         ("jpeg_1920x1080", jpeg(1920, 1080, 1), "a.jpg", "image/jpeg"),
         ("jpeg_4000x3000", jpeg(4000, 3000, 2), "b.jpg", "image/jpeg"),
         ("png_1920x1080", png(1920, 1080, 3), "c.png", "image/png"),
+        ("gif_1920x1080", gif(1920, 1080, 1, 4), "d.gif", "image/gif"),
+        (
+            "webp_lossless_1920x1080",
+            webp_lossless(1920, 1080, 5),
+            "e.webp",
+            "image/webp",
+        ),
     ];
+    match webp_lossy(1920, 1080, 6) {
+        Some(bytes) => cases.push(("webp_lossy_1920x1080", bytes, "f.webp", "image/webp")),
+        None => eprintln!("cwebp not found (Debian package webp): no lossy WebP row"),
+    }
     let mut rows = Vec::new();
     for (name, bytes, url, ctype) in &cases {
         rows.push((*name, bytes.len(), measure(bytes, url, ctype, runs)));
@@ -310,6 +421,18 @@ fn run_huge(args: &[String]) {
     println!("{}", png_path.display());
 }
 
+/// `anim DIR`: a 100-frame 1920x1080 lossy animated WebP (needs `cwebp`).
+fn run_anim(args: &[String]) {
+    let dir = Path::new(args.first().expect("usage: verify anim DIR"));
+    fs::create_dir_all(dir).expect("create anim dir");
+    let path = dir.join("animated-100x1920x1080.webp");
+    if !path.exists() {
+        let bytes = webp_animated(1920, 1080, 100).expect("cwebp (Debian package webp)");
+        write_whole(&path, &bytes);
+    }
+    println!("{}", path.display());
+}
+
 /// Writes `bytes` to a temporary name, then renames: a killed run leaves no
 /// half file for the next one to trust.
 fn write_whole(path: &Path, bytes: &[u8]) {
@@ -387,11 +510,12 @@ fn main() {
         Some("verify") => run_verify(&args[1..]),
         Some("huge") => run_huge(&args[1..]),
         Some("peak") => run_peak(&args[1..]),
+        Some("anim") => run_anim(&args[1..]),
         None => run_verify(&[]),
         Some(other) => {
             eprintln!(
                 "unknown command {other:?}; use `verify [RUNS] [--json]`, `gen DIR JPEGS PNGS`, \
-                 `huge DIR` or `peak FILE`"
+                 `huge DIR`, `anim DIR` or `peak FILE`"
             );
             std::process::exit(2);
         }

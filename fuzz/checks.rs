@@ -228,13 +228,22 @@ pub fn image(data: &[u8]) {
                 let _ = verify::reencode_jpeg(data, 80);
             }
         }
+        Ok(verify::Kind::Gif { width, height, .. }) => {
+            assert!(data.starts_with(b"GIF87a") || data.starts_with(b"GIF89a"));
+            check_size(width, height);
+        }
+        Ok(verify::Kind::Webp { width, height, .. }) => {
+            assert!(data.starts_with(b"RIFF") && data.get(8..12) == Some(b"WEBP"));
+            check_size(width, height);
+        }
         Ok(verify::Kind::Other) => {
             assert!(!data.is_empty(), "empty body accepted");
             assert!(!data.starts_with(b"\x89PNG\r\n\x1a\n") && !data.starts_with(b"\xff\xd8\xff"));
         }
         Err(e) => assert!(!e.is_empty()),
     }
-    if !data.starts_with(b"\x89PNG") && !data.starts_with(b"\xff\xd8") {
+    let gif_or_webp = data.starts_with(b"GIF8") || data.starts_with(b"RIFF");
+    if !data.starts_with(b"\x89PNG") && !data.starts_with(b"\xff\xd8") && !gif_or_webp {
         let other = verify::verify(data, "http://h.com/a.gif", Some("image/gif"));
         assert_eq!(other.is_ok(), !data.is_empty() && !looks_like_html(data));
     }

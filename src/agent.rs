@@ -207,6 +207,9 @@ impl Agent {
                 max_bytes_per_sec: d.max_bytes_per_sec,
             },
             reencode_jpeg_quality: d.reencode_jpeg_quality,
+            verify: crate::verify::Limits {
+                animation_pixels: d.max_animation_pixels,
+            },
         };
         let transfers = Transfers::new(&config, settings, proxies.clone());
         // A technician who deleted the cache gets it back without a message.

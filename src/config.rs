@@ -218,6 +218,10 @@ pub struct Download {
     /// Re-encode JPEGs at this quality (1-100) instead of storing the bytes unchanged.
     #[serde(default)]
     pub reencode_jpeg_quality: Option<u8>,
+    /// Pixels all frames of an animation (GIF, WebP, APNG) may declare
+    /// together; more is refused as a decompression bomb.
+    #[serde(default = "default_max_animation_pixels")]
+    pub max_animation_pixels: u64,
     /// PEM file of extra CA certificates trusted for HTTPS image servers (a private CA).
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
@@ -426,6 +430,9 @@ fn default_max_secs() -> u64 {
 }
 fn default_max_bytes() -> u64 {
     64 * 1024 * 1024
+}
+fn default_max_animation_pixels() -> u64 {
+    crate::verify::MAX_ANIMATION_PIXELS
 }
 fn default_max_attempts() -> u32 {
     10
@@ -757,6 +764,9 @@ impl Config {
         }
         if d.max_bytes == 0 {
             return Err(("download.max_bytes", "must be at least 1".into()));
+        }
+        if d.max_animation_pixels == 0 {
+            return Err(("download.max_animation_pixels", "must be at least 1".into()));
         }
         if d.max_attempts == 0 {
             return Err(("download.max_attempts", "must be at least 1".into()));

@@ -32,6 +32,8 @@ pub struct Settings {
     pub limits: Limits,
     /// Re-encode JPEGs at this quality instead of storing the bytes unchanged.
     pub reencode_jpeg_quality: Option<u8>,
+    /// Limits against decompression bombs.
+    pub verify: verify::Limits,
 }
 
 /// How a download ended well.
@@ -369,12 +371,27 @@ impl Download {
             return Ok(None);
         };
         if self.kind.is_none() {
+            // download.max_secs bounds the whole attempt: the HTTP side
+            // checks it while bytes arrive (transient), this once they are
+            // all in and still being verified (the same bytes would take
+            // as long again: permanent).
+            let max = self.settings.limits.max_time;
+            if self.complete && self.started.elapsed() > max {
+                return Err(Failure::Permanent(format!(
+                    "not verified within download.max_secs ({} s for the whole attempt, \
+                     transfer and verification; {} bytes received)",
+                    max.as_secs(),
+                    self.body.len()
+                )));
+            }
             let t = crate::os::thread_cpu();
             let progress = verifier.step(&self.body, self.complete, deadline);
             self.cpu.verify += crate::os::thread_cpu().saturating_sub(t);
             match progress {
                 verify::Progress::NeedMore | verify::Progress::Paused => return Ok(None),
-                verify::Progress::Done(Err(e)) => return Err(Failure::Permanent(e)),
+                verify::Progress::Done(Err(e)) => {
+                    return Err(self.cut_by_close().unwrap_or(Failure::Permanent(e)))
+                }
                 verify::Progress::Done(Ok(kind)) => self.kind = Some(kind),
             }
         }
@@ -495,7 +512,11 @@ impl Download {
         if let Some(t) = &mut self.temp {
             t.sync_every(self.sync_every);
         }
-        self.verifier = Some(Verifier::new(&self.job.url, head.header("content-type")));
+        self.verifier = Some(Verifier::with_limits(
+            &self.job.url,
+            head.header("content-type"),
+            self.settings.verify,
+        ));
         Ok(None)
     }
 
@@ -548,21 +569,39 @@ impl Download {
 
     /// A body without a length that ended with a plain TCP close may have
     /// been cut anywhere: only the file can show it is whole. JPEG and PNG
-    /// did already (their walkers refuse an early end); a GIF, WebP or BMP
-    /// shows it by its own structure; any other file cannot, and is refused.
+    /// and WebP did already (their walkers refuse an early end); a GIF
+    /// (accepted without its trailer when it has a Content-Length) or a BMP
+    /// must show it by its own structure; any other file cannot, and is refused.
     fn check_whole(&self, kind: Kind) -> Result<(), Failure> {
         let ended_by_close = self.get.as_ref().is_some_and(Get::ended_by_close);
-        if !ended_by_close || kind != Kind::Other {
+        if !ended_by_close || !matches!(kind, Kind::Other | Kind::Gif { .. }) {
             return Ok(());
         }
+        if let Some(cut) = self.cut_by_close() {
+            return Err(cut);
+        }
         match verify::whole(&self.body) {
-            Whole::Yes => Ok(()),
-            Whole::Cut(why) => Err(Failure::transient(format!(
-                "cut short: the body had no length and ended when the server closed the connection, and {why}"
-            ))),
+            Whole::Yes | Whole::Cut(_) => Ok(()),
             Whole::Unknown => Err(Failure::Permanent(
                 "the body had no length (no Content-Length, not chunked) and ended when the server closed the connection, which a cut looks just like; only a JPEG, PNG, GIF, WebP or BMP can show it is whole".into(),
             )),
+        }
+    }
+
+    /// A body without a length, ended by the server's close, that shows by
+    /// its own structure (a GIF's trailer, a WebP's RIFF size, a BMP's file
+    /// size) that the close cut it: worth another attempt, whatever the
+    /// verifier made of the cut.
+    fn cut_by_close(&self) -> Option<Failure> {
+        let ended_by_close = self.get.as_ref().is_some_and(Get::ended_by_close);
+        if !(ended_by_close && self.complete) {
+            return None;
+        }
+        match verify::whole(&self.body) {
+            Whole::Cut(why) => Some(Failure::transient(format!(
+                "cut short: the body had no length and ended when the server closed the connection, and {why}"
+            ))),
+            Whole::Yes | Whole::Unknown => None,
         }
     }
 

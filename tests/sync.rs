@@ -42,7 +42,12 @@ fn sync_message_caches_three_files_byte_identical() {
     let files = [
         ("/works/12/a.jpg!preview", jpeg(64, 48, 1)),
         ("/works/12/b.png", png(30, 20, 2)),
-        ("/other/c.gif", b"GIF89a not decoded, stored as is".to_vec()),
+        // The classic 1x1 GIF: one pixel of LZW data, decoded and checked.
+        (
+            "/other/c.gif",
+            b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff\x2c\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02\x44\x01\x00\x3b"
+                .to_vec(),
+        ),
     ];
     for (path, bytes) in &files {
         http.set(path, Route::Ok(bytes.clone()));

@@ -360,15 +360,16 @@ fn https_raw(pki: &Pki, answer: impl Fn(&str) -> (Vec<u8>, bool) + Send + Sync +
     port
 }
 
-/// A GIF89a of a few hundred bytes (its structure whole, its data unchecked).
+/// A GIF89a of a few hundred bytes: a 300-byte comment, then one pixel of
+/// real LZW data (holosync decodes it).
 fn gif() -> Vec<u8> {
-    let mut g =
-        b"GIF89a\x02\x00\x02\x00\x00\x00\x00\x2c\x00\x00\x00\x00\x02\x00\x02\x00\x00\x02".to_vec();
+    let mut g = b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff\x21\xfe".to_vec();
     for _ in 0..3 {
         g.push(100);
-        g.extend([0x55; 100]);
+        g.extend([b'x'; 100]);
     }
-    g.extend(b"\x00\x3b");
+    g.push(0);
+    g.extend(b"\x2c\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02\x44\x01\x00\x3b");
     g
 }
 

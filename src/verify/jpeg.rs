@@ -57,6 +57,16 @@ const ARITH_ZEROS_PAST_MARKER: u64 = 32;
 /// MCU, so a long flat tail is covered with a wide margin.
 const MCUS_PER_ZERO_BYTE: u64 = 1024;
 
+/// Most scans a picture may have: libjpeg-turbo's `djpeg -maxscans 100`
+/// refuses more. A legitimate progressive file has about 10 (jpegtran's
+/// and mozjpeg's scripts, at most a few dozen with every refinement); a
+/// scan that covers every block with one end-of-band run costs a few bytes
+/// and a pass over every block, so without a cap a small file buys
+/// unbounded work.
+pub(super) const MAX_SCANS: u32 = 100;
+/// [`Component::approximation`] of a coefficient no scan has coded yet.
+const NOT_CODED: i8 = -1;
+
 // Marker codes (T.81 Table B.1).
 const SOF0: u8 = 0xc0;
 const SOF1: u8 = 0xc1;
@@ -110,6 +120,9 @@ struct Component {
     /// Progressive only: per block, which AC coefficients are nonzero so far
     /// (bit k for coefficient k); allocated at its first AC scan.
     nonzero: Vec<u64>,
+    /// Progressive only: per coefficient, the lowest bit coded so far (Al of
+    /// its last scan), or [`NOT_CODED`]; libjpeg's `coef_bits`.
+    approximation: [i8; 64],
 }
 
 /// The frame header (SOFn).
@@ -587,6 +600,7 @@ impl Checker {
                 units_h: 0,
                 scanned: false,
                 nonzero: Vec::new(),
+                approximation: [NOT_CODED; 64],
             });
         }
         let h_max = u32::from(comps.iter().map(|c| c.h).max().expect("count > 0"));
@@ -665,6 +679,15 @@ impl Checker {
                 ScanKind::Lossless
             }
         };
+        if self.scans >= MAX_SCANS {
+            return Err(format!(
+                "more than {MAX_SCANS} scans (libjpeg-turbo's djpeg -maxscans {MAX_SCANS} \
+                 refuses it too): a scan bomb"
+            ));
+        }
+        if frame.process == Process::Progressive {
+            progression(frame, &comps, (ss, se, ah, al), self.scans + 1)?;
+        }
         let band = match kind {
             ScanKind::AcFirst | ScanKind::AcRefine => (u32::from(ss), u32::from(se)),
             _ => (1, 63),
@@ -844,6 +867,48 @@ impl Checker {
             Err(e) => Err(e),
         }
     }
+}
+
+/// Checks that a progressive scan adds information to every coefficient
+/// it codes, and records what it codes (libjpeg's `coef_bits`, where these
+/// are only warnings: "bogus progression"). A first scan (`Ah` 0) of a
+/// coefficient already coded, or a refinement whose `Ah` is not the bit
+/// the coefficient was last coded to, decodes to nothing new: no encoder
+/// writes one, and repeated ones are a scan bomb (each costs a few bytes
+/// and a pass over every block).
+fn progression(
+    frame: &mut Frame,
+    comps: &[ScanComp],
+    (ss, se, ah, al): (u8, u8, u8, u8),
+    number: u32,
+) -> Result<(), String> {
+    for s in comps {
+        let c = &mut frame.comps[s.comp];
+        for k in ss..=se {
+            let was = c.approximation[usize::from(k)];
+            if ah == 0 && was != NOT_CODED {
+                return Err(format!(
+                    "scan {number} codes coefficient {k} of component {} a second time \
+                     (Ah=0; it was coded down to bit {was}): a band coded twice adds nothing",
+                    c.id
+                ));
+            }
+            if ah != 0 && i16::from(was) != i16::from(ah) {
+                return Err(format!(
+                    "scan {number} refines coefficient {k} of component {} from bit {ah}, \
+                     but it {}: a refinement of bits already refined (or never coded)",
+                    c.id,
+                    if was == NOT_CODED {
+                        "was never coded".to_owned()
+                    } else {
+                        format!("is coded down to bit {was}")
+                    }
+                ));
+            }
+            c.approximation[usize::from(k)] = al as i8;
+        }
+    }
+    Ok(())
 }
 
 /// How decoding a scan's MCUs stopped.

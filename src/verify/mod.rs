@@ -1,33 +1,76 @@
 //! Bytes to a verified image kind, before anything becomes visible (pure).
 //!
 //! The rule: accept exactly what a normal viewer shows completely; refuse
-//! what it would show torn or not at all. PNG and JPEG (recognised by their
-//! magic bytes) are checked by walkers written here: every chunk and every
-//! inflated byte of a PNG, every entropy-coded bit of every scan of a JPEG,
-//! without making pixels. An error confined to an ancillary part that
-//! viewers skip (a PNG text or colour chunk, APNG animation chunks, a JPEG
-//! comment) does not refuse the picture. Other files only need to be
-//! non-empty (the length check against Content-Length happens in
-//! `download`).
+//! what it would show torn or not at all. PNG, JPEG, GIF and WebP
+//! (recognised by their magic bytes) are checked to the end: every chunk
+//! and every inflated byte of a PNG (and of every APNG frame), every
+//! entropy-coded bit of every scan of a JPEG, every frame's LZW data of a
+//! GIF (weezl), without making pixels; every frame of a WebP decoded by
+//! image-webp, one at a time. An error confined to an ancillary part that
+//! viewers skip (a PNG text or colour chunk, a JPEG comment, bytes after a
+//! GIF's trailer or a WebP's RIFF end) does not refuse the picture. Files
+//! that ask for far more work than their size (decompression and scan
+//! bombs) are refused by [`Limits`] and the JPEG scan rules. Other files
+//! only need to be non-empty (the length check against Content-Length
+//! happens in `download`).
 //!
 //! [`Verifier`] does the work incrementally on the caller's thread: in
 //! slices that end at a deadline, and while the body is still arriving.
 //! [`verify`] runs it to the verdict over a whole body.
 
 mod crc32;
+mod gif;
 mod jpeg;
 mod jpeg_arith;
 mod jpeg_huffman;
 mod png;
+mod webp;
 mod whole;
 
 use std::fmt;
 use std::time::{Duration, Instant};
 
+pub use webp::MAX_WEBP_FRAME_PIXELS;
 pub use whole::{whole, Whole};
 
 /// Largest picture accepted; a tiny file claiming more is a decompression bomb.
 pub const MAX_PIXELS: u64 = 100_000_000;
+
+/// Default of [`Limits::animation_pixels`] (`download.max_animation_pixels`):
+/// ten pictures of the largest size, or 480 frames of 1080p.
+pub const MAX_ANIMATION_PIXELS: u64 = 1_000_000_000;
+
+/// Limits against decompression bombs, from the config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Pixels all frames of a GIF, WebP or APNG may declare together
+    /// (width x height of each frame, summed): the decoding work a file
+    /// may ask for, whatever its size.
+    pub animation_pixels: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            animation_pixels: MAX_ANIMATION_PIXELS,
+        }
+    }
+}
+
+impl Limits {
+    /// Counts frame `number`'s `pixels` into `total`; refuses them past the budget.
+    pub(crate) fn frame(&self, number: u32, pixels: u64, total: &mut u64) -> Result<(), String> {
+        *total = total.saturating_add(pixels);
+        if *total > self.animation_pixels {
+            return Err(format!(
+                "decompression bomb: frame {number} brings the frames' pixels to {}, over \
+                 download.max_animation_pixels ({})",
+                *total, self.animation_pixels
+            ));
+        }
+        Ok(())
+    }
+}
 
 /// Most memory one [`Verifier`] may hold (tables, inflater, and for a
 /// progressive JPEG one bit per coefficient: 37.5 MB at 100 MP, 3 components
@@ -63,7 +106,25 @@ pub enum Kind {
         /// Height in pixels.
         height: u32,
     },
-    /// Another kind of file (GIF, WebP, ...), stored as received.
+    /// A GIF whose every frame's LZW data decoded to its last pixel.
+    Gif {
+        /// Width of the logical screen in pixels.
+        width: u32,
+        /// Height of the logical screen in pixels.
+        height: u32,
+        /// Frames (1 for a still picture).
+        frames: u32,
+    },
+    /// A WebP whose every frame's bitstream decoded.
+    Webp {
+        /// Width in pixels (the canvas of an animation).
+        width: u32,
+        /// Height in pixels.
+        height: u32,
+        /// Frames (1 for a still picture).
+        frames: u32,
+    },
+    /// Another kind of file (BMP, ...), stored as received.
     Other,
 }
 
@@ -72,6 +133,16 @@ impl fmt::Display for Kind {
         match self {
             Kind::Jpeg { width, height } => write!(f, "JPEG {width}x{height}"),
             Kind::Png { width, height } => write!(f, "PNG {width}x{height}"),
+            Kind::Gif {
+                width,
+                height,
+                frames,
+            } => write!(f, "GIF {width}x{height}, {frames} frames"),
+            Kind::Webp {
+                width,
+                height,
+                frames,
+            } => write!(f, "WebP {width}x{height}, {frames} frames"),
             Kind::Other => f.write_str("file"),
         }
     }
@@ -127,6 +198,8 @@ pub struct Verifier {
     url: String,
     /// The server's Content-Type, for the HTML rule.
     content_type: Option<String>,
+    /// The bomb limits.
+    limits: Limits,
     /// How far the check is.
     state: State,
 }
@@ -139,6 +212,10 @@ enum State {
     Jpeg(Box<jpeg::Checker>),
     /// A PNG.
     Png(Box<png::Checker>),
+    /// A GIF.
+    Gif(Box<gif::Checker>),
+    /// A WebP.
+    Webp(Box<webp::Checker>),
     /// The verdict, repeated to later calls.
     Done(Result<Kind, String>),
 }
@@ -148,9 +225,15 @@ const JPEG_SOI: &[u8] = b"\xff\xd8";
 impl Verifier {
     /// A verifier for the body fetched from `url`, whose server said `content_type`.
     pub fn new(url: &str, content_type: Option<&str>) -> Verifier {
+        Verifier::with_limits(url, content_type, Limits::default())
+    }
+
+    /// The same, with the config's bomb limits.
+    pub fn with_limits(url: &str, content_type: Option<&str>, limits: Limits) -> Verifier {
         Verifier {
             url: url.to_owned(),
             content_type: content_type.map(str::to_owned),
+            limits,
             state: State::Sniffing,
         }
     }
@@ -172,6 +255,8 @@ impl Verifier {
             State::Sniffing => unreachable!("sniffing ended above"),
             State::Jpeg(c) => c.step(data, complete, &mut clock),
             State::Png(c) => c.step(data, complete, &mut clock),
+            State::Gif(c) => c.step(data, complete, &mut clock),
+            State::Webp(c) => c.step(data, complete, &mut clock),
             State::Done(result) => return Progress::Done(result.clone()),
         };
         match progress {
@@ -198,6 +283,8 @@ impl Verifier {
         own + match &self.state {
             State::Jpeg(c) => c.memory_bytes(),
             State::Png(c) => c.memory_bytes(),
+            State::Gif(c) => c.memory_bytes(),
+            State::Webp(c) => c.memory_bytes(),
             State::Sniffing | State::Done(_) => 0,
         }
     }
@@ -205,7 +292,7 @@ impl Verifier {
     /// Which checker the first bytes call for; `None` to wait for more.
     fn sniff(&self, data: &[u8], complete: bool) -> Option<State> {
         if data.starts_with(png::MAGIC) {
-            return Some(State::Png(png::Checker::new()));
+            return Some(State::Png(png::Checker::new(self.limits)));
         }
         if data.starts_with(JPEG_SOI) {
             return match data.get(2) {
@@ -220,6 +307,12 @@ impl Verifier {
                 }
                 None => None,
             };
+        }
+        if data.starts_with(b"GIF87a") || data.starts_with(b"GIF89a") {
+            return Some(State::Gif(gif::Checker::new(self.limits)));
+        }
+        if data.len() >= 12 && data.starts_with(b"RIFF") && &data[8..12] == b"WEBP" {
+            return Some(State::Webp(webp::Checker::new(self.limits)));
         }
         if !complete {
             // Other files are judged whole (HTML, emptiness, the URL rule).
@@ -236,7 +329,17 @@ impl Verifier {
 /// Checks `bytes` fetched for `url` (whose server said `content_type`): the
 /// whole body at once, to the verdict.
 pub fn verify(bytes: &[u8], url: &str, content_type: Option<&str>) -> Result<Kind, String> {
-    let mut verifier = Verifier::new(url, content_type);
+    verify_with(bytes, url, content_type, Limits::default())
+}
+
+/// [`verify`] with the config's bomb limits.
+pub fn verify_with(
+    bytes: &[u8],
+    url: &str,
+    content_type: Option<&str>,
+    limits: Limits,
+) -> Result<Kind, String> {
+    let mut verifier = Verifier::with_limits(url, content_type, limits);
     loop {
         match verifier.step(bytes, true, Instant::now() + NO_DEADLINE) {
             Progress::Done(result) => return result,
@@ -410,14 +513,8 @@ mod tests {
 
     #[test]
     fn other_files_only_need_bytes() {
-        assert_eq!(
-            verify(b"GIF89a....", "http://h/a.gif", None),
-            Ok(Kind::Other)
-        );
-        assert_eq!(
-            verify(b"GIF89a....", "http://h/a.jpg", None),
-            Ok(Kind::Other)
-        );
+        assert_eq!(verify(b"BM......", "http://h/a.bmp", None), Ok(Kind::Other));
+        assert_eq!(verify(b"BM......", "http://h/a.jpg", None), Ok(Kind::Other));
         assert_eq!(
             verify(b"plain", "http://h/readme.txt", None),
             Ok(Kind::Other)
@@ -427,6 +524,17 @@ mod tests {
             verify(b"", "http://h/a.txt", None),
             Err("empty body".into())
         );
+    }
+
+    #[test]
+    fn a_broken_gif_or_webp_is_refused_whatever_the_url() {
+        for (body, url) in [
+            (&b"GIF89a...."[..], "http://h/a.gif"),
+            (b"GIF89a....", "http://h/a.jpg"),
+            (b"RIFF\x04\x00\x00\x00WEBP", "http://h/a.webp"),
+        ] {
+            assert!(verify(body, url, None).is_err(), "{url}");
+        }
     }
 
     #[test]
@@ -444,6 +552,7 @@ mod tests {
             jpeg_progressive(64, 64),
             png(40, 30),
             ARITH_PROGRESSIVE.to_vec(),
+            gif::tests::gif(50, 40, 3),
         ] {
             let mut v = Verifier::new("http://h/a.jpg", None);
             for len in (0..file.len()).step_by(97) {
@@ -459,7 +568,12 @@ mod tests {
 
     #[test]
     fn a_complete_body_never_needs_more() {
-        for file in [jpeg(16, 16), png(4, 4), b"GIF89a".to_vec()] {
+        for file in [
+            jpeg(16, 16),
+            png(4, 4),
+            gif::tests::gif(5, 4, 2),
+            b"BM".to_vec(),
+        ] {
             for len in 0..file.len() {
                 let (progress, _) = run(
                     &mut Verifier::new("http://h/a", None),

@@ -10,10 +10,17 @@
 //! colour profiles, APNG animation chunks, ...) are skipped unread, even
 //! with a wrong CRC, as libpng skips them: their errors never touch the
 //! picture a viewer shows.
+//!
+//! An APNG (acTL before the first IDAT) is checked like the browsers that
+//! animate it: every frame control chunk (fcTL: sequence number, a frame
+//! inside the canvas) and every frame's fdAT data, inflated and walked row
+//! by row like IDAT, one frame at a time; as many frames as acTL declares;
+//! the frames' pixels within `download.max_animation_pixels`. Animation
+//! chunks that come too late to animate (acTL after IDAT) are skipped.
 
 use fdeflate::{DecompressionError, Decompressor};
 
-use super::{check_pixels, Clock, Kind, Progress};
+use super::{check_pixels, Clock, Kind, Limits, Progress};
 
 /// The PNG signature.
 pub(super) const MAGIC: &[u8] = b"\x89PNG\r\n\x1a\n";
@@ -170,6 +177,24 @@ pub(super) struct Checker {
     rows: Option<Rows>,
     /// The zlib stream ended (its Adler-32 checked).
     zlib_done: bool,
+    /// The bomb limits.
+    limits: Limits,
+    /// The animation, when acTL came before the first IDAT.
+    anim: Option<Anim>,
+}
+
+/// An APNG's animation state.
+struct Anim {
+    /// Frames acTL declares.
+    declared: u32,
+    /// Frame control chunks (fcTL) read.
+    frames: u32,
+    /// The next sequence number (fcTL and fdAT share one sequence).
+    next_seq: u32,
+    /// The frame whose fdAT data is being read (after IDAT), if any.
+    in_frame: bool,
+    /// Pixels the frames so far declare, together.
+    total_pixels: u64,
 }
 
 /// Where the checker is relative to the IDAT chunks.
@@ -185,8 +210,10 @@ enum Idat {
 
 impl Checker {
     /// A checker for a body that starts with the PNG signature.
-    pub fn new() -> Box<Checker> {
+    pub fn new(limits: Limits) -> Box<Checker> {
         Box::new(Checker {
+            limits,
+            anim: None,
             pos: MAGIC.len(),
             chunk: None,
             header: None,
@@ -262,8 +289,23 @@ impl Checker {
         };
         // The chunk's data, as far as it has arrived.
         let available = data.len().saturating_sub(chunk.start).min(chunk.len);
+        let in_frame = self.anim.as_ref().is_some_and(|a| a.in_frame);
+        let is_fdat = &chunk.kind == b"fdAT" && in_frame;
+        if is_fdat && chunk.done < 4 {
+            // The sequence number, then the frame's zlib data.
+            if available < 4 {
+                return wait("inside chunk fdAT");
+            }
+            let seq = &data[chunk.start..chunk.start + 4];
+            chunk.crc.update(seq);
+            chunk.done = 4;
+            let seq = u32::from_be_bytes(seq.try_into().expect("4 bytes"));
+            let anim = self.anim.as_mut().expect("in a frame");
+            anim.sequence(seq, "fdAT")?;
+            return Ok(None);
+        }
         if chunk.done < available {
-            let is_idat = &chunk.kind == b"IDAT" && self.idat == Idat::Run;
+            let is_idat = (&chunk.kind == b"IDAT" && self.idat == Idat::Run) || is_fdat;
             let end = available.min(chunk.done + IN_BYTES);
             let piece = &data[chunk.start + chunk.done..chunk.start + end];
             let used = if is_idat && !self.zlib_done {
@@ -283,8 +325,8 @@ impl Checker {
         if chunk.done < chunk.len {
             return wait(&format!("inside chunk {}", name(&chunk.kind)));
         }
-        // An IDAT's inflater may still hold output for a full buffer.
-        if &chunk.kind == b"IDAT" && self.idat == Idat::Run && !self.zlib_done {
+        // An IDAT's (or fdAT's) inflater may still hold output for a full buffer.
+        if ((&chunk.kind == b"IDAT" && self.idat == Idat::Run) || is_fdat) && !self.zlib_done {
             let inflater = self.inflater.as_mut().expect("set at the first IDAT");
             let rows = self.rows.as_mut().expect("set at the first IDAT");
             let (_, ended) = inflater.feed(&[], rows)?;
@@ -298,8 +340,9 @@ impl Checker {
         let chunk = self.chunk.take().expect("checked above");
         self.pos = crc_at + 4;
         let critical = chunk.kind[0].is_ascii_uppercase();
+        let animating = self.anim.is_some() && matches!(&chunk.kind, b"fcTL" | b"fdAT");
         if chunk.crc.finalize() != stored {
-            if critical {
+            if critical || animating {
                 return Err(format!("CRC error in chunk {}", name(&chunk.kind)));
             }
             // libpng discards an ancillary chunk with a bad CRC.
@@ -311,6 +354,11 @@ impl Checker {
             b"PLTE" => self.palette(body)?,
             b"IEND" => return self.finish().map(|k| Some(Progress::Done(Ok(k)))),
             b"IDAT" => {}
+            b"acTL" if self.idat == Idat::None && self.anim.is_none() => self.actl(body)?,
+            b"fcTL" if self.anim.is_some() => self.fctl(body)?,
+            b"fdAT" if self.anim.is_some() && !in_frame => {
+                return Err("fdAT without a frame control chunk (fcTL) before it".into());
+            }
             _ if critical => {
                 return Err(format!("unknown critical chunk {}", name(&chunk.kind)));
             }
@@ -369,6 +417,104 @@ impl Checker {
         Ok(())
     }
 
+    /// acTL: the number of frames.
+    fn actl(&mut self, body: &[u8]) -> Result<(), String> {
+        if body.len() != 8 {
+            return Err(format!("acTL of {} bytes", body.len()));
+        }
+        let declared = u32::from_be_bytes(body[..4].try_into().expect("4 bytes"));
+        if declared == 0 {
+            return Err("acTL declares 0 frames".into());
+        }
+        self.anim = Some(Anim {
+            declared,
+            frames: 0,
+            next_seq: 0,
+            in_frame: false,
+            total_pixels: 0,
+        });
+        Ok(())
+    }
+
+    /// fcTL: ends the frame before it, and starts the next one (whose data
+    /// is the IDAT when it comes before IDAT, else the fdAT chunks after it).
+    fn fctl(&mut self, body: &[u8]) -> Result<(), String> {
+        let header = self.header.expect("IHDR comes first");
+        if body.len() != 26 {
+            return Err(format!("fcTL of {} bytes", body.len()));
+        }
+        let field = |i: usize| u32::from_be_bytes(body[i..i + 4].try_into().expect("4 bytes"));
+        let (seq, width, height, x, y) = (field(0), field(4), field(8), field(12), field(16));
+        self.end_frame()?;
+        let anim = self.anim.as_mut().expect("checked by the caller");
+        anim.sequence(seq, "fcTL")?;
+        let number = anim.frames + 1;
+        if number > anim.declared {
+            return Err(format!(
+                "more frames than the {} acTL declares",
+                anim.declared
+            ));
+        }
+        if width == 0
+            || height == 0
+            || u64::from(x) + u64::from(width) > u64::from(header.width)
+            || u64::from(y) + u64::from(height) > u64::from(header.height)
+        {
+            return Err(format!(
+                "frame {number} ({width}x{height} at {x},{y}) lies outside the {}x{} canvas",
+                header.width, header.height
+            ));
+        }
+        let before_idat = self.idat == Idat::None;
+        if before_idat && (width, height, x, y) != (header.width, header.height, 0, 0) {
+            return Err(format!(
+                "frame 1 is the default image but is {width}x{height} at {x},{y}"
+            ));
+        }
+        self.limits.frame(
+            number,
+            u64::from(width) * u64::from(height),
+            &mut anim.total_pixels,
+        )?;
+        anim.frames = number;
+        if !before_idat {
+            // (The IDAT run ended when this chunk began: `begin_chunk`.)
+            anim.in_frame = true;
+            self.inflater = Some(Inflater::new());
+            self.rows = Some(Rows::new(Header {
+                width,
+                height,
+                ..header
+            }));
+            self.zlib_done = false;
+        }
+        Ok(())
+    }
+
+    /// The fdAT frame being read (if any) is over: its data must be complete.
+    fn end_frame(&mut self) -> Result<(), String> {
+        let Some(anim) = self.anim.as_mut().filter(|a| a.in_frame) else {
+            return Ok(());
+        };
+        anim.in_frame = false;
+        let frame = anim.frames;
+        let rows = self.rows.as_ref().expect("set at the frame's fcTL");
+        if !rows.complete {
+            return Err(format!(
+                "frame {frame}'s image data (fdAT) ends {} rows before the end of pass {}",
+                rows.rows_left,
+                rows.pass + 1
+            ));
+        }
+        if !self.zlib_done {
+            return Err(format!(
+                "frame {frame}'s zlib stream does not end (no Adler-32)"
+            ));
+        }
+        self.inflater = None;
+        Ok(())
+    }
+
     /// PLTE: entries of 3 bytes, 1 to 256 of them; only a palette picture
     /// (colour type 3) depends on it, and libpng ignores it elsewhere.
     fn palette(&mut self, body: &[u8]) -> Result<(), String> {
@@ -396,11 +542,34 @@ impl Checker {
             Idat::Run => self.end_idat_run()?,
             Idat::After => {}
         }
+        self.end_frame()?;
+        if let Some(anim) = &self.anim {
+            if anim.frames != anim.declared {
+                return Err(format!(
+                    "acTL declares {} frames and {} came",
+                    anim.declared, anim.frames
+                ));
+            }
+        }
         let header = self.header.expect("IHDR comes first");
         Ok(Kind::Png {
             width: header.width,
             height: header.height,
         })
+    }
+}
+
+impl Anim {
+    /// Checks and takes the sequence number `seq` of a `chunk`.
+    fn sequence(&mut self, seq: u32, chunk: &str) -> Result<(), String> {
+        if seq != self.next_seq {
+            return Err(format!(
+                "{chunk} has sequence number {seq}, expected {}",
+                self.next_seq
+            ));
+        }
+        self.next_seq += 1;
+        Ok(())
     }
 }
 
@@ -674,6 +843,110 @@ mod tests {
             b"IDAT",
             &png_chunk(b"PLTE", &[0; 12]),
         ));
+    }
+
+    /// An APNG of 8x6 grey: the default image is frame 1, then `frames - 1`
+    /// frames of 4x3 at (2,1), each in two fdAT chunks.
+    fn apng(frames: u32) -> Vec<u8> {
+        let rows = |w: u8, h: u8| -> Vec<u8> {
+            (0..h)
+                .flat_map(|y| std::iter::once(0).chain((0..w).map(move |x| x ^ y)))
+                .collect()
+        };
+        let fctl = |seq: u32, w: u32, h: u32, x: u32, y: u32| {
+            let mut b = Vec::new();
+            for v in [seq, w, h, x, y] {
+                b.extend(v.to_be_bytes());
+            }
+            b.extend([0, 1, 0, 10, 0, 0]);
+            png_chunk(b"fcTL", &b)
+        };
+        let mut actl = frames.to_be_bytes().to_vec();
+        actl.extend([0, 0, 0, 0]);
+        let file = grey_png(
+            8,
+            6,
+            &rows(8, 6),
+            &[png_chunk(b"acTL", &actl), fctl(0, 8, 6, 0, 0)],
+        );
+        let (iend, _, _) = *png_chunks(&file).last().unwrap();
+        let mut out = file[..iend].to_vec();
+        let mut seq = 1;
+        for _ in 1..frames {
+            out.extend(fctl(seq, 4, 3, 2, 1));
+            seq += 1;
+            let z = fdeflate::compress_to_vec(&rows(4, 3));
+            for half in [&z[..z.len() / 2], &z[z.len() / 2..]] {
+                let mut d = seq.to_be_bytes().to_vec();
+                d.extend(half);
+                out.extend(png_chunk(b"fdAT", &d));
+                seq += 1;
+            }
+        }
+        out.extend(png_chunk(b"IEND", &[]));
+        out
+    }
+
+    #[test]
+    fn an_apng_is_accepted_and_its_frames_checked() {
+        accept(&apng(1));
+        accept(&apng(4));
+    }
+
+    #[test]
+    fn an_apng_whose_last_fdat_is_cut_short_is_refused() {
+        let file = apng(3);
+        let (at, _, range) = png_chunks(&file)
+            .into_iter()
+            .rev()
+            .find(|(_, k, _)| k == b"fdAT")
+            .unwrap();
+        let data = &file[range.start..range.end - 3];
+        let mut cut = file[..at].to_vec();
+        cut.extend(png_chunk(b"fdAT", data));
+        cut.extend(png_chunk(b"IEND", &[]));
+        refuse(&cut, "frame 3");
+    }
+
+    #[test]
+    fn apng_sequence_canvas_and_frame_count_are_checked() {
+        let file = apng(3);
+        // The second fcTL (sequence 1) claims sequence 7.
+        let (_, _, range) = png_chunks(&file)
+            .into_iter()
+            .filter(|(_, k, _)| k == b"fcTL")
+            .nth(1)
+            .unwrap();
+        let mut body = file[range.clone()].to_vec();
+        body[3] = 7;
+        let mut bad = file[..range.start - 8].to_vec();
+        bad.extend(png_chunk(b"fcTL", &body));
+        bad.extend(&file[range.end + 4..]);
+        refuse(&bad, "sequence number 7");
+        // The same frame 4 pixels further right sticks out of the 8-wide canvas.
+        body[3] = 1;
+        body[15] = 6;
+        let mut out = file[..range.start - 8].to_vec();
+        out.extend(png_chunk(b"fcTL", &body));
+        out.extend(&file[range.end + 4..]);
+        refuse(&out, "outside the 8x6 canvas");
+        // acTL declares 4 frames; 3 came.
+        let mut actl = 4u32.to_be_bytes().to_vec();
+        actl.extend([0, 0, 0, 0]);
+        refuse(
+            &replace_chunk(&file, b"acTL", &actl),
+            "declares 4 frames and 3 came",
+        );
+    }
+
+    #[test]
+    fn apng_frames_over_the_pixel_budget_are_refused_naming_the_limit() {
+        let limits = super::super::Limits {
+            animation_pixels: 55,
+        };
+        let err = super::super::verify_with(&apng(3), "http://h/a.png", None, limits).unwrap_err();
+        assert!(err.contains("download.max_animation_pixels"), "{err}");
+        assert!(err.contains("frame 2"), "{err}");
     }
 
     #[test]
