@@ -147,6 +147,42 @@ pub struct Mqtt {
     pub connect_jitter_ms: u64,
 }
 
+/// The dotted key (`mqtt.port`) a deserialization error of `value` is about:
+/// the first key, then the first key inside it, whose removal changes the
+/// error (serde stops at the first error; every key has a default, so a
+/// config without the culprit deserializes further). "" if none is found.
+fn culprit(value: &serde_json::Value, error: &str) -> String {
+    use serde_json::Value;
+    let changes = |trial: &Value| {
+        Config::deserialize(trial)
+            .err()
+            .is_none_or(|e| e.to_string() != error)
+    };
+    let Value::Object(top) = value else {
+        return String::new();
+    };
+    for (key, inner) in top {
+        let mut trial = value.clone();
+        trial.as_object_mut().expect("an object above").remove(key);
+        if !changes(&trial) {
+            continue;
+        }
+        if let Value::Object(fields) = inner {
+            for field in fields.keys() {
+                let mut trial = value.clone();
+                if let Some(Value::Object(f)) = trial.get_mut(key) {
+                    f.remove(field);
+                }
+                if changes(&trial) {
+                    return format!("{key}.{field}");
+                }
+            }
+        }
+        return key.clone();
+    }
+    String::new()
+}
+
 /// serde's type names in a config error, in a technician's words
 /// (`expected u16` -> `expected a whole number from 0 to 65535`).
 fn plain_words(message: &str) -> String {
@@ -581,22 +617,18 @@ impl Config {
                 "the config must be one JSON object: { \"mqtt\": { ... }, ... }".into(),
             ));
         }
-        let mut de = serde_json::Deserializer::from_str(text);
-        let mut config: Config = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-            if e.inner().is_syntax() || e.inner().is_eof() {
-                // The key path is a guess here (`download.?`): the position is not.
-                let message = e.inner().to_string();
-                let hint = if message.contains("invalid escape") {
-                    " (a backslash starts an escape in JSON: write a Windows path as D:/holo or D:\\\\holo)"
-                } else {
-                    ""
-                };
-                return (String::new(), format!("not valid JSON: {message}{hint}"));
-            }
-            let key = e.path().to_string();
-            let key = if key == "." { String::new() } else { key };
-            (key, plain_words(&e.inner().to_string()))
+        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| {
+            // The position is exact; no key can be named yet.
+            let message = e.to_string();
+            let hint = if message.contains("invalid escape") {
+                " (a backslash starts an escape in JSON: write a Windows path as D:/holo or D:\\\\holo)"
+            } else {
+                ""
+            };
+            (String::new(), format!("not valid JSON: {message}{hint}"))
         })?;
+        let mut config = Config::deserialize(&value)
+            .map_err(|e| (culprit(&value, &e.to_string()), plain_words(&e.to_string())))?;
         if config.mqtt.sync_topics.is_none() {
             config.mqtt.sync_topics = Some(default_sync_topics(config.mall.as_deref()));
         }

@@ -104,11 +104,11 @@ impl Intake {
 
 /// A digest of a topic and payload (not for security: to know a replay).
 fn digest(topic: &str, payload: &[u8]) -> [u8; 16] {
-    let mut c = md5::Context::new();
-    c.consume((topic.len() as u64).to_le_bytes());
-    c.consume(topic.as_bytes());
-    c.consume(payload);
-    c.finalize().0
+    let mut c = crate::md5::Md5::default();
+    c.update(&(topic.len() as u64).to_le_bytes());
+    c.update(topic.as_bytes());
+    c.update(payload);
+    c.finish()
 }
 
 #[cfg(test)]

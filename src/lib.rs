@@ -18,6 +18,7 @@ pub mod inbox;
 pub mod intake;
 pub mod link;
 pub mod logger;
+pub mod md5;
 pub mod message;
 pub mod os;
 pub mod projector;

@@ -680,7 +680,7 @@ pub fn pjlink_line(command: &str) -> Result<String, String> {
 
 /// MD5 digest PJLink wants before the first command: md5hex(random + password).
 pub fn pjlink_digest(random: &str, password: &str) -> String {
-    format!("{:x}", md5::compute(format!("{random}{password}")))
+    crate::md5::hex(format!("{random}{password}").as_bytes())
 }
 
 /// A PJLink reply in words, checked against the command it answers.
