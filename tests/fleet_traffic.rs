@@ -11,7 +11,7 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{
@@ -197,56 +197,28 @@ fn retry_failed_of_ten_thousand_urls_is_answered_without_a_drop() {
     );
 }
 
-/// Kills strace and the agent it traces when dropped (a killed strace
-/// leaves its tracee running, so the agent's pid is taken from the trace).
-struct Traced(std::process::Child, std::path::PathBuf);
-
-impl Drop for Traced {
-    fn drop(&mut self) {
-        let text = common::read_lossy(&self.1);
-        if let Some(pid) = text
-            .split_whitespace()
-            .next()
-            .and_then(|p| p.parse::<u32>().ok())
-        {
-            common::send_signal(pid, "KILL");
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// A slow disk (every fsync delayed 500 ms by strace, as on a worn SD card)
 /// and 20 QoS 1 sync messages sent back to back (mosquitto's in-flight
 /// window: they arrive in one poll): all are queued and the link holds
 /// (before, the 20 commits ran in one turn, 10 s without a ping).
 #[test]
 fn a_burst_of_sync_messages_on_a_slow_disk_keeps_the_link() {
-    let strace = find_program("strace");
     let broker = Mosquitto::start();
     let dir = TempDir::new("traffic-slow-disk");
     let mut config = Agent::default_config(broker.port);
     common::merge(&mut config, tight());
     let agent = Agent::new(dir.path(), config);
     let trace = dir.path().join("strace.txt");
-    let mut cmd = Command::new(strace);
-    cmd.args([
-        "-f",
-        "-qq",
-        "-e",
-        "trace=fsync,fdatasync",
-        "-e",
-        "inject=fsync,fdatasync:delay_enter=500000",
-        "-o",
-    ])
-    .arg(&trace)
-    .arg(common::holosync_exe())
-    .arg("--config")
-    .arg(agent.config_path())
-    .stdin(Stdio::null())
-    .stdout(Stdio::null())
-    .stderr(Stdio::null());
-    let _traced = Traced(cmd.spawn().expect("spawn strace"), trace.clone());
+    let _traced = common::traced_agent(
+        &agent.config_path(),
+        &trace,
+        &[
+            "-e",
+            "trace=fsync,fdatasync",
+            "-e",
+            "inject=fsync,fdatasync:delay_enter=500000",
+        ],
+    );
     agent.wait_log("subscribed to", WAIT);
     let lines: Vec<String> = (0..20)
         .map(|i| format!("http://127.0.0.1:9/burst/{i}.png"))

@@ -215,12 +215,8 @@ fn windows_internet_options_name_the_proxy() {
     let proxy = common::TestProxy::start(&["broker.venue.test"], None);
     let key = r"HKCU\Software\Microsoft\Windows\CurrentVersion\Internet Settings";
     // Not `common::command_for`: it would take `/v` and `/d` for Unix paths.
-    let wine = ["/usr/lib/wine/wine64", "/usr/bin/wine64"]
-        .into_iter()
-        .find(|w| std::path::Path::new(w).exists())
-        .unwrap_or("wine64");
     let reg = |args: &[&str]| {
-        let status = std::process::Command::new(wine)
+        let status = std::process::Command::new(common::wine_loader())
             .arg("reg")
             .args(args)
             .env("WINEDEBUG", "-all")
@@ -318,11 +314,7 @@ fn taskkill_stops_the_agent_cleanly() {
     let dir = TempDir::new("life-taskkill");
     let mut agent = agent_with(dir.path(), &broker, json!({}));
     agent.wait_log("the log-off watcher's window is ready", WAIT);
-    let wine = ["/usr/lib/wine/wine64", "/usr/bin/wine64"]
-        .into_iter()
-        .find(|w| std::path::Path::new(w).exists())
-        .unwrap_or("wine64");
-    let status = std::process::Command::new(wine)
+    let status = std::process::Command::new(common::wine_loader())
         .args(["taskkill", "/IM", "holosync.exe"])
         .env("WINEDEBUG", "-all")
         .status()

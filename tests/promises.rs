@@ -148,7 +148,6 @@ fn a_kill_right_after_the_puback_finds_the_url_queued() {
 /// fsync, or an ack sent before the commit, puts them out of order.
 #[test]
 fn the_commit_with_the_url_is_fsynced_before_the_puback() {
-    let strace = common::find_program("strace");
     let broker = Mosquitto::start();
     let http = HttpServer::start();
     let dir = TempDir::new("promise-fsync");
@@ -156,25 +155,16 @@ fn the_commit_with_the_url_is_fsynced_before_the_puback() {
     http.set(&marker, Route::Hold(png(4, 4, 23)));
     let agent = Agent::new(dir.path(), Agent::default_config(broker.port));
     let trace = dir.path().join("strace.txt");
-    let mut cmd = std::process::Command::new(strace);
-    cmd.args([
-        "-f",
-        "-qq",
-        "-s",
-        "65536",
-        "-e",
-        "trace=openat,fsync,fdatasync,write,writev,sendto,sendmsg,pwrite64",
-        "-o",
-    ])
-    .arg(&trace)
-    .arg(common::holosync_exe())
-    .arg("--config")
-    .arg(agent.config_path())
-    .stdin(std::process::Stdio::null())
-    .stdout(std::process::Stdio::null())
-    .stderr(std::process::Stdio::null());
-    let child = cmd.spawn().expect("spawn strace");
-    let _guard = TracedAgent(child, &trace);
+    let _guard = common::traced_agent(
+        &agent.config_path(),
+        &trace,
+        &[
+            "-s",
+            "65536",
+            "-e",
+            "trace=openat,fsync,fdatasync,write,writev,sendto,sendmsg,pwrite64",
+        ],
+    );
     agent.wait_log("subscribed to", WAIT);
     broker.publish("sync", http.url(&marker).as_bytes(), 1);
     let is_puback = |l: &str| l.contains("\"@\\2\\0\\1\"");
@@ -227,30 +217,20 @@ fn the_commit_with_the_url_is_fsynced_before_the_puback() {
 /// commit's fsync was lost, and the next start said nothing of the cut.
 #[test]
 fn the_start_up_marker_is_fsynced_at_once() {
-    let strace = common::find_program("strace");
     let broker = Mosquitto::start();
     let dir = TempDir::new("promise-marker");
     let agent = Agent::new(dir.path(), Agent::default_config(broker.port));
     let trace = dir.path().join("strace.txt");
-    let mut cmd = std::process::Command::new(strace);
-    cmd.args([
-        "-f",
-        "-qq",
-        "-s",
-        "65536",
-        "-e",
-        "trace=openat,fsync,fdatasync,write,pwrite64",
-        "-o",
-    ])
-    .arg(&trace)
-    .arg(common::holosync_exe())
-    .arg("--config")
-    .arg(agent.config_path())
-    .stdin(std::process::Stdio::null())
-    .stdout(std::process::Stdio::null())
-    .stderr(std::process::Stdio::null());
-    let child = cmd.spawn().expect("spawn strace");
-    let _guard = TracedAgent(child, &trace);
+    let _guard = common::traced_agent(
+        &agent.config_path(),
+        &trace,
+        &[
+            "-s",
+            "65536",
+            "-e",
+            "trace=openat,fsync,fdatasync,write,pwrite64",
+        ],
+    );
     agent.wait_log("subscribed to", WAIT);
     let text = common::read_lossy(&trace);
     let lines: Vec<&str> = text.lines().collect();
@@ -760,23 +740,4 @@ fn a_resume_splices_only_the_same_version() {
         "{heads:?}"
     );
     assert_eq!(range(2), None, "the third request is for the whole file");
-}
-
-/// Kills strace and the agent it traces when dropped (a killed strace
-/// leaves its tracee running, so the agent's pid is taken from the trace).
-struct TracedAgent<'a>(std::process::Child, &'a Path);
-
-impl Drop for TracedAgent<'_> {
-    fn drop(&mut self) {
-        let text = common::read_lossy(self.1);
-        if let Some(pid) = text
-            .split_whitespace()
-            .next()
-            .and_then(|p| p.parse::<u32>().ok())
-        {
-            common::send_signal(pid, "KILL");
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }

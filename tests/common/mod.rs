@@ -1592,13 +1592,7 @@ pub fn command_for(exe: &Path, args: &[&str]) -> Command {
         cmd.args(args);
         return cmd;
     }
-    // Debian's wine64 package puts the loader outside PATH.
-    let wine = Path::new("/usr/lib/wine/wine64");
-    let mut cmd = Command::new(if wine.exists() {
-        wine
-    } else {
-        Path::new("wine64")
-    });
+    let mut cmd = Command::new(wine_loader());
     cmd.arg(exe).env("WINEDEBUG", "-all");
     if let Some(prefix) = std::env::var_os("WINEPREFIX") {
         cmd.env("WINEPREFIX", prefix);
@@ -1611,6 +1605,54 @@ pub fn command_for(exe: &Path, args: &[&str]) -> Command {
         }
     }
     cmd
+}
+
+/// Wine's 64-bit loader, which also starts 32-bit exes (Debian's wine64
+/// package puts it outside PATH).
+pub fn wine_loader() -> PathBuf {
+    let debian = Path::new("/usr/lib/wine/wine64");
+    if debian.exists() {
+        debian.to_path_buf()
+    } else {
+        PathBuf::from("wine64")
+    }
+}
+
+/// The agent of `config` started under `strace -f` with `strace_args`
+/// (`-e` filters and faults), its trace written to `trace`. Dropping the
+/// guard kills the agent and strace (a killed strace leaves its tracee
+/// running, so the agent's pid is taken from the trace).
+pub fn traced_agent(config: &Path, trace: &Path, strace_args: &[&str]) -> TracedAgent {
+    let mut cmd = Command::new(find_program("strace"));
+    cmd.args(["-f", "-qq"])
+        .args(strace_args)
+        .arg("-o")
+        .arg(trace)
+        .arg(holosync_exe())
+        .arg("--config")
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    TracedAgent(cmd.spawn().expect("spawn strace"), trace.to_path_buf())
+}
+
+/// See [`traced_agent`].
+pub struct TracedAgent(Child, PathBuf);
+
+impl Drop for TracedAgent {
+    fn drop(&mut self) {
+        let text = read_lossy(&self.1);
+        if let Some(pid) = text
+            .split_whitespace()
+            .next()
+            .and_then(|p| p.parse::<u32>().ok())
+        {
+            send_signal(pid, "KILL");
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// The real holosync binary, configured by `<dir>/config.json`, with
