@@ -491,6 +491,9 @@ impl Link {
 /// (rustls' reason: `invalid peer certificate: UnknownIssuer`, `... Expired`,
 /// `... NotValidForName`, or the broker's alert), without rumqttc's layers.
 fn describe(e: &rumqttc::ConnectionError, via: Option<&str>) -> String {
+    // Without the `ws` feature there is no proxy to name.
+    #[cfg(not(feature = "ws"))]
+    let _ = via;
     match e {
         rumqttc::ConnectionError::ConnectionRefused(
             code @ (rumqttc::ConnectReturnCode::BadUserNamePassword
