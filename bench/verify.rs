@@ -31,6 +31,9 @@
 //! a little per-pixel noise, so a 1080p JPEG at quality 85 is 300-500 KB,
 //! like a photo.
 
+#[path = "../tests/support/webp_animation.rs"]
+mod webp_animation;
+
 use std::fs;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -217,31 +220,9 @@ fn webp_lossy(width: u32, height: u32, seed: u64) -> Option<Vec<u8>> {
 /// (from `webp_lossy`, so None without `cwebp`) in ANMF chunks.
 fn webp_animated(width: u32, height: u32, frames: usize) -> Option<Vec<u8>> {
     let still = webp_lossy(width, height, 79)?;
-    let chunk = |out: &mut Vec<u8>, fourcc: &[u8], data: &[u8]| {
-        out.extend(fourcc);
-        out.extend((data.len() as u32).to_le_bytes());
-        out.extend(data);
-        if data.len() % 2 == 1 {
-            out.push(0);
-        }
-    };
-    let mut vp8x = vec![0x02, 0, 0, 0];
-    vp8x.extend(&(width - 1).to_le_bytes()[..3]);
-    vp8x.extend(&(height - 1).to_le_bytes()[..3]);
-    let mut out = b"RIFF\0\0\0\0WEBP".to_vec();
-    chunk(&mut out, b"VP8X", &vp8x);
-    chunk(&mut out, b"ANIM", &[0, 0, 0, 0, 0, 0]);
-    for _ in 0..frames {
-        let mut anmf = vec![0; 6];
-        anmf.extend(&(width - 1).to_le_bytes()[..3]);
-        anmf.extend(&(height - 1).to_le_bytes()[..3]);
-        anmf.extend([40, 0, 0, 0]);
-        anmf.extend(&still[12..]);
-        chunk(&mut out, b"ANMF", &anmf);
-    }
-    let riff = (out.len() - 8) as u32;
-    out[4..8].copy_from_slice(&riff.to_le_bytes());
-    Some(out)
+    Some(webp_animation::animated_webp(
+        &still, width, height, frames, 40,
+    ))
 }
 
 /// Median of `v` (sorted in place); 0 for an empty slice.

@@ -169,8 +169,14 @@ fn connect_one(
     Ok(socket.into())
 }
 
+/// Shared with tests/fleet_traffic.rs.
+#[cfg(test)]
+#[path = "../tests/support/hanging_listener.rs"]
+mod hanging;
+
 #[cfg(test)]
 mod tests {
+    use super::hanging::hanging_listener;
     use super::*;
     use std::net::TcpListener;
 
@@ -209,27 +215,6 @@ mod tests {
         );
         let e = finish(d).unwrap_err();
         assert!(e.to_string().contains("127.0.0.1"), "{e}");
-    }
-
-    /// A listener whose accept queue is full (backlog 0, filled by
-    /// connects never accepted): a further connect to it hangs until its
-    /// timeout, all on 127.0.0.1. Keep the returned values alive.
-    fn hanging_listener() -> (socket2::Socket, Vec<socket2::Socket>, u16) {
-        use socket2::{Domain, Socket, Type};
-        let l = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
-        l.bind(&any.into()).unwrap();
-        l.listen(0).unwrap();
-        let addr = l.local_addr().unwrap().as_socket().unwrap();
-        let fill = (0..3)
-            .map(|_| {
-                let c = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-                c.set_nonblocking(true).unwrap();
-                let _ = c.connect(&addr.into());
-                c
-            })
-            .collect();
-        (l, fill, addr.port())
     }
 
     #[test]

@@ -6,6 +6,8 @@
 //! matter); legitimate pictures of the same shapes are still stored.
 
 mod common;
+#[path = "support/webp_animation.rs"]
+mod webp_animation;
 
 use std::time::Duration;
 
@@ -137,31 +139,7 @@ fn animated_webp(w: u32, h: u32, frames: usize) -> Vec<u8> {
     image_webp::WebPEncoder::new(&mut still)
         .encode(&pixels, w, h, image_webp::ColorType::Rgb8)
         .expect("encode a test WebP");
-    let chunk = |out: &mut Vec<u8>, fourcc: &[u8], data: &[u8]| {
-        out.extend(fourcc);
-        out.extend((data.len() as u32).to_le_bytes());
-        out.extend(data);
-        if data.len() % 2 == 1 {
-            out.push(0);
-        }
-    };
-    let mut vp8x = vec![0x02, 0, 0, 0];
-    vp8x.extend(&(w - 1).to_le_bytes()[..3]);
-    vp8x.extend(&(h - 1).to_le_bytes()[..3]);
-    let mut out = b"RIFF\0\0\0\0WEBP".to_vec();
-    chunk(&mut out, b"VP8X", &vp8x);
-    chunk(&mut out, b"ANIM", &[0, 0, 0, 0, 0, 0]);
-    for _ in 0..frames {
-        let mut anmf = vec![0; 6];
-        anmf.extend(&(w - 1).to_le_bytes()[..3]);
-        anmf.extend(&(h - 1).to_le_bytes()[..3]);
-        anmf.extend([40, 0, 0, 0]);
-        anmf.extend(&still[12..]);
-        chunk(&mut out, b"ANMF", &anmf);
-    }
-    let riff = (out.len() - 8) as u32;
-    out[4..8].copy_from_slice(&riff.to_le_bytes());
-    out
+    webp_animation::animated_webp(&still, w, h, frames, 40)
 }
 
 /// An APNG of `frames` grey frames of `w`x`h` (the png crate's encoder).

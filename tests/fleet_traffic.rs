@@ -9,6 +9,8 @@
 //! slow disk.
 
 mod common;
+#[path = "support/hanging_listener.rs"]
+mod hanging;
 
 use std::path::Path;
 use std::process::Command;
@@ -310,28 +312,6 @@ fn audit_commands_do_not_pile_up_in_memory() {
     );
 }
 
-/// A listener whose accept queue is full (backlog 0, filled by connects
-/// never accepted): a connect to it hangs until its timeout, like a
-/// projector that is switched off at the mains, all on 127.0.0.1. Keep the
-/// returned sockets alive.
-fn dead_projector() -> (socket2::Socket, Vec<socket2::Socket>, u16) {
-    use socket2::{Domain, Socket, Type};
-    let l = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-    let any: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
-    l.bind(&any.into()).unwrap();
-    l.listen(0).unwrap();
-    let addr = l.local_addr().unwrap().as_socket().unwrap();
-    let fill = (0..3)
-        .map(|_| {
-            let c = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-            c.set_nonblocking(true).unwrap();
-            let _ = c.connect(&addr.into());
-            c
-        })
-        .collect();
-    (l, fill, addr.port())
-}
-
 /// A batch of 32 projectors that never answer a connect, then an `on` for a
 /// working one: the `on` arrives within 5 s (the batch's projectors are
 /// dialled at once: one 2 s connect timeout for all; before, one after
@@ -341,7 +321,7 @@ fn dead_projector() -> (socket2::Socket, Vec<socket2::Socket>, u16) {
 fn a_power_command_is_not_held_up_by_dead_projectors() {
     let broker = Mosquitto::start();
     let dir = TempDir::new("traffic-projectors");
-    let (_listener, _fill, dead) = dead_projector();
+    let (_listener, _fill, dead) = hanging::hanging_listener();
     let good = TcpSink::start();
     let mut patch = tight();
     patch["projector"] = json!({"connect_timeout_ms": 2000, "io_timeout_ms": 3000});

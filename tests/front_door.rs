@@ -125,7 +125,7 @@ fn a_wrong_broker_password_names_the_keys() {
     let dir = TempDir::new("door-login");
     let mut config = Agent::default_config(broker.port);
     config["mqtt"]["username"] = json!("kiosk");
-    config["mqtt"]["password"] = json!("wrong");
+    config["mqtt"]["password"] = json!("pw-Xq7-never-logged");
     let mut agent = Agent::new(dir.path(), config);
     agent.start();
     let log = agent.wait_log("check mqtt.username and mqtt.password", WAIT);

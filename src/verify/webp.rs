@@ -355,6 +355,11 @@ fn name(fourcc: &[u8; 4]) -> String {
     String::from_utf8_lossy(fourcc).trim_end().to_owned()
 }
 
+/// The animated WebP builder shared with tests/bombs.rs and bench/verify.rs.
+#[cfg(test)]
+#[path = "../../tests/support/webp_animation.rs"]
+mod webp_animation;
+
 #[cfg(test)]
 pub(super) mod tests {
     use super::super::{verify, verify_with, Kind, Limits};
@@ -371,32 +376,7 @@ pub(super) mod tests {
 
     /// An animated WebP of `frames` lossless frames of `w`x`h`.
     pub(crate) fn animated(w: u32, h: u32, frames: usize) -> Vec<u8> {
-        let chunk = |out: &mut Vec<u8>, fourcc: &[u8], data: &[u8]| {
-            out.extend(fourcc);
-            out.extend((data.len() as u32).to_le_bytes());
-            out.extend(data);
-            if data.len() % 2 == 1 {
-                out.push(0);
-            }
-        };
-        let mut vp8x = vec![0x02, 0, 0, 0];
-        vp8x.extend(&(w - 1).to_le_bytes()[..3]);
-        vp8x.extend(&(h - 1).to_le_bytes()[..3]);
-        let mut out = b"RIFF\0\0\0\0WEBP".to_vec();
-        chunk(&mut out, b"VP8X", &vp8x);
-        chunk(&mut out, b"ANIM", &[0, 0, 0, 0, 0, 0]);
-        let frame = still(w, h);
-        for _ in 0..frames {
-            let mut anmf = vec![0; 6];
-            anmf.extend(&(w - 1).to_le_bytes()[..3]);
-            anmf.extend(&(h - 1).to_le_bytes()[..3]);
-            anmf.extend([100, 0, 0, 0]);
-            anmf.extend(&frame[12..]);
-            chunk(&mut out, b"ANMF", &anmf);
-        }
-        let riff = (out.len() - 8) as u32;
-        out[4..8].copy_from_slice(&riff.to_le_bytes());
-        out
+        super::webp_animation::animated_webp(&still(w, h), w, h, frames, 100)
     }
 
     #[test]
