@@ -19,7 +19,7 @@ use crate::intake::{Intake, Sorted};
 use crate::link::{Delivery, Link};
 use crate::projector::{self, Batch, Projectors};
 use crate::queue::{unix_ms, Queue, RUNNING_KEY};
-use crate::report::{Acked, Identity, Report};
+use crate::report::{Identity, Report};
 use crate::transfers::Transfers;
 
 /// Longest time one piece of work (a download, a projector) runs per turn
@@ -131,10 +131,11 @@ impl Agent {
             let files = |(key, message)| {
                 crate::error::Error::msg(format!("config error: key `{key}`: {message}"))
             };
-            crate::tls::init_https(&config);
+            crate::tls::init_https(config.download.ca_file.clone());
             if m.uses_tls() {
                 let tls = rumqttc::TlsConfiguration::Rustls(
-                    crate::tls::mqtt_config(&config).map_err(files)?,
+                    crate::tls::mqtt_config(m.ca_file.as_deref(), m.client_pair())
+                        .map_err(files)?,
                 );
                 options.set_transport(match m.transport {
                     #[cfg(feature = "ws")]
@@ -285,16 +286,15 @@ impl Agent {
             }
         }
         self.watch_clock();
-        let (queue, config, transfers, report, link) = (
-            &mut self.queue,
-            &self.config,
-            &mut self.transfers,
-            &mut self.report,
-            &self.link,
-        );
-        self.inbox.retry(link, slice_end, &mut |kind, d| {
-            commit(queue, config, transfers, report, link, kind, d)
-        });
+        let mut parts = inbox::Parts {
+            queue: &mut self.queue,
+            report: &mut self.report,
+            link: &self.link,
+            max_delay_ms: self.config.download.retry_max_ms,
+        };
+        if self.inbox.retry(slice_end, &mut parts) {
+            self.transfers.wake();
+        }
         if let Some(batch) = self.projectors.step(&self.config.projector) {
             self.publish_results(&batch);
         }
@@ -377,16 +377,15 @@ impl Agent {
 
     /// Hands a message whose effect must be committed before its ack to the inbox.
     fn receive(&mut self, kind: Kind, d: Delivery) {
-        let (queue, config, transfers, report, link) = (
-            &mut self.queue,
-            &self.config,
-            &mut self.transfers,
-            &mut self.report,
-            &self.link,
-        );
-        self.inbox.receive(kind, d, link, &mut |kind, d| {
-            commit(queue, config, transfers, report, link, kind, d)
-        });
+        let mut parts = inbox::Parts {
+            queue: &mut self.queue,
+            report: &mut self.report,
+            link: &self.link,
+            max_delay_ms: self.config.download.retry_max_ms,
+        };
+        if self.inbox.receive(kind, d, &mut parts) {
+            self.transfers.wake();
+        }
     }
 
     fn publish_results(&self, batch: &Batch) {
@@ -418,30 +417,6 @@ impl Agent {
             }
             self.transfers.wake();
         }
-    }
-}
-
-/// Commits one held or new message's effect: a sync message's URLs queued
-/// (waking the downloads), a command carried out.
-fn commit(
-    queue: &mut Queue,
-    config: &Config,
-    transfers: &mut Transfers,
-    report: &mut Report,
-    link: &Link,
-    kind: Kind,
-    d: &Delivery,
-) -> Result<Acked> {
-    match kind {
-        Kind::Sync => {
-            let r = inbox::commit_sync(queue, d, config.download.retry_max_ms)?;
-            if r.queued > 0 {
-                transfers.wake();
-            }
-            report.changed();
-            Ok(Acked::Now)
-        }
-        Kind::Command => Ok(report.command(link, queue, d)),
     }
 }
 

@@ -9,7 +9,7 @@ use crate::error::Error;
 use crate::link::{Ack, Delivery, Link};
 use crate::message;
 use crate::queue::{Enqueued, Queue};
-pub use crate::report::Acked;
+use crate::report::{Acked, Report};
 
 /// How often a commit that failed (database locked) is tried again.
 pub const COMMIT_RETRY: Duration = Duration::from_millis(500);
@@ -31,9 +31,18 @@ pub enum Kind {
     Command,
 }
 
-/// Commits one message's effect (durably: the ack follows, now or, for an
-/// effect that takes a while, when the caller says so).
-pub type Commit<'a> = dyn FnMut(Kind, &Delivery) -> Result<Acked, Error> + 'a;
+/// What a commit writes to and answers on: the queue, the fleet report
+/// (which carries out commands) and the link the ack goes out on.
+pub struct Parts<'a> {
+    /// The durable queue.
+    pub queue: &'a mut Queue,
+    /// Fleet commands and status.
+    pub report: &'a mut Report,
+    /// The broker link (acks, answers).
+    pub link: &'a Link,
+    /// `download.retry_max_ms`: the most a new URL may be scheduled ahead.
+    pub max_delay_ms: u64,
+}
 
 /// Messages held until their commit succeeds.
 #[derive(Default)]
@@ -48,7 +57,8 @@ pub struct Inbox {
 
 impl Inbox {
     /// Commits `d` and acks it; if the commit fails, holds it (unacked).
-    pub fn receive(&mut self, kind: Kind, d: Delivery, link: &Link, commit: &mut Commit) {
+    /// Returns whether URLs were queued (the downloads have work).
+    pub fn receive(&mut self, kind: Kind, d: Delivery, parts: &mut Parts) -> bool {
         // A later copy (redelivered after a reconnect) stands for an earlier
         // one still held: one commit, one ack on the right connection.
         self.held.retain(|(_, h)| {
@@ -56,13 +66,15 @@ impl Inbox {
                 && h.publish.topic == d.publish.topic
                 && h.publish.payload == d.publish.payload)
         });
-        if self.held.is_empty() && self.try_commit(kind, &d, link, commit) {
-            return;
+        let mut queued = false;
+        if self.held.is_empty() && self.try_commit(kind, &d, parts, &mut queued) {
+            return queued;
         }
         // Behind held ones, so messages keep their order.
         self.held.push((kind, d));
         self.retry_at
             .get_or_insert_with(|| Instant::now() + COMMIT_RETRY);
+        false
     }
 
     /// When held messages are due again (None: none is held).
@@ -71,31 +83,43 @@ impl Inbox {
     }
 
     /// Tries the held messages again, oldest first, until one fails or
-    /// `deadline` passes (then the rest are due on the next turn).
-    pub fn retry(&mut self, link: &Link, deadline: Instant, commit: &mut Commit) {
+    /// `deadline` passes (then the rest are due on the next turn). Returns
+    /// whether URLs were queued.
+    pub fn retry(&mut self, deadline: Instant, parts: &mut Parts) -> bool {
+        let mut queued = false;
         if self.retry_at.is_none_or(|t| Instant::now() < t) {
-            return;
+            return queued;
         }
         while let Some((kind, d)) = self.held.first().cloned() {
-            if !self.try_commit(kind, &d, link, commit) {
+            if !self.try_commit(kind, &d, parts, &mut queued) {
                 self.retry_at = Some(Instant::now() + COMMIT_RETRY);
-                return;
+                return queued;
             }
             self.held.remove(0);
             if Instant::now() >= deadline && !self.held.is_empty() {
                 self.retry_at = Some(Instant::now());
-                return;
+                return queued;
             }
         }
         self.retry_at = None;
+        queued
     }
 
-    fn try_commit(&mut self, kind: Kind, d: &Delivery, link: &Link, commit: &mut Commit) -> bool {
-        match commit(kind, d) {
-            Ok(acked) => {
+    /// Commits one message and acks it (a command with a long effect is
+    /// acked later, by the report, when its last step commits).
+    fn try_commit(
+        &mut self,
+        kind: Kind,
+        d: &Delivery,
+        parts: &mut Parts,
+        queued: &mut bool,
+    ) -> bool {
+        match commit(kind, d, parts) {
+            Ok((acked, q)) => {
                 self.failure_logged = None;
+                *queued |= q;
                 if acked == Acked::Now {
-                    ack(link, d);
+                    ack(parts.link, d);
                 }
                 true
             }
@@ -119,6 +143,20 @@ impl Inbox {
     }
 }
 
+/// Commits one message's effect durably: a sync message's URLs queued, a
+/// command carried out (or its first step). Says when to ack and whether
+/// URLs were queued.
+fn commit(kind: Kind, d: &Delivery, parts: &mut Parts) -> Result<(Acked, bool), Error> {
+    match kind {
+        Kind::Sync => {
+            let r = commit_sync(parts.queue, d, parts.max_delay_ms)?;
+            parts.report.changed();
+            Ok((Acked::Now, r.queued > 0))
+        }
+        Kind::Command => Ok((parts.report.command(parts.link, parts.queue, d), false)),
+    }
+}
+
 /// Acks `d` on the connection that delivered it; says so when it came on an
 /// earlier one (then it is not acked: the broker sends it again).
 pub fn ack(link: &Link, d: &Delivery) {
@@ -132,7 +170,7 @@ pub fn ack(link: &Link, d: &Delivery) {
 
 /// Queues one sync message's URLs in one durable transaction, with one log
 /// line for what was queued and one per entry left out.
-pub fn commit_sync(queue: &mut Queue, d: &Delivery, max_delay_ms: u64) -> Result<Enqueued, Error> {
+fn commit_sync(queue: &mut Queue, d: &Delivery, max_delay_ms: u64) -> Result<Enqueued, Error> {
     let publish = &d.publish;
     let parsed = message::parse_sync(&publish.payload);
     let r = queue.enqueue(&parsed.entries, crate::queue::unix_ms(), max_delay_ms)?;
