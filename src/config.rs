@@ -411,6 +411,11 @@ impl Mqtt {
         })
     }
 
+    /// The client certificate and key files, when both are given.
+    pub fn client_pair(&self) -> Option<(&Path, &Path)> {
+        self.client_cert.as_deref().zip(self.client_key.as_deref())
+    }
+
     /// Whether the broker link uses TLS (`tls`, or the `wss` transport).
     pub fn uses_tls(&self) -> bool {
         self.tls || self.transport == Transport::Wss
@@ -604,8 +609,23 @@ impl Config {
             .validate()
             .map_err(|(key, message)| err(key, message))?;
         #[cfg(feature = "tls")]
-        crate::tls::check(&config).map_err(|(key, message)| err(key, message))?;
+        config
+            .check_tls_files()
+            .map_err(|(key, message)| err(key, message))?;
         Ok(config)
+    }
+
+    /// Reads every TLS file the config names, so a bad one is a config
+    /// error at start-up rather than a failure at each connect.
+    #[cfg(feature = "tls")]
+    fn check_tls_files(&self) -> Result<(), crate::tls::FileError> {
+        if let Some(ca) = &self.download.ca_file {
+            crate::tls::https_with(Some(ca))?;
+        }
+        if self.mqtt.uses_tls() {
+            crate::tls::mqtt_config(self.mqtt.ca_file.as_deref(), self.mqtt.client_pair())?;
+        }
+        Ok(())
     }
 
     /// Parses JSON text; on error returns the dotted key and the reason.

@@ -10,8 +10,6 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::ClientConfig;
 
-use crate::config::Config;
-
 /// A config key that names a PEM file, with the file it names.
 type PemFile<'a> = (&'static str, &'a Path);
 
@@ -40,38 +38,24 @@ pub fn client_config() -> Result<Arc<ClientConfig>, String> {
 
 /// Sets `download.ca_file` for HTTPS. Called once, before the first
 /// download; a later call keeps the first setting.
-pub fn init_https(config: &Config) {
-    let _ = HTTPS_CA.set(config.download.ca_file.clone());
+pub fn init_https(ca: Option<PathBuf>) {
+    let _ = HTTPS_CA.set(ca);
 }
 
-/// The HTTPS settings with `ca` as `download.ca_file`.
-fn https_with(ca: Option<&Path>) -> Result<Arc<ClientConfig>, FileError> {
+/// The HTTPS settings with `ca` as `download.ca_file` (the config checks
+/// its file with this at start-up).
+pub fn https_with(ca: Option<&Path>) -> Result<Arc<ClientConfig>, FileError> {
     build(ca.map(|p| ("download.ca_file", p)), None)
 }
 
-/// The MQTT-over-TLS settings `config` asks for (`mqtt.ca_file`,
-/// `mqtt.client_cert`, `mqtt.client_key`).
-pub fn mqtt_config(config: &Config) -> Result<Arc<ClientConfig>, FileError> {
-    let m = &config.mqtt;
-    let client = match (&m.client_cert, &m.client_key) {
-        (Some(cert), Some(key)) => {
-            Some((("mqtt.client_cert", &**cert), ("mqtt.client_key", &**key)))
-        }
-        _ => None,
-    };
-    build(m.ca_file.as_deref().map(|p| ("mqtt.ca_file", p)), client)
-}
-
-/// Checks every TLS file the config names, so a bad one is a config error at
-/// start-up rather than a failure at each connect.
-pub fn check(config: &Config) -> Result<(), FileError> {
-    if let Some(ca) = &config.download.ca_file {
-        https_with(Some(ca))?;
-    }
-    if config.mqtt.uses_tls() {
-        mqtt_config(config)?;
-    }
-    Ok(())
+/// The MQTT-over-TLS settings from `mqtt.ca_file` and the client
+/// certificate and key (`mqtt.client_cert`, `mqtt.client_key`).
+pub fn mqtt_config(
+    ca: Option<&Path>,
+    client: Option<(&Path, &Path)>,
+) -> Result<Arc<ClientConfig>, FileError> {
+    let client = client.map(|(cert, key)| (("mqtt.client_cert", cert), ("mqtt.client_key", key)));
+    build(ca.map(|p| ("mqtt.ca_file", p)), client)
 }
 
 /// A client config: the bundled roots plus the certificates in `ca`, and the
