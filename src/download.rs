@@ -506,9 +506,11 @@ impl Download {
             etag: served.etag,
             last_modified: served.last_modified,
         };
+        let length = head.header("content-length").and_then(|v| v.parse().ok());
+        self.check_room(length)?;
         // The queue hears of the validators with the first synced bytes (a
         // small picture, done in one go, costs the queue no extra write).
-        self.sync_every = sync_every(head.header("content-length").and_then(|v| v.parse().ok()));
+        self.sync_every = sync_every(length);
         if let Some(t) = &mut self.temp {
             t.sync_every(self.sync_every);
         }
@@ -518,6 +520,24 @@ impl Download {
             self.settings.verify,
         ));
         Ok(None)
+    }
+
+    /// Refuses, before its body is read, a body whose Content-Length already
+    /// says it cannot fit on the cache's disk: a transient failure (space
+    /// comes back) that costs the network nothing. A re-encoded JPEG's size
+    /// is not known until it is encoded, so it is not checked here.
+    fn check_room(&self, length: Option<u64>) -> Result<(), Failure> {
+        let (Some(length), None) = (length, self.settings.reencode_jpeg_quality) else {
+            return Ok(());
+        };
+        match crate::os::free_bytes(&self.root) {
+            Some(free) if free < length => Err(Failure::transient(format!(
+                "no space left on the cache disk for {}: the server says {length} bytes and {} has {free} bytes free (not downloaded)",
+                self.path.display(),
+                self.root.display()
+            ))),
+            _ => Ok(()),
+        }
     }
 
     /// Forgets the kept prefix and asks for the whole file again (once per attempt).

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::{
     agent_with, files_under, jpeg, png, run_bounded, wait_until, Agent, HttpServer, Mosquitto,
-    Route, TempDir,
+    Ranged, Route, TempDir,
 };
 use serde_json::json;
 
@@ -195,7 +195,21 @@ fn full_cache_disk_is_transient_and_recovers_when_space_returns() {
     let small: Vec<(String, Vec<u8>)> = (0..3u32)
         .map(|i| (format!("/small/{i}.png"), png(8, 8, 200 + i)))
         .collect();
-    for (path, bytes) in big.iter().chain(&small) {
+    // Every other big file without a Content-Length (a JPEG shows it is
+    // whole): the disk fills while it is written. The rest say their length,
+    // so one that cannot fit is refused before its body.
+    for (i, (path, bytes)) in big.iter().enumerate() {
+        if i % 2 == 0 {
+            http.set(path, Route::Ok(bytes.clone()));
+        } else {
+            let mut raw =
+                b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nConnection: close\r\n\r\n"
+                    .to_vec();
+            raw.extend_from_slice(bytes);
+            http.set(path, Route::Raw(raw));
+        }
+    }
+    for (path, bytes) in &small {
         http.set(path, Route::Ok(bytes.clone()));
     }
     let mut agent = agent_with(
@@ -209,28 +223,36 @@ fn full_cache_disk_is_transient_and_recovers_when_space_returns() {
         .as_str()
         .unwrap()
         .to_string();
-    let cache_prefix = format!(
-        "no space left on the cache disk writing {}/",
-        cache.display()
-    );
+    let cache_prefix = "no space left on the cache disk";
 
     let payload: Vec<String> = big.iter().map(|(p, _)| http.url(p)).collect();
     broker.publish("sync", payload.join(",").as_bytes(), 1);
-    let log = agent.wait_log(&cache_prefix, WAIT);
+    let log = agent.wait_log(cache_prefix, WAIT);
     let line = log
         .lines()
-        .find(|l| l.contains(&cache_prefix))
+        .find(|l| l.contains(cache_prefix))
         .unwrap()
         .to_string();
     assert!(
-        line.contains("WARN") && line.contains("download of") && line.contains("next try in"),
+        line.contains("WARN")
+            && line.contains("download of")
+            && line.contains("next try in")
+            && line.contains(&cache.display().to_string()),
         "a full disk is a transient failure: {line}"
     );
-    assert!(line.contains("No space left on device"), "{line}");
-    // Several more attempts meet the full disk, and the agent is still there.
-    wait_until("three more no-space failures", WAIT, || {
-        agent.log().matches(&cache_prefix).count() >= 4
-    });
+    // Both ways a disk is found full: while a file without a length is
+    // written, and by the Content-Length before a body is read.
+    wait_until(
+        "both kinds of no-space failure, several times",
+        WAIT,
+        || {
+            let log = agent.log();
+            let lines: Vec<&str> = log.lines().filter(|l| l.contains(cache_prefix)).collect();
+            lines.len() >= 4
+                && lines.iter().any(|l| l.contains("No space left on device"))
+                && lines.iter().any(|l| l.contains("(not downloaded)"))
+        },
+    );
     assert!(agent.is_running(), "{}", agent.diagnostics());
     let (_, retry, done, failed) = counts(&db);
     assert_eq!(failed, 0, "no URL may fail for good on a full disk");
@@ -293,6 +315,63 @@ fn full_cache_disk_is_transient_and_recovers_when_space_returns() {
     let files = files_under(&cache);
     assert!(temp_files(&files).is_empty(), "{files:?}");
     assert_eq!(files.len(), 33, "{files:?}");
+    assert!(agent.is_running(), "{}", agent.diagnostics());
+}
+
+/// A file whose Content-Length already says it cannot fit on the cache's
+/// disk (8 MB against 1 MiB) is refused after its head, each time it is
+/// tried: its body is not downloaded (the server, sending at 2 MB/s, gets
+/// to send a small part of one megabyte over three attempts, where the old
+/// agent read at least the disk's size each time until the write failed),
+/// no temporary file is made, and the reason names both sizes.
+#[test]
+fn a_file_that_cannot_fit_is_refused_before_its_body() {
+    let dir = TempDir::new("diskfull-length");
+    let cache = dir.path().join("images");
+    let Some(_tmpfs) = Tmpfs::mount(&cache, "1m") else {
+        return;
+    };
+    let broker = Mosquitto::start();
+    let http = HttpServer::start();
+    let big = jpeg(2600, 2000, 7);
+    let big: Vec<u8> = big.iter().copied().cycle().take(8_000_000).collect();
+    // Counted by the server as it sends; no validators, so no resume.
+    http.set(
+        "/huge.jpg",
+        Route::Ranged(std::sync::Arc::new(Ranged {
+            body: big,
+            rate: Some(2_000_000),
+            ..Ranged::default()
+        })),
+    );
+    let mut agent = agent_with(
+        dir.path(),
+        &broker,
+        json!({"download": {"interval_ms": 0, "max_attempts": 1000,
+                            "retry_base_ms": 200, "retry_max_ms": 400}}),
+    );
+    broker.publish("sync", http.url("/huge.jpg").as_bytes(), 1);
+    let prefix = "no space left on the cache disk";
+    wait_until("three refusals", WAIT, || {
+        assert!(agent.is_running(), "{}", agent.diagnostics());
+        agent.log().matches(prefix).count() >= 3
+    });
+    let sent = http.sent("/huge.jpg");
+    assert!(
+        sent < 1_000_000,
+        "{sent} body bytes sent over three attempts for a file that cannot fit"
+    );
+    let log = agent.log();
+    let line = log.lines().find(|l| l.contains(prefix)).unwrap();
+    assert!(
+        line.contains("8000000 bytes") && line.contains("(not downloaded)"),
+        "the reason names the length and says nothing was downloaded: {line}"
+    );
+    assert!(
+        temp_files(&files_under(&cache)).is_empty() && files_under(&cache).is_empty(),
+        "{:?}",
+        files_under(&cache)
+    );
     assert!(agent.is_running(), "{}", agent.diagnostics());
 }
 
