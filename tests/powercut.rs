@@ -714,33 +714,43 @@ fn check(
     let mut agent = Agent::new(dir, config(&w.broker, client, &disk, &log));
     agent.start();
     let forgotten = w.forgotten();
-    let settled = |rows: &HashMap<String, (String, i64)>| {
-        urls.iter().all(|u| {
-            rows.get(u)
-                .is_some_and(|(s, _)| s == "done" || s == "failed")
-        }) && rows.values().all(|(s, _)| s == "done" || s == "failed")
-            && forgotten.iter().all(|u| !rows.contains_key(u))
+    // Quiet: nothing waits in the queue. Complete: every URL is in, every
+    // forgotten one out.
+    let quiet = |rows: &HashMap<String, (String, i64)>| {
+        rows.values().all(|(s, _)| s == "done" || s == "failed")
+    };
+    let complete = |rows: &HashMap<String, (String, i64)>| {
+        urls.iter().all(|u| rows.contains_key(u)) && forgotten.iter().all(|u| !rows.contains_key(u))
     };
     // The start-up audit's line, or (a build without the audit) a while after the start.
     let began = Instant::now();
     let audited =
         || agent.log().contains("audit at start-up: ") || began.elapsed() >= Duration::from_secs(5);
-    // Settled for 300 ms after subscribing: the broker redelivers what was
-    // not acknowledged right after the connect, and a redelivered URL may
-    // have been done before (a re-sync): done rows alone do not show it.
+    // Settled: quiet and complete for 300 ms after subscribing (the broker
+    // redelivers what was not acknowledged right after the connect, and a
+    // redelivered URL may have been done before: done rows alone do not
+    // show it), or quiet for 3 s without being complete (then a URL is lost,
+    // or a forgotten one came back: the checks below name it).
     let mut last = None;
     let mut since: Option<Instant> = None;
     let ok = poll_until(SETTLE, || {
         last = rows(&disk);
-        let now = last.as_ref().is_some_and(settled)
-            && audited()
-            && agent.log().contains("subscribed to");
+        let Some(r) = last.as_ref() else {
+            since = None;
+            return false;
+        };
+        let now = quiet(r) && audited() && agent.log().contains("subscribed to");
         since = if now {
             since.or(Some(Instant::now()))
         } else {
             None
         };
-        since.is_some_and(|t| t.elapsed() >= Duration::from_millis(300))
+        let wait = if complete(r) {
+            Duration::from_millis(300)
+        } else {
+            Duration::from_secs(3)
+        };
+        since.is_some_and(|t| t.elapsed() >= wait)
     });
     let status = agent.terminate();
     if !ok {
