@@ -4,10 +4,12 @@
 //! fsync, folder entries as of each folder's last fsync. Every call that can
 //! change what survives (create, mkdir, rename, unlink, rmdir, truncate,
 //! fsync, fsyncdir) is counted; a run is cut at call N (the agent SIGKILLed,
-//! the disk frozen) or, at the end, while idle. Two crash states come of each
-//! cut: "strict" (nothing unsynced survives) and "torn" (a random prefix of
-//! the unsynced folder changes and a random subset of the unsynced 4 KiB
-//! blocks survive; a grown size may survive without its data).
+//! the disk frozen) or, at the end, while idle. Three crash states come of
+//! each cut: "strict" (nothing unsynced survives), "meta" (every unsynced
+//! folder change survives, no unsynced data: metadata before data) and
+//! "torn" (a random prefix of the unsynced folder changes and a random
+//! subset of the unsynced 4 KiB blocks survive; a grown size may survive
+//! without its data).
 //!
 //! Each crash state is then started as a kiosk would be after the power came
 //! back: the real agent on that folder (no FUSE), the same client id, the
@@ -55,6 +57,9 @@ const SETTLE: Duration = Duration::from_secs(20);
 
 /// Crash points of the quick slice per scenario (the idle cut comes on top).
 const QUICK_POINTS: usize = 8;
+
+/// The crash states of each cut (see `tests/support/cutfs.py`).
+const VARIANTS: [&str; 3] = ["strict", "meta", "torn"];
 
 /// Whether to explore every crash point (`HOLOSYNC_POWERCUT=full`).
 fn full() -> bool {
@@ -643,7 +648,7 @@ fn explore(w: &mut World, cut_at: usize) -> Explored {
     let db = w.broker.dir().join("mosquitto.db");
     let saved = fs::read(&db).ok();
     let mut violations = Vec::new();
-    for variant in ["strict", "torn"] {
+    for variant in VARIANTS {
         // Stopped before the restore: a stopping mosquitto saves its state.
         w.broker.stop();
         match &saved {
@@ -820,10 +825,11 @@ fn check(
 // Exploring a scenario
 // ---------------------------------------------------------------------------
 
-/// The quick slice: the calls around every WAL fsync (the commit before a
-/// PUBACK among them), rename and folder fsync, thinned to [`QUICK_POINTS`].
+/// The quick slice: the cuts just after every WAL fsync (the commit before
+/// a PUBACK among them), rename and folder fsync, then just before them,
+/// thinned evenly to [`QUICK_POINTS`].
 fn quick_slice(ops: &[String]) -> Vec<usize> {
-    let mut picks = BTreeSet::new();
+    let (mut after, mut before) = (BTreeSet::new(), BTreeSet::new());
     for line in ops {
         let mut parts = line.splitn(3, ' ');
         let (Some(n), Some(kind), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
@@ -831,18 +837,26 @@ fn quick_slice(ops: &[String]) -> Vec<usize> {
         };
         let Ok(n) = n.parse::<usize>() else { continue };
         let wal_sync = kind.ends_with("sync") && path.ends_with("-wal");
-        if wal_sync || kind == "rename" || kind == "fsyncdir" {
-            picks.insert(n);
-            picks.insert(n + 1);
+        if (wal_sync || kind == "rename" || kind == "fsyncdir") && n < ops.len() {
+            after.insert(n + 1);
+            before.insert(n);
         }
     }
-    let picks: Vec<usize> = picks.into_iter().filter(|&n| n <= ops.len()).collect();
-    if picks.len() <= QUICK_POINTS {
-        return picks;
-    }
-    (0..QUICK_POINTS)
-        .map(|i| picks[i * (picks.len() - 1) / (QUICK_POINTS - 1)])
-        .collect()
+    let thin = |picks: Vec<usize>, n: usize| -> Vec<usize> {
+        if picks.len() <= n || n < 2 {
+            return picks.into_iter().take(n).collect();
+        }
+        (0..n)
+            .map(|i| picks[i * (picks.len() - 1) / (n - 1)])
+            .collect()
+    };
+    let mut picks: BTreeSet<usize> = thin(after.iter().copied().collect(), QUICK_POINTS)
+        .into_iter()
+        .collect();
+    let room = QUICK_POINTS - picks.len();
+    let rest: Vec<usize> = before.difference(&picks).copied().collect();
+    picks.extend(thin(rest, room));
+    picks.into_iter().collect()
 }
 
 /// Explores `scenario`: the idle cut first (it counts the calls), then each
@@ -878,7 +892,7 @@ fn explore_scenario(scenario: Scenario) {
     println!(
         "powercut {}: calls={total} crash states explored={} violations={} seconds={:.0}",
         scenario.name(),
-        explored * 2,
+        explored * VARIANTS.len(),
         violations.len(),
         started.elapsed().as_secs_f64()
     );

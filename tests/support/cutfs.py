@@ -7,19 +7,20 @@ after a power cut, under the persistence rules of POSIX that every file system
 honours at least (ALICE's and LazyFS's model):
 
 - a file's data is durable as of its last fsync or fdatasync; data written
-  since is lost at the cut (the "torn" variant keeps a random subset of the
+  since is lost at the cut (the "torn" state keeps a random subset of the
   unsynced 4 KiB blocks, and may keep a grown size with zeros where the data
   did not make it);
 - a create, mkdir, rename, unlink or rmdir is durable once its folder was
   fsynced (SQLite's syncDir does that for its WAL); before that it may be
-  undone (the strict state undoes them all; the torn state keeps a random
-  prefix of them, in order);
+  undone (the "strict" state undoes them all; the "meta" state keeps them
+  all, without any unsynced data: metadata on the disk before the data; the
+  "torn" state keeps a random prefix of them, in order);
 - SQLite's database, -wal and -shm are files like any other.
 
 Durability-relevant calls (create, mkdir, rename, unlink, rmdir, truncate,
 fsync, fsyncdir) are counted. At call number --cut-at, before it runs, the
-power is cut: the calling process is SIGKILLed, the two crash states are
-written to OUT/strict and OUT/torn, OUT/cut.json says where, and every later
+power is cut: the calling process is SIGKILLed, the three crash states are
+written to OUT/strict, OUT/meta and OUT/torn, OUT/cut.json says where, and every later
 call fails with EIO. A cut can also be asked for while nothing happens: write
 a pid into the --request file and cutfs kills that process and cuts. Each
 counted call is listed in OUT/ops.txt ("N kind path").
@@ -152,7 +153,7 @@ class CutFs(Operations):
                 pass
         self.frozen = True
         rng = random.Random(f"{self.seed}/{self.count}")
-        for variant in ("strict", "torn"):
+        for variant in ("strict", "meta", "torn"):
             self.materialize(variant, os.path.join(self.out, variant), rng)
         with open(os.path.join(self.out, "cut.json.tmp"), "w") as fh:
             json.dump({"op": self.count, "where": where, "pending": len(self.pending)}, fh)
@@ -160,10 +161,13 @@ class CutFs(Operations):
 
     def materialize(self, variant, dest, rng):
         ns = {d: dict(e) for d, e in self.durable.items()}
-        if variant == "torn" and self.pending:
-            n = len(self.pending) if rng.random() < 0.5 else rng.randint(0, len(self.pending))
-            for op in self.pending[:n]:
-                self.apply(ns, op)
+        kept = 0
+        if variant == "meta":
+            kept = len(self.pending)
+        elif variant == "torn" and self.pending:
+            kept = len(self.pending) if rng.random() < 0.5 else rng.randint(0, len(self.pending))
+        for op in self.pending[:kept]:
+            self.apply(ns, op)
 
         def emit(rel):
             os.makedirs(os.path.join(dest, rel), exist_ok=True)
