@@ -284,6 +284,41 @@ unsafe extern "system" fn session_message(
     }
 }
 
+/// Renames `from` over `to` and returns once the rename is on the disk:
+/// the folder is synced after it.
+#[cfg(unix)]
+pub fn rename_durably(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
+    std::fs::rename(from, to)?;
+    let folder = to.parent().unwrap_or(std::path::Path::new("."));
+    std::fs::File::open(folder)?.sync_all()
+}
+
+/// Renames `from` over `to` and returns once the rename is on the disk:
+/// `MoveFileExW` with `MOVEFILE_WRITE_THROUGH` (`std::fs::rename` passes
+/// only `MOVEFILE_REPLACE_EXISTING`, which NTFS logs lazily).
+#[cfg(windows)]
+pub fn rename_durably(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
+    use std::os::windows::ffi::OsStrExt;
+    use windows_sys::Win32::Storage::FileSystem::{
+        MoveFileExW, MOVEFILE_REPLACE_EXISTING, MOVEFILE_WRITE_THROUGH,
+    };
+    let wide =
+        |p: &std::path::Path| -> Vec<u16> { p.as_os_str().encode_wide().chain([0]).collect() };
+    let (from, to) = (wide(from), wide(to));
+    // SAFETY: both are NUL-terminated UTF-16 paths that outlive the call.
+    let ok = unsafe {
+        MoveFileExW(
+            from.as_ptr(),
+            to.as_ptr(),
+            MOVEFILE_REPLACE_EXISTING | MOVEFILE_WRITE_THROUGH,
+        )
+    };
+    if ok == 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Free bytes (for an unprivileged user) on the disk holding `path`.
 #[cfg(unix)]
 pub fn free_bytes(path: &std::path::Path) -> Option<u64> {
