@@ -12,6 +12,7 @@ use crate::config::{self, Config};
 use crate::error::{Context, Error, Result};
 use crate::logger::{utc_timestamp, FileLogger};
 use crate::message;
+use crate::operator::{self, Sha256Source, Signed};
 use crate::queue::unix_ms;
 use crate::queue::Queue;
 
@@ -23,6 +24,11 @@ USAGE:
     holosync status [--config PATH] [--json]  queue counts and the last failures
     holosync enqueue [--config PATH] URL...   queue URLs as if they came from MQTT
     holosync check [--config PATH]            validate the config and the cache folder
+    holosync keygen KEYFILE                   make a signing key; prints its public key
+    holosync sign --key KEYFILE [--id ID] update VERSION URL (--sha256 HEX | --file EXE)
+                  [--target holosync-x86-windows] [--allow-downgrade]
+    holosync sign --key KEYFILE [--id ID] set-config PATCH_JSON
+                                              print a signed command to publish on `cmd`
     holosync --help | --version
 
 Without --config, the config is config.json next to the executable.
@@ -46,6 +52,20 @@ pub enum Command {
     },
     /// Validate config and cache folder.
     Check,
+    /// Make a signing key pair.
+    Keygen {
+        /// Where the private key goes.
+        out: PathBuf,
+    },
+    /// Print a signed command.
+    Sign {
+        /// The private key file.
+        key: PathBuf,
+        /// The command's id, if given.
+        id: Option<String>,
+        /// What to sign.
+        what: Signed,
+    },
     /// Print usage.
     Help,
     /// Print the version.
@@ -63,7 +83,21 @@ pub struct Args {
 
 /// Parses the arguments after the program name.
 pub fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Args, String> {
-    let mut args = args.into_iter();
+    let mut args = args.into_iter().peekable();
+    match args
+        .peek()
+        .map(|a| a.to_string_lossy().into_owned())
+        .as_deref()
+    {
+        Some("keygen" | "sign") => {
+            let rest: Vec<String> = args.map(|a| a.to_string_lossy().into_owned()).collect();
+            return Ok(Args {
+                command: parse_operator(&rest)?,
+                config: None,
+            });
+        }
+        _ => {}
+    }
     let mut command = None;
     let mut config = None;
     let mut json = false;
@@ -109,6 +143,68 @@ pub fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Args, Stri
     Ok(Args { command, config })
 }
 
+/// `keygen KEYFILE` or `sign --key KEYFILE [--id ID] update|set-config ...`.
+fn parse_operator(args: &[String]) -> Result<Command, String> {
+    let usage = "see --help for keygen and sign";
+    if args[0] == "keygen" {
+        return match args {
+            [_, out] if !out.starts_with('-') => Ok(Command::Keygen {
+                out: PathBuf::from(out),
+            }),
+            _ => Err(format!(
+                "keygen needs the file to write the key to ({usage})"
+            )),
+        };
+    }
+    let (mut key, mut id, mut sha256, mut file, mut target) = (None, None, None, None, None);
+    let mut allow_downgrade = false;
+    let mut words = Vec::new();
+    let mut it = args[1..].iter();
+    while let Some(a) = it.next() {
+        let mut value = |name: &str| it.next().cloned().ok_or(format!("{name} needs a value"));
+        match a.as_str() {
+            "--key" => key = Some(PathBuf::from(value("--key")?)),
+            "--id" => id = Some(value("--id")?),
+            "--sha256" => sha256 = Some(value("--sha256")?),
+            "--file" => file = Some(PathBuf::from(value("--file")?)),
+            "--target" => target = Some(value("--target")?),
+            "--allow-downgrade" => allow_downgrade = true,
+            other if other.starts_with("--") => {
+                return Err(format!("unexpected argument {other:?} ({usage})"))
+            }
+            other => words.push(other.to_string()),
+        }
+    }
+    let key = key.ok_or(format!("sign needs --key KEYFILE ({usage})"))?;
+    let what = match (words.as_slice(), sha256, file) {
+        ([kind, version, url], Some(h), None) if kind == "update" => Signed::Update {
+            version: version.clone(),
+            url: url.clone(),
+            sha256: Sha256Source::Hex(h),
+            target,
+            allow_downgrade,
+        },
+        ([kind, version, url], None, Some(f)) if kind == "update" => Signed::Update {
+            version: version.clone(),
+            url: url.clone(),
+            sha256: Sha256Source::File(f),
+            target,
+            allow_downgrade,
+        },
+        ([kind, patch], None, None) if kind == "set-config" && target.is_none() => {
+            Signed::SetConfig {
+                patch: patch.clone(),
+            }
+        }
+        _ => {
+            return Err(format!(
+                "sign takes `update VERSION URL` with one of --sha256 or --file, or `set-config PATCH_JSON` ({usage})"
+            ))
+        }
+    };
+    Ok(Command::Sign { key, id, what })
+}
+
 /// Entry point: parse, dispatch, print the error chain, return the exit code.
 pub fn main() -> ExitCode {
     let parsed = parse_args(std::env::args_os().skip(1));
@@ -123,12 +219,17 @@ pub fn main() -> ExitCode {
     };
     let config_path = args.config.clone().unwrap_or_else(config::default_path);
     let config_path = std::path::absolute(&config_path).unwrap_or(config_path);
-    if matches!(args.command, Command::Help | Command::Version) {
-        match args.command {
-            Command::Help => print!("{HELP}"),
-            _ => println!("holosync {}", env!("CARGO_PKG_VERSION")),
-        }
-        return ExitCode::SUCCESS;
+    if let Some(answer) = needs_no_config(&args.command) {
+        return match answer {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("holosync: {}", e.chain());
+                ExitCode::FAILURE
+            }
+        };
     }
     let config = match Config::load(&config_path) {
         Ok(c) => c,
@@ -145,7 +246,9 @@ pub fn main() -> ExitCode {
         Command::Status { json } => status(&config, json),
         Command::Enqueue { urls } => enqueue(&config, &urls),
         Command::Check => return check(&config, &config_path),
-        Command::Help | Command::Version => unreachable!("answered above"),
+        Command::Help | Command::Version | Command::Keygen { .. } | Command::Sign { .. } => {
+            unreachable!("answered above")
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -155,6 +258,27 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The output of a command that reads no config (help, version, the
+/// operator's keygen and sign); None for the others.
+fn needs_no_config(command: &Command) -> Option<Result<String>> {
+    Some(match command {
+        Command::Help => Ok(HELP.to_string()),
+        Command::Version => Ok(format!("holosync {}\n", env!("CARGO_PKG_VERSION"))),
+        Command::Keygen { out } => operator::keygen(out).map(|public| {
+            format!(
+                "wrote the private key to {} (keep it off the kiosks)\npublic key for update.public_keys: {public}\n",
+                out.display()
+            )
+        }),
+        Command::Sign { key, id, what } => {
+            operator::sign(key, what, id.as_deref()).map(|c| format!("{c}\n"))
+        }
+        Command::Run | Command::Status { .. } | Command::Enqueue { .. } | Command::Check => {
+            return None
+        }
+    })
 }
 
 /// A kiosk has no console: a config that cannot be read is also written to

@@ -47,6 +47,25 @@ pub struct Config {
     /// The HTTP proxy for downloads and MQTT over WebSockets (see `proxy.rs`).
     #[serde(default)]
     pub proxy: ProxyConfig,
+    /// Signed self-update and remote config (see `update.rs`).
+    #[serde(default)]
+    pub update: Update,
+}
+
+/// `update` section: who may sign updates and protected config changes,
+/// and how long a new version or config has to get online.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Update {
+    /// Ed25519 public keys (hex or base64 of the raw 32 bytes) whose
+    /// signatures are accepted; any of them will do, so keys can rotate.
+    /// Empty: updates and protected config changes are refused.
+    #[serde(default)]
+    pub public_keys: Vec<String>,
+    /// Time a new version (or config) has after its start to connect and
+    /// subscribe before it is stopped and the previous one restored.
+    #[serde(default = "default_confirm_secs")]
+    pub confirm_secs: u64,
 }
 
 /// `report` section: the fleet's view of this kiosk.
@@ -437,6 +456,19 @@ impl Mqtt {
         self.sync_topics.as_deref().unwrap_or_default()
     }
 }
+impl Update {
+    /// The public keys as raw bytes (they were checked by [`Config::validate`]).
+    pub fn keys(&self) -> Vec<[u8; crate::signing::PUBLIC_KEY_BYTES]> {
+        self.public_keys
+            .iter()
+            .filter_map(|k| crate::signing::parse_public_key(k).ok())
+            .collect()
+    }
+}
+
+fn default_confirm_secs() -> u64 {
+    120
+}
 fn default_ws_path() -> String {
     "/mqtt".into()
 }
@@ -528,6 +560,11 @@ impl Default for Log {
     }
 }
 impl Default for Report {
+    fn default() -> Self {
+        from_empty_object()
+    }
+}
+impl Default for Update {
     fn default() -> Self {
         from_empty_object()
     }
@@ -882,6 +919,15 @@ impl Config {
                     format!("{t:?} is not a topic to publish to"),
                 ));
             }
+        }
+        for key in &self.update.public_keys {
+            crate::signing::parse_public_key(key).map_err(|e| {
+                let shown: String = key.chars().take(20).collect();
+                ("update.public_keys", format!("{shown:?} {e}"))
+            })?;
+        }
+        if !(5..=86_400).contains(&self.update.confirm_secs) {
+            return Err(("update.confirm_secs", "must be 5-86400".into()));
         }
         // The cache folder (and its parents) is made at start-up, as the old
         // script did; the database and the log must go into a folder that exists.

@@ -20,12 +20,14 @@ pub mod link;
 pub mod logger;
 pub mod md5;
 pub mod message;
+pub mod operator;
 pub mod os;
 pub mod projector;
 pub mod proxy;
 pub mod queue;
 pub mod random;
 pub mod report;
+pub mod signing;
 #[cfg(feature = "tls")]
 pub mod tls;
 pub mod transfers;
