@@ -20,7 +20,9 @@ use crate::link::{Delivery, Link};
 use crate::projector::{self, Batch, Projectors};
 use crate::queue::{unix_ms, Queue, RUNNING_KEY};
 use crate::report::{Acked, Identity, Report};
+use crate::swap::{self, Marker, Paths};
 use crate::transfers::Transfers;
+use crate::update::{self, Outcome, Updater};
 
 /// Longest time one piece of work (a download, a projector) runs per turn
 /// before the broker link gets its turn again.
@@ -63,11 +65,25 @@ pub struct Agent {
     report: Report,
     /// The wall clock and monotonic clock at the last turn, to see jumps.
     clock: (Instant, i64),
+    /// `update` and `set-config`: a new version's download, the handover's files.
+    updater: Updater,
+    /// This run is a new version's (or config's) trial, not yet confirmed.
+    trial: bool,
+    /// How the last handover ended, for `events` once subscribed.
+    news: Option<serde_json::Value>,
+    /// A handover is ready: the loop stops and the supervisor takes over.
+    hand_over: Option<swap::Kind>,
 }
 
 impl Agent {
-    /// Opens the queue, settles the client id and prepares the broker link.
-    pub fn new(config: Config, config_path: PathBuf) -> Result<Agent> {
+    /// Opens the queue, settles the client id and prepares the broker link;
+    /// `ended` is the handover that ended before this start, if any.
+    pub fn new(
+        config: Config,
+        config_path: PathBuf,
+        paths: Paths,
+        ended: Option<Marker>,
+    ) -> Result<Agent> {
         let mut queue = Queue::open_or_recover(&config.database)?;
         let client_id = client_id(&config, &queue)?;
         log::info!(
@@ -110,6 +126,11 @@ impl Agent {
             );
         }
 
+        let news = ended.map(|m| update::ended(&m));
+        if let Some(n) = &news {
+            log::info!("the last handover ended: {n}");
+            queue.set_meta(crate::queue::LAST_UPDATE_KEY, &n.to_string())?;
+        }
         let identity = Identity {
             client_id: client_id.clone(),
             started_at,
@@ -211,6 +232,7 @@ impl Agent {
                 animation_pixels: d.max_animation_pixels,
             },
         };
+        let updater = Updater::new(paths, settings.limits, http::Pool::new(proxies.clone()));
         let transfers = Transfers::new(&config, settings, proxies.clone());
         // A technician who deleted the cache gets it back without a message.
         report.start_audit(&link, None, None);
@@ -224,11 +246,16 @@ impl Agent {
             intake: Intake::default(),
             report,
             clock: (Instant::now(), unix_ms()),
+            updater,
+            trial: swap::on_trial(),
+            news,
+            hand_over: None,
         })
     }
 
-    /// Runs until a stop is requested (see `os::watch_stop`), then stops cleanly.
-    pub fn run(mut self) {
+    /// Runs until a stop is requested (see `os::watch_stop`) or a handover
+    /// is ready, then stops cleanly; returns the handover's kind, if that.
+    pub fn run(mut self) -> Option<swap::Kind> {
         let goodbye = self
             .report
             .topics()
@@ -239,7 +266,14 @@ impl Agent {
         loop {
             if let Some(why) = crate::os::stop_requested() {
                 self.stop(why);
-                return;
+                return None;
+            }
+            if let Some(kind) = self.hand_over {
+                self.stop(match kind {
+                    swap::Kind::Update => "handing over to the new version",
+                    swap::Kind::Config => "restarting with the new config",
+                });
+                return Some(kind);
             }
             self.turn();
         }
@@ -251,6 +285,7 @@ impl Agent {
     fn stop(mut self, why: &str) {
         log::info!("stopping: {why}");
         self.transfers.stop(&self.queue);
+        self.updater.stop();
         if self.projectors.busy() {
             log::warn!(
                 "left {} projector messages unfinished",
@@ -276,6 +311,9 @@ impl Agent {
         self.link.poll(idle_until);
         if self.link.take_connected() {
             self.report.connected();
+        }
+        if self.link.take_subscribed() {
+            self.online();
         }
         let slice_end = Instant::now() + DISPATCH_SLICE;
         while let Some(d) = self.link.next_delivery() {
@@ -314,11 +352,55 @@ impl Agent {
         for d in done {
             inbox::ack(&self.link, &d);
         }
+        while let Some(order) = self.report.take_order() {
+            if let Some(outcome) = self.updater.take(order, &self.config) {
+                self.answer(outcome);
+            }
+        }
+        if let Some(outcome) = self.updater.step(&self.config, Instant::now() + WORK_SLICE) {
+            self.answer(outcome);
+        }
+    }
+
+    /// Answers an `update` or `set-config`, acks it, and notes a handover.
+    fn answer(&mut self, o: Outcome) {
+        self.report.answer(&self.link, &self.queue, &o.id, o.answer);
+        if let Some(d) = o.delivery {
+            inbox::ack(&self.link, &d);
+        }
+        self.hand_over = self.hand_over.or(o.hand_over);
+    }
+
+    /// Connected and subscribed: a trial is confirmed, and how the last
+    /// handover ended is told.
+    fn online(&mut self) {
+        if std::mem::take(&mut self.trial) {
+            match swap::confirm(self.updater.paths()) {
+                Ok(Some(m)) => self.news = Some(update::ended(&m)),
+                Ok(None) => {}
+                Err(e) => log::error!("{}", e.chain()),
+            }
+        }
+        if let Some(news) = self.news.take() {
+            if let Err(e) = self
+                .queue
+                .set_meta(crate::queue::LAST_UPDATE_KEY, &news.to_string())
+            {
+                log::warn!("{}", e.chain());
+            }
+            let id = news["id"].clone();
+            self.report.answer(&self.link, &self.queue, &id, news);
+        }
     }
 
     /// None when work is due now; else when the loop next has something to do.
     fn idle_until(&self) -> Option<Instant> {
-        if self.projectors.busy() || self.report.busy() || self.link.has_deliveries() {
+        if self.projectors.busy()
+            || self.report.busy()
+            || self.link.has_deliveries()
+            || self.updater.busy()
+            || self.hand_over.is_some()
+        {
             return None;
         }
         let now = Instant::now();

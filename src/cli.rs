@@ -15,6 +15,7 @@ use crate::message;
 use crate::operator::{self, Sha256Source, Signed};
 use crate::queue::unix_ms;
 use crate::queue::Queue;
+use crate::swap::{self, Paths, Start};
 
 const HELP: &str = "\
 holosync - keeps a kiosk's pictures cached locally, synced over MQTT
@@ -52,6 +53,8 @@ pub enum Command {
     },
     /// Validate config and cache folder.
     Check,
+    /// Watch a new version's or config's trial (started by a handover).
+    Supervise,
     /// Make a signing key pair.
     Keygen {
         /// Where the private key goes.
@@ -115,9 +118,10 @@ pub fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Args, Stri
                 config = Some(PathBuf::from(path));
             }
             "--json" => json = true,
-            "status" | "enqueue" | "check" | "run" if command.is_none() => {
+            "status" | "enqueue" | "check" | "run" | "supervise" if command.is_none() => {
                 command = Some(match text.as_ref() {
                     "status" => Command::Status { json: false },
+                    "supervise" => Command::Supervise,
                     "enqueue" => Command::Enqueue { urls: Vec::new() },
                     "check" => Command::Check,
                     _ => Command::Run,
@@ -231,6 +235,10 @@ pub fn main() -> ExitCode {
             }
         };
     }
+    if args.command == Command::Supervise {
+        // Even a config that no longer loads must be rolled back.
+        return supervise(&config_path);
+    }
     let config = match Config::load(&config_path) {
         Ok(c) => c,
         Err(e) => {
@@ -246,9 +254,11 @@ pub fn main() -> ExitCode {
         Command::Status { json } => status(&config, json),
         Command::Enqueue { urls } => enqueue(&config, &urls),
         Command::Check => return check(&config, &config_path),
-        Command::Help | Command::Version | Command::Keygen { .. } | Command::Sign { .. } => {
-            unreachable!("answered above")
-        }
+        Command::Help
+        | Command::Version
+        | Command::Keygen { .. }
+        | Command::Sign { .. }
+        | Command::Supervise => unreachable!("answered above"),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -275,9 +285,11 @@ fn needs_no_config(command: &Command) -> Option<Result<String>> {
         Command::Sign { key, id, what } => {
             operator::sign(key, what, id.as_deref()).map(|c| format!("{c}\n"))
         }
-        Command::Run | Command::Status { .. } | Command::Enqueue { .. } | Command::Check => {
-            return None
-        }
+        Command::Run
+        | Command::Status { .. }
+        | Command::Enqueue { .. }
+        | Command::Check
+        | Command::Supervise => return None,
     })
 }
 
@@ -320,17 +332,53 @@ fn run(config: Config, config_path: PathBuf) -> Result<()> {
     // Before any other thread exists (see `os::watch_stop`).
     crate::os::watch_stop();
     install_logger(&config, true)?;
-    let _lock = single_instance(&config.database)?;
+    let lock = single_instance(&config.database)?;
+    let paths = Paths::current(&config_path)?;
+    let ended = match swap::at_start(&paths)? {
+        Start::Run(ended) => ended,
+        Start::Resume(kind, paths) => {
+            // The agent on trial takes the lock: it must be free first.
+            drop(lock);
+            swap::start_supervisor(&paths, kind)?;
+            log::info!("started the supervisor to resume the trial; this process exits");
+            return Ok(());
+        }
+    };
     cache_writable(&config).map_err(|e| {
         Error::msg(format!(
             "holosync stopped: {} (nothing can be cached)",
             e.chain()
         ))
     })?;
-    Agent::new(config, config_path)
+    let hand_over = Agent::new(config, config_path, paths.clone(), ended)
         .map_err(|e| Error::msg(format!("holosync stopped: {}", e.chain())))?
         .run();
+    if let Some(kind) = hand_over {
+        drop(lock);
+        swap::start_supervisor(&paths, kind)?;
+        log::info!(
+            "started the supervisor of the {}; this process exits",
+            kind.name()
+        );
+    }
     Ok(())
+}
+
+/// `holosync supervise`, started by a handover: watches the trial (see
+/// `swap.rs`). It logs to the config's log file when the config can be read.
+fn supervise(config_path: &Path) -> ExitCode {
+    crate::os::watch_stop();
+    if let Ok(config) = Config::load(config_path) {
+        let _ = install_logger(&config, false);
+    }
+    match swap::supervise(config_path) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("supervisor: {}", e.chain());
+            eprintln!("holosync: {}", e.chain());
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Makes the cache folder (with its parents) and writes and removes a probe

@@ -631,7 +631,18 @@ impl Config {
         };
         let text = std::fs::read_to_string(file)
             .map_err(|e| err("", format!("cannot read the file: {e}")))?;
-        let mut config = Config::parse(&text).map_err(|(key, message)| err(&key, message))?;
+        Config::from_text(&text, file)
+    }
+
+    /// Parses, resolves and validates `text` as the config file `file`
+    /// (start-up, and a `set-config` patch, are checked by this one door).
+    pub fn from_text(text: &str, file: &Path) -> Result<Config, ConfigError> {
+        let err = |key: &str, message: String| ConfigError {
+            file: file.to_path_buf(),
+            key: key.to_string(),
+            message,
+        };
+        let mut config = Config::parse(text).map_err(|(key, message)| err(&key, message))?;
         let base = file
             .parent()
             .map(absolute)

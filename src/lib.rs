@@ -26,9 +26,12 @@ pub mod projector;
 pub mod proxy;
 pub mod queue;
 pub mod random;
+pub mod remote_config;
 pub mod report;
 pub mod signing;
+pub mod swap;
 #[cfg(feature = "tls")]
 pub mod tls;
 pub mod transfers;
+pub mod update;
 pub mod verify;
