@@ -87,19 +87,16 @@ pub struct Args {
 /// Parses the arguments after the program name.
 pub fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Args, String> {
     let mut args = args.into_iter().peekable();
-    match args
+    if let Some("keygen" | "sign") = args
         .peek()
         .map(|a| a.to_string_lossy().into_owned())
         .as_deref()
     {
-        Some("keygen" | "sign") => {
-            let rest: Vec<String> = args.map(|a| a.to_string_lossy().into_owned()).collect();
-            return Ok(Args {
-                command: parse_operator(&rest)?,
-                config: None,
-            });
-        }
-        _ => {}
+        let rest: Vec<String> = args.map(|a| a.to_string_lossy().into_owned()).collect();
+        return Ok(Args {
+            command: parse_operator(&rest)?,
+            config: None,
+        });
     }
     let mut command = None;
     let mut config = None;
@@ -574,6 +571,61 @@ mod tests {
                 urls: vec!["http://a/1.jpg".into(), "http://a/2.jpg".into()]
             }
         );
+    }
+
+    #[test]
+    fn the_operators_tools_take_their_own_arguments() {
+        let a = parse(&[
+            "sign",
+            "--key",
+            "k",
+            "update",
+            "0.3.0",
+            "https://x/h.exe",
+            "--file",
+            "h.exe",
+            "--target",
+            "holosync-x86-windows",
+            "--id",
+            "u-1",
+        ])
+        .unwrap();
+        assert_eq!(
+            a.command,
+            Command::Sign {
+                key: PathBuf::from("k"),
+                id: Some("u-1".into()),
+                what: Signed::Update {
+                    version: "0.3.0".into(),
+                    url: "https://x/h.exe".into(),
+                    sha256: Sha256Source::File(PathBuf::from("h.exe")),
+                    target: Some("holosync-x86-windows".into()),
+                    allow_downgrade: false,
+                },
+            }
+        );
+        let a = parse(&["sign", "--key", "k", "set-config", "{}"]).unwrap();
+        assert!(matches!(
+            a.command,
+            Command::Sign {
+                what: Signed::SetConfig { .. },
+                ..
+            }
+        ));
+        assert_eq!(
+            parse(&["keygen", "fleet.key"]).unwrap().command,
+            Command::Keygen {
+                out: PathBuf::from("fleet.key")
+            }
+        );
+        assert!(parse(&["keygen"]).is_err());
+        assert!(parse(&["sign", "update", "0.3.0", "u", "--sha256", "ab"]).is_err());
+        assert!(parse(&["sign", "--key", "k", "update", "0.3.0", "u"]).is_err());
+        assert!(parse(&[
+            "sign", "--key", "k", "update", "0.3.0", "u", "--sha256", "a", "--file", "f"
+        ])
+        .is_err());
+        assert_eq!(parse(&["supervise"]).unwrap().command, Command::Supervise);
     }
 
     #[test]

@@ -113,7 +113,7 @@ pub fn hex(bytes: &[u8]) -> String {
 /// to bytes; None if it is neither.
 pub fn decode(text: &str) -> Option<Vec<u8>> {
     let t = text.as_bytes();
-    if t.len() % 2 == 0 && t.iter().all(u8::is_ascii_hexdigit) {
+    if t.len().is_multiple_of(2) && t.iter().all(u8::is_ascii_hexdigit) {
         return (0..t.len())
             .step_by(2)
             .map(|i| u8::from_str_radix(&text[i..i + 2], 16).ok())
@@ -124,7 +124,7 @@ pub fn decode(text: &str) -> Option<Vec<u8>> {
 
 /// Standard base64 (RFC 4648 section 4, padded) to bytes.
 fn base64(t: &[u8]) -> Option<Vec<u8>> {
-    if t.is_empty() || t.len() % 4 != 0 {
+    if t.is_empty() || !t.len().is_multiple_of(4) {
         return None;
     }
     let value = |c: u8| -> Option<u32> {

@@ -2,10 +2,10 @@
 //! rollback: files and processes only (no MQTT, no queue).
 //!
 //! The files, with `holosync.exe` the agent's executable and `config.json`
-//! its config:
+//! its config (on Unix, `holosync`, `holosync.new` and `holosync.old`):
 //!
-//! - `holosync.exe.new`: the downloaded, verified new version (staged);
-//! - `holosync.exe.old`: a copy of the running version, made before the
+//! - `holosync.new.exe`: the downloaded, verified new version (staged);
+//! - `holosync.old.exe`: a copy of the running version, made before the
 //!   swap; it runs the supervisor, and stays as the previous version;
 //! - `config.json.prev`: the config before a `set-config`;
 //! - `holosync.update` (next to the config): the trial marker, JSON with
@@ -16,21 +16,23 @@
 //! power cut between any two leaves `holosync.exe` whole and runnable (the
 //! old one up to step 4, the new one after):
 //!
-//! 1. the old agent downloads to `.exe.new` and checks size and SHA-256;
-//! 2. it copies itself to `.exe.old` (a temporary name, synced, renamed);
+//! 1. the old agent downloads to `holosync.new.exe` and checks size and SHA-256;
+//! 2. it copies itself to `holosync.old.exe` (a temporary name, synced,
+//!    renamed);
 //! 3. it writes the marker (`staged`), stops cleanly (goodbye on `state`,
-//!    the single-instance lock released) and starts `holosync.exe.old
+//!    the single-instance lock released) and starts `holosync.old.exe
 //!    supervise`, then exits;
-//! 4. the supervisor (not holding the lock, not on MQTT) renames `.exe.new`
-//!    over `holosync.exe` (on Windows this waits for the old process to
+//! 4. the supervisor (not holding the lock, not on MQTT) renames
+//!    `holosync.new.exe` over `holosync.exe` (on Windows this waits for the old process to
 //!    have exited: a running exe cannot be replaced, but the supervisor
-//!    runs from `.exe.old`, so the agent's name is free to take);
+//!    runs from `holosync.old.exe`, so the agent's name is free to take);
 //! 5. it marks the trial (`trial`) and starts `holosync.exe` with
 //!    `HOLOSYNC_TRIAL=1`;
 //! 6. the new agent, once connected and subscribed, marks `confirmed`; the
 //!    supervisor removes the marker and exits. If the new one exits, or is
 //!    not confirmed within `update.confirm_secs`, the supervisor kills it,
-//!    copies `.exe.old` over `holosync.exe` (temporary name, renamed), marks
+//!    copies `holosync.old.exe` over `holosync.exe` (temporary name,
+//!    renamed, as soon as Windows lets go of the killed one's file), marks
 //!    `failed` with the reason, and starts the old agent, which reports it.
 //!
 //! A `set-config` is the same with `config.json` and `config.json.prev`
@@ -41,8 +43,8 @@
 //! interrupted: `staged` or `trial` without a supervisor resumes the trial
 //! (a supervisor is started again, which finishes the rename if step 4 had
 //! not happened); `failed` and `confirmed` are reported and the marker is
-//! removed; no marker and a stray `.exe.new` (a download that never got to
-//! step 3) removes it.
+//! removed; no marker and a stray `holosync.new.exe` (a download that
+//! never got to step 3) removes it.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -100,6 +102,21 @@ pub struct Paths {
     pub marker: PathBuf,
 }
 
+/// The executable's sibling named by `tag`: `holosync.exe` ->
+/// `holosync.old.exe` (Windows runs and scans it as an exe; the
+/// supervisor runs from the `old` one), `holosync` -> `holosync.old`.
+fn sibling(exe: &Path, tag: &str) -> PathBuf {
+    match (exe.file_stem(), exe.extension()) {
+        (Some(stem), Some(ext)) if ext.eq_ignore_ascii_case("exe") => {
+            let mut name = stem.to_owned();
+            name.push(format!(".{tag}."));
+            name.push(ext);
+            exe.with_file_name(name)
+        }
+        _ => with_suffix(exe, &format!(".{tag}")),
+    }
+}
+
 /// `path` with `suffix` added to its file name.
 fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
@@ -112,8 +129,8 @@ impl Paths {
     pub fn new(exe: &Path, config: &Path) -> Paths {
         Paths {
             exe: exe.to_path_buf(),
-            new: with_suffix(exe, ".new"),
-            old: with_suffix(exe, ".old"),
+            new: sibling(exe, "new"),
+            old: sibling(exe, "old"),
             config: config.to_path_buf(),
             config_prev: with_suffix(config, ".prev"),
             marker: config
@@ -222,11 +239,17 @@ fn copy_atomically(from: &Path, to: &Path) -> Result<()> {
     let tmp = with_suffix(to, ".tmp");
     let result = fs::copy(from, &tmp)
         .and_then(|_| OpenOptions::new().write(true).open(&tmp)?.sync_all())
-        .and_then(|()| fs::rename(&tmp, to));
+        .map_err(|e| {
+            Error::new(
+                format!("could not copy {} to {}", from.display(), tmp.display()),
+                e,
+            )
+        })
+        .and_then(|()| rename_when_free(&tmp, to));
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
-    result.context(|| format!("could not copy {} to {}", from.display(), to.display()))
+    result
 }
 
 /// Whether this process is an agent on trial (started by a supervisor).
@@ -235,7 +258,7 @@ pub fn on_trial() -> bool {
 }
 
 /// Steps 2 and 3 of an update (before the clean stop): the running
-/// executable copied to `.exe.old`, the marker written.
+/// executable copied to `holosync.old.exe`, the marker written.
 pub fn prepare_update(paths: &Paths, marker: &Marker) -> Result<()> {
     copy_atomically(&paths.exe, &paths.old)?;
     marker.write(&paths.marker)
@@ -309,14 +332,14 @@ pub fn at_start(paths: &Paths) -> Result<Start> {
         _ if on_trial() => Ok(Start::Run(None)),
         _ => {
             log::warn!(
-                "a {} to {} was interrupted (phase {}): resuming its trial",
+                "the {} to {} was interrupted (phase {}): resuming its trial",
                 marker.kind.name(),
                 marker.to,
                 marker.phase
             );
             let paths = Paths::new(&marker.exe, &paths.config);
             if marker.kind == Kind::Update && !paths.old.exists() {
-                // The marker is written after `.exe.old`, so this is a hand's work.
+                // The marker is written after `holosync.old.exe`, so this is a hand's work.
                 fs::remove_file(&paths.marker)
                     .context(|| format!("could not remove {}", paths.marker.display()))?;
                 return Err(Error::msg(format!(
@@ -385,7 +408,8 @@ pub fn supervise(config: &Path) -> Result<()> {
     };
     let paths = Paths::new(&marker.exe, config);
     if marker.kind == Kind::Update && paths.new.exists() {
-        swap_in(&paths)?;
+        // Step 4, once the old agent has let go of the name.
+        rename_when_free(&paths.new, &paths.exe)?;
     }
     marker.phase = "trial".into();
     marker.write(&paths.marker)?;
@@ -453,24 +477,21 @@ pub fn supervise(config: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Step 4: `.exe.new` renamed over the executable, once the old process has
-/// let go of it (at once on Unix; on Windows when it has exited).
-fn swap_in(paths: &Paths) -> Result<()> {
+/// Renames `from` over `to` once no process runs `to` any more (at once on
+/// Unix; on Windows a running exe, or one whose process is still being
+/// torn down, cannot be replaced), waiting up to [`RELEASE_WAIT`].
+fn rename_when_free(from: &Path, to: &Path) -> Result<()> {
     let until = Instant::now() + RELEASE_WAIT;
     loop {
-        match fs::rename(&paths.new, &paths.exe) {
+        match fs::rename(from, to) {
             Ok(()) => return Ok(()),
             Err(e) if Instant::now() < until => {
-                log::debug!("waiting to replace {}: {e}", paths.exe.display());
+                log::debug!("waiting to replace {}: {e}", to.display());
                 std::thread::sleep(SUPERVISE_POLL);
             }
             Err(e) => {
                 return Err(Error::new(
-                    format!(
-                        "could not rename {} to {}",
-                        paths.new.display(),
-                        paths.exe.display()
-                    ),
+                    format!("could not rename {} to {}", from.display(), to.display()),
                     e,
                 ))
             }
@@ -497,8 +518,10 @@ mod tests {
         assert_eq!(Marker::parse(&m.to_json()), Some(m.clone()));
         assert_eq!(Marker::parse("{\"kind\":\"update\""), None);
         let paths = Paths::new(Path::new("/k/holosync.exe"), Path::new("/c/config.json"));
-        assert_eq!(paths.old, PathBuf::from("/k/holosync.exe.old"));
-        assert_eq!(paths.new, PathBuf::from("/k/holosync.exe.new"));
+        assert_eq!(paths.old, PathBuf::from("/k/holosync.old.exe"));
+        assert_eq!(paths.new, PathBuf::from("/k/holosync.new.exe"));
+        let paths = Paths::new(Path::new("/k/holosync"), Path::new("/c/config.json"));
+        assert_eq!(paths.old, PathBuf::from("/k/holosync.old"));
         assert_eq!(paths.marker, PathBuf::from("/c/holosync.update"));
         assert_eq!(paths.config_prev, PathBuf::from("/c/config.json.prev"));
     }

@@ -86,7 +86,7 @@ struct Fetch {
     request: Box<UpdateRequest>,
     /// The GET.
     get: Get,
-    /// `<exe>.new`, being written.
+    /// the staged file (`holosync.new.exe`), being written.
     file: File,
     /// SHA-256 of the bytes so far.
     hash: ring::digest::Context,
@@ -133,15 +133,7 @@ impl Updater {
     /// comes from [`Updater::step`]), or, for a valid `set-config`, writes
     /// the new config and asks for the handover.
     pub fn take(&mut self, order: Order, config: &Config) -> Option<Outcome> {
-        let refuse = |order: Order, name: &str, why: String| {
-            log::warn!("command {name} (id {}) refused: {why}", order.id);
-            Some(Outcome {
-                answer: json!({"id": order.id, "command": name, "error": why}),
-                id: order.id,
-                delivery: order.delivery,
-                hand_over: None,
-            })
-        };
+        let refuse = |order, name, why| Some(refused(order, name, why));
         match order.request.clone() {
             Request::Update(r) => {
                 if let Err(why) = self.check(&r, config) {
@@ -150,10 +142,7 @@ impl Updater {
                 if self.fetch.is_some() {
                     return refuse(order, "update", "busy: an update is downloading".into());
                 }
-                match self.start(order, r) {
-                    Ok(()) => None,
-                    Err((order, why)) => refuse(order, "update", why),
-                }
+                self.start(order, r)
             }
             Request::SetConfig { patch, signature } => {
                 if self.fetch.is_some() {
@@ -231,19 +220,21 @@ impl Updater {
         Ok(())
     }
 
-    fn start(&mut self, order: Order, request: Box<UpdateRequest>) -> Result<(), (Order, String)> {
+    /// Starts the download (None), or says why it cannot start.
+    fn start(&mut self, order: Order, request: Box<UpdateRequest>) -> Option<Outcome> {
         let file = match File::create(&self.paths.new) {
             Ok(f) => f,
             Err(e) => {
                 let why = format!("could not create {}: {e}", self.paths.new.display());
-                return Err((order, why));
+                return Some(refused(order, "update", why));
             }
         };
         let get = match Get::start(&request.url, Vec::new(), self.limits, &mut self.pool) {
             Ok(g) => g,
             Err(f) => {
                 let _ = std::fs::remove_file(&self.paths.new);
-                return Err((order, format!("{}: {}", request.url, f.reason())));
+                let why = format!("{}: {}", request.url, f.reason());
+                return Some(refused(order, "update", why));
             }
         };
         log::info!(
@@ -262,7 +253,7 @@ impl Updater {
             size: 0,
             body: Vec::new(),
         });
-        Ok(())
+        None
     }
 
     /// One slice of the download until `deadline`; the outcome once it is
@@ -384,6 +375,17 @@ impl Updater {
             drop(f.file);
             let _ = std::fs::remove_file(&self.paths.new);
         }
+    }
+}
+
+/// The answer to a command refused (or failed) without changing anything.
+fn refused(order: Order, name: &str, why: String) -> Outcome {
+    log::warn!("command {name} (id {}) refused: {why}", order.id);
+    Outcome {
+        answer: json!({"id": order.id, "command": name, "error": why}),
+        id: order.id,
+        delivery: order.delivery,
+        hand_over: None,
     }
 }
 
