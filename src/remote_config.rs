@@ -23,6 +23,10 @@ const PROTECTED: [(&str, &str); 7] = [
     ("/proxy", "proxy"),
 ];
 
+/// Keys holding secrets: an error about them is answered without serde's
+/// message, which may quote the value.
+const SECRETS: [&str; 3] = ["mqtt.password", "projector.password", "proxy.url"];
+
 /// Applies `patch` to `target` as RFC 7396 says: an object patch merges
 /// key by key (`null` removes), anything else replaces.
 pub fn merge_patch(target: &mut Value, patch: &Value) {
@@ -95,7 +99,13 @@ pub fn patched(
     }
     let text = serde_json::to_string_pretty(&after).expect("a JSON value always serializes");
     Config::from_text(&text, file).map_err(|e| {
-        if e.key.is_empty() {
+        if SECRETS.contains(&e.key.as_str()) {
+            // serde's message may quote the value, and answers go to `events`.
+            format!(
+                "the patched config is not valid: key `{}` (a secret: its value is not shown)",
+                e.key
+            )
+        } else if e.key.is_empty() {
             format!("the patched config is not valid: {}", e.message)
         } else {
             format!(
@@ -223,6 +233,9 @@ mod tests {
             v,
             json!({"mqtt": {"host": "broker"}, "log": {"level": "debug"}})
         );
+        let secret = json!({"mqtt": {"password": 918273}});
+        let why = patched(&file, current, &config, &secret, None).unwrap_err();
+        assert!(why.contains("key `mqtt.password`") && !why.contains("918273"), "{why}");
         let why = patched(&file, current, &config, &json!({"log": {}}), Some("00")).unwrap_err();
         assert!(why.contains("no key is configured"), "{why}");
     }
