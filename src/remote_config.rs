@@ -235,7 +235,10 @@ mod tests {
         );
         let secret = json!({"mqtt": {"password": 918273}});
         let why = patched(&file, current, &config, &secret, None).unwrap_err();
-        assert!(why.contains("key `mqtt.password`") && !why.contains("918273"), "{why}");
+        assert!(
+            why.contains("key `mqtt.password`") && !why.contains("918273"),
+            "{why}"
+        );
         let why = patched(&file, current, &config, &json!({"log": {}}), Some("00")).unwrap_err();
         assert!(why.contains("no key is configured"), "{why}");
     }

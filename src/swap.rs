@@ -421,13 +421,21 @@ pub fn supervise(config: &Path) -> Result<()> {
         limit.as_secs()
     );
     let started = Instant::now();
-    let mut child = spawn(&paths.exe, config, &[], true)
-        .context(|| format!("could not start {}", paths.exe.display()))?;
+    let mut child = match spawn(&paths.exe, config, &[], true) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            log::error!("supervisor: could not start {}: {e}", paths.exe.display());
+            None
+        }
+    };
     let failure = loop {
+        let Some(agent) = child.as_mut() else {
+            break Some("the new agent could not be started".to_string());
+        };
         if Marker::read(&paths.marker).is_some_and(|m| m.phase == "confirmed") {
             break None;
         }
-        match child.try_wait() {
+        match agent.try_wait() {
             Ok(Some(status)) => break Some(format!("the new agent exited at start ({status})")),
             Ok(None) => {}
             Err(e) => break Some(format!("could not watch the new agent: {e}")),
@@ -462,8 +470,10 @@ pub fn supervise(config: &Path) -> Result<()> {
         marker.kind.name(),
         marker.to
     );
-    let _ = child.kill();
-    let _ = child.wait();
+    if let Some(mut agent) = child {
+        let _ = agent.kill();
+        let _ = agent.wait();
+    }
     match marker.kind {
         Kind::Update => copy_atomically(&paths.old, &paths.exe)?,
         Kind::Config => copy_atomically(&paths.config_prev, &paths.config)?,

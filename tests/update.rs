@@ -14,8 +14,8 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use common::{
-    command_for, exe_under_test, merge, png, poll_until, Agent, HttpServer, Mosquitto, Route,
-    Subscriber, TempDir,
+    command_for, exe_under_test, merge, png, poll_until, under_wine, Agent, HttpServer, Mosquitto,
+    Route, Subscriber, TempDir,
 };
 use serde_json::{json, Value};
 
@@ -77,18 +77,35 @@ fn newer_build() -> &'static Path {
     })
 }
 
-/// The processes (pids) running an executable from under `dir`.
+/// The processes (pids) running an executable from under `dir`: natively
+/// the executable itself; under Wine the Windows command line, which Wine
+/// puts in `/proc/<pid>/cmdline` (`Z:\tmp\...\holosync.exe ...`).
 fn processes_under(dir: &Path) -> Vec<u32> {
+    let windows = format!("Z:{}", dir.display()).replace('/', "\\");
     let mut pids = Vec::new();
     for entry in fs::read_dir("/proc").unwrap().flatten() {
         let Some(pid) = entry.file_name().to_str().and_then(|p| p.parse().ok()) else {
             continue;
         };
-        if fs::read_link(entry.path().join("exe")).is_ok_and(|exe| exe.starts_with(dir)) {
+        let native = fs::read_link(entry.path().join("exe")).is_ok_and(|exe| exe.starts_with(dir));
+        let wine = under_wine()
+            && fs::read(entry.path().join("cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).starts_with(&windows));
+        if native || wine {
             pids.push(pid);
         }
     }
     pids
+}
+
+/// The kiosk's executable name, and its staged and previous copies'.
+fn exe_name(tag: &str) -> String {
+    match (under_wine(), tag) {
+        (true, "") => "holosync.exe".into(),
+        (true, tag) => format!("holosync.{tag}.exe"),
+        (false, "") => "holosync".into(),
+        (false, tag) => format!("holosync.{tag}"),
+    }
 }
 
 /// A kiosk folder: a copy of the binary, its config, database, cache and
@@ -109,7 +126,7 @@ impl Kiosk {
     /// A kiosk for `broker` trusting `keys`, with `patch` over the test config.
     fn new(name: &str, broker: &Mosquitto, keys: &[&str], patch: Value) -> Kiosk {
         let dir = TempDir::new(name);
-        let exe = dir.path().join("holosync");
+        let exe = dir.path().join(exe_name(""));
         fs::copy(exe_under_test(), &exe).unwrap();
         let mut config = Agent::default_config(broker.port);
         config["update"] = json!({"public_keys": keys, "confirm_secs": CONFIRM_SECS});
@@ -370,6 +387,87 @@ fn an_update_to_a_newer_build_swaps_reports_the_new_version_and_keeps_the_queue(
     );
 }
 
+/// The same version installed again, signed with `allow_downgrade`: the
+/// whole handover (the running exe renamed aside, the single-instance lock
+/// passed from the old process to the new one, the trial) without a second
+/// build, so it runs under Wine with the kiosk exe too (`.ci/run`).
+#[test]
+fn a_reinstall_signed_with_allow_downgrade_hands_over_to_the_new_process() {
+    let broker = Mosquitto::start();
+    let http = HttpServer::start();
+    let keys = TempDir::new("update-reinstall-keys");
+    let (key, public) = keygen(keys.path(), "fleet.key");
+    let mut kiosk = Kiosk::new("update-reinstall", &broker, &[&public], json!({}));
+    kiosk.start();
+    let first = wait_online(&broker, &kiosk, OWN, &Value::Null);
+    let exe = bytes(&kiosk.exe);
+    http.set("/again", Route::Ok(exe.clone()));
+    let file = kiosk.exe.to_str().unwrap().to_string();
+    let events = format!("{}/events", kiosk.prefix());
+    let sub = broker.subscribe(&events);
+    let unsigned_downgrade = {
+        let mut c = sign(
+            &key,
+            &[
+                "--id",
+                "r-0",
+                "update",
+                OWN,
+                &http.url("/again"),
+                "--file",
+                &file,
+            ],
+        );
+        c["allow_downgrade"] = json!(true);
+        c
+    };
+    broker.publish(
+        &format!("{}/cmd", kiosk.prefix()),
+        unsigned_downgrade.to_string().as_bytes(),
+        1,
+    );
+    let refused = wait_payload(&sub, &events, "the refusal", |v| v["id"] == "r-0");
+    assert!(
+        refused["error"].as_str().unwrap().contains("bad signature"),
+        "{refused}"
+    );
+    let command = sign(
+        &key,
+        &[
+            "--id",
+            "r-1",
+            "update",
+            OWN,
+            &http.url("/again"),
+            "--file",
+            &file,
+            "--allow-downgrade",
+        ],
+    );
+    broker.publish(
+        &format!("{}/cmd", kiosk.prefix()),
+        command.to_string().as_bytes(),
+        1,
+    );
+    wait_online(&broker, &kiosk, OWN, &first["started_at"]);
+    wait_payload(&sub, &events, "the confirmation", |v| {
+        v["id"] == "r-1" && v["ok"] == true && v.get("restarting").is_none()
+    });
+    assert!(poll_until(WAIT, || !kiosk.path("holosync.update").exists()));
+    assert!(
+        kiosk.child.as_mut().unwrap().try_wait().unwrap().is_some(),
+        "the first process ended"
+    );
+    assert_eq!(bytes(&kiosk.exe), exe);
+    assert_eq!(bytes(&kiosk.path(&exe_name("old"))), exe);
+    let log = kiosk.log();
+    assert!(
+        log.contains("holosync stopped (handing over to the new version)"),
+        "{log}"
+    );
+    assert_eq!(kiosk.status()["last_update"]["ok"], true);
+}
+
 /// Every refusal is answered with its reason and changes nothing: no key
 /// configured, a signature by another key, a sha256 that does not match
 /// the download, an older version, an unsigned `mqtt.host` change, an
@@ -479,8 +577,8 @@ fn refused_updates_and_patches_are_answered_and_change_nothing() {
     assert!(kiosk.status()["last_update"].is_null());
 }
 
-/// A new version that exits at start, and one that never gets online, are
-/// each stopped, the old executable restored and started again within
+/// A new version that cannot be started, one that exits at start, and one
+/// that never gets online are each stopped, the old executable restored and started again within
 /// `update.confirm_secs`, and the failure reported on `events` and kept in
 /// `status`.
 #[test]
@@ -495,15 +593,20 @@ fn a_new_version_that_exits_or_hangs_is_rolled_back_and_reported() {
     let mut state = wait_online(&broker, &kiosk, OWN, &Value::Null);
     let events = format!("{}/events", kiosk.prefix());
 
-    for (n, (version, body, reason)) in [
-        ("0.9.1", "exit 3", "exited at start"),
-        ("0.9.2", "exec sleep 600", "did not get online within"),
-    ]
-    .into_iter()
-    .enumerate()
-    {
+    // Not an executable at all (it cannot be started), and natively two
+    // shell scripts: one that exits, one that never gets online.
+    let mut cases = vec![("0.9.1", b"MZ not really".to_vec(), "could not be started")];
+    if !under_wine() {
+        cases.push(("0.9.2", script("exit 3"), "exited at start"));
+        cases.push((
+            "0.9.3",
+            script("exec sleep 600"),
+            "did not get online within",
+        ));
+    }
+    for (n, (version, body, reason)) in cases.into_iter().enumerate() {
         let file = keys.path().join(version);
-        fs::write(&file, script(body)).unwrap();
+        fs::write(&file, body).unwrap();
         let path = format!("/holosync-{version}");
         http.set(&path, Route::Ok(fs::read(&file).unwrap()));
         let id = format!("bad-{n}");
