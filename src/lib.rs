@@ -9,6 +9,7 @@
 pub mod agent;
 pub mod cache;
 pub mod cli;
+pub mod client_id;
 pub mod config;
 pub mod dial;
 pub mod download;

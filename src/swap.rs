@@ -429,6 +429,12 @@ pub fn supervise(config: &Path) -> Result<()> {
         }
     };
     let failure = loop {
+        if crate::os::stop_requested().is_some() {
+            // Windows is logging off (the agent on trial is stopping too, so
+            // its exit says nothing): the marker stays, the next start resumes.
+            crate::os::stopped();
+            return Ok(());
+        }
         let Some(agent) = child.as_mut() else {
             break Some("the new agent could not be started".to_string());
         };
@@ -445,11 +451,6 @@ pub fn supervise(config: &Path) -> Result<()> {
                 "the new agent did not get online within {} s (update.confirm_secs)",
                 limit.as_secs()
             ));
-        }
-        if crate::os::stop_requested().is_some() {
-            // Windows is logging off: the marker stays, the next start resumes.
-            crate::os::stopped();
-            return Ok(());
         }
         std::thread::sleep(SUPERVISE_POLL);
     };
