@@ -20,7 +20,7 @@ use crate::link::{Delivery, Link};
 use crate::projector::{self, Batch, Projectors};
 use crate::queue::{unix_ms, Queue, RUNNING_KEY};
 use crate::report::{Acked, Identity, Report};
-use crate::swap::{self, Marker, Paths};
+use crate::swap::{self, Paths};
 use crate::transfers::Transfers;
 use crate::update::{self, Outcome, Updater};
 
@@ -77,12 +77,14 @@ pub struct Agent {
 
 impl Agent {
     /// Opens the queue, settles the client id and prepares the broker link;
-    /// `ended` is the handover that ended before this start, if any.
+    /// `trial`: this run is a new version's (or config's) trial; `ended`:
+    /// how the handover before this start ended, if one did.
     pub fn new(
         config: Config,
         config_path: PathBuf,
         paths: Paths,
-        ended: Option<Marker>,
+        trial: bool,
+        ended: Option<swap::Marker>,
     ) -> Result<Agent> {
         let mut queue = Queue::open_or_recover(&config.database)?;
         let client_id = crate::client_id::client_id(&config, &queue)?;
@@ -247,7 +249,7 @@ impl Agent {
             report,
             clock: (Instant::now(), unix_ms()),
             updater,
-            trial: swap::on_trial(),
+            trial,
             news,
             hand_over: None,
         })

@@ -331,8 +331,8 @@ fn run(config: Config, config_path: PathBuf) -> Result<()> {
     install_logger(&config, true)?;
     let lock = single_instance(&config.database)?;
     let paths = Paths::current(&config_path)?;
-    let ended = match swap::at_start(&paths)? {
-        Start::Run(ended) => ended,
+    let (trial, ended) = match swap::at_start(&paths)? {
+        Start::Run { trial, ended } => (trial, ended),
         Start::Resume(kind, paths) => {
             // The agent on trial takes the lock: it must be free first.
             drop(lock);
@@ -347,7 +347,7 @@ fn run(config: Config, config_path: PathBuf) -> Result<()> {
             e.chain()
         ))
     })?;
-    let hand_over = Agent::new(config, config_path, paths.clone(), ended)
+    let hand_over = Agent::new(config, config_path, paths.clone(), trial, ended)
         .map_err(|e| Error::msg(format!("holosync stopped: {}", e.chain())))?
         .run();
     if let Some(kind) = hand_over {

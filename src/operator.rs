@@ -44,10 +44,25 @@ pub enum Sha256Source {
     File(PathBuf),
 }
 
+/// Whether this build has the tools: the kiosk exe is built without the
+/// `operator` feature (`.ci/windows-build.sh`), which leaves this code out
+/// (the condition is constant, so the optimizer drops the rest): keys and
+/// signatures are made on the operator's machine, never on a kiosk.
+fn built_in() -> Result<()> {
+    if cfg!(feature = "operator") {
+        Ok(())
+    } else {
+        Err(Error::msg(
+            "this holosync was built without the operator's tools (the `operator` feature); run keygen and sign with a desktop build",
+        ))
+    }
+}
+
 /// Writes a new private key (PKCS#8 DER, as ring makes it; `openssl pkey
 /// -inform DER` reads it) to `out`, which must not exist yet, and returns
 /// the public key in hex, for `update.public_keys`.
 pub fn keygen(out: &Path) -> Result<String> {
+    built_in()?;
     let rng = ring::rand::SystemRandom::new();
     let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng)
         .map_err(|_| Error::msg("could not make a key: no random numbers from the OS"))?;
@@ -72,6 +87,7 @@ pub fn keygen(out: &Path) -> Result<String> {
 /// The command JSON (one line) that carries `what`, signed with the key in
 /// `key_file`, with `id` if given.
 pub fn sign(key_file: &Path, what: &Signed, id: Option<&str>) -> Result<String> {
+    built_in()?;
     let der = std::fs::read(key_file)
         .context(|| format!("could not read key file {}", key_file.display()))?;
     let pair = Ed25519KeyPair::from_pkcs8(&der).map_err(|_| {

@@ -26,8 +26,9 @@
 //!    `holosync.new.exe` over `holosync.exe` (on Windows this waits for the old process to
 //!    have exited: a running exe cannot be replaced, but the supervisor
 //!    runs from `holosync.old.exe`, so the agent's name is free to take);
-//! 5. it marks the trial (`trial`) and starts `holosync.exe` with
-//!    `HOLOSYNC_TRIAL=1`;
+//! 5. it marks the trial (`trial`) and starts `holosync.exe`, which knows
+//!    it is on trial because the marker says `trial` and the supervisor
+//!    holds `holosync.update.lock`;
 //! 6. the new agent, once connected and subscribed, marks `confirmed`; the
 //!    supervisor removes the marker and exits. If the new one exits, or is
 //!    not confirmed within `update.confirm_secs`, the supervisor kills it,
@@ -55,9 +56,6 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::error::{Context, Error, Result};
-
-/// The environment variable the supervisor sets for the agent on trial.
-const TRIAL_ENV: &str = "HOLOSYNC_TRIAL";
 
 /// How often the supervisor looks at the marker and the agent on trial.
 const SUPERVISE_POLL: Duration = Duration::from_millis(100);
@@ -252,11 +250,6 @@ fn copy_atomically(from: &Path, to: &Path) -> Result<()> {
     result
 }
 
-/// Whether this process is an agent on trial (started by a supervisor).
-pub fn on_trial() -> bool {
-    std::env::var_os(TRIAL_ENV).is_some()
-}
-
 /// Steps 2 and 3 of an update (before the clean stop): the running
 /// executable copied to `holosync.old.exe`, the marker written.
 pub fn prepare_update(paths: &Paths, marker: &Marker) -> Result<()> {
@@ -279,33 +272,36 @@ pub fn start_supervisor(paths: &Paths, kind: Kind) -> Result<()> {
         Kind::Update => &paths.old,
         Kind::Config => &paths.exe,
     };
-    spawn(program, &paths.config, &["supervise"], false)
+    spawn(program, &paths.config, &["supervise"])
         .map(drop)
         .context(|| format!("could not start the supervisor {}", program.display()))
 }
 
 /// Starts `program` (with `args`, then `--config config`), detached from
-/// our terminal; `trial` sets [`TRIAL_ENV`].
-fn spawn(program: &Path, config: &Path, args: &[&str], trial: bool) -> std::io::Result<Child> {
-    let mut cmd = Command::new(program);
-    cmd.args(args)
+/// our terminal. (The environment is passed on unchanged: building a new
+/// one costs the kiosk exe about 8 KB of std's code.)
+fn spawn(program: &Path, config: &Path, args: &[&str]) -> std::io::Result<Child> {
+    Command::new(program)
+        .args(args)
         .arg("--config")
         .arg(config)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
-        .env_remove(TRIAL_ENV);
-    if trial {
-        cmd.env(TRIAL_ENV, "1");
-    }
-    cmd.spawn()
+        .spawn()
 }
 
 /// What a start finds of an earlier handover.
 #[derive(Debug)]
 pub enum Start {
-    /// Run the agent; report the handover that ended (confirmed or failed), if any.
-    Run(Option<Marker>),
+    /// Run the agent: on trial (started by a supervisor) or not, and
+    /// reporting the handover that ended (confirmed or failed), if any.
+    Run {
+        /// This agent is the new version (or config) on trial.
+        trial: bool,
+        /// The handover that ended.
+        ended: Option<Marker>,
+    },
     /// A trial was interrupted: start a supervisor of this kind to resume
     /// it (once the lock is released), and exit.
     Resume(Kind, Paths),
@@ -321,15 +317,25 @@ pub fn at_start(paths: &Paths) -> Result<Start> {
             );
             let _ = fs::remove_file(&paths.new);
         }
-        return Ok(Start::Run(None));
+        return Ok(Start::Run {
+            trial: false,
+            ended: None,
+        });
     };
     match marker.phase.as_str() {
         "failed" | "confirmed" => {
             fs::remove_file(&paths.marker)
                 .context(|| format!("could not remove {}", paths.marker.display()))?;
-            Ok(Start::Run(Some(marker)))
+            Ok(Start::Run {
+                trial: false,
+                ended: Some(marker),
+            })
         }
-        _ if on_trial() => Ok(Start::Run(None)),
+        // Started by the supervisor, which holds its lock while it watches.
+        "trial" if supervisor_lock(&paths.marker)?.is_none() => Ok(Start::Run {
+            trial: true,
+            ended: None,
+        }),
         _ => {
             log::warn!(
                 "the {} to {} was interrupted (phase {}): resuming its trial",
@@ -421,7 +427,7 @@ pub fn supervise(config: &Path) -> Result<()> {
         limit.as_secs()
     );
     let started = Instant::now();
-    let mut child = match spawn(&paths.exe, config, &[], true) {
+    let mut child = match spawn(&paths.exe, config, &[]) {
         Ok(c) => Some(c),
         Err(e) => {
             log::error!("supervisor: could not start {}: {e}", paths.exe.display());
@@ -482,7 +488,7 @@ pub fn supervise(config: &Path) -> Result<()> {
     marker.phase = "failed".into();
     marker.reason = Some(reason);
     marker.write(&paths.marker)?;
-    spawn(&paths.exe, config, &[], false)
+    spawn(&paths.exe, config, &[])
         .context(|| format!("could not start {}", paths.exe.display()))?;
     crate::os::stopped();
     Ok(())

@@ -205,10 +205,12 @@ impl Drop for Kiosk {
 }
 
 /// The operator's key: `holosync keygen` in `dir`; returns the key file and
-/// the public key it printed.
+/// the public key it printed. The operator's tools run natively (the
+/// operator's machine), whichever exe the kiosks run.
 fn keygen(dir: &Path, name: &str) -> (PathBuf, String) {
     let key = dir.join(name);
-    let out = command_for(&exe_under_test(), &["keygen", key.to_str().unwrap()])
+    let out = Command::new(common::holosync_exe())
+        .args(["keygen", key.to_str().unwrap()])
         .output()
         .unwrap();
     assert!(
@@ -229,7 +231,10 @@ fn keygen(dir: &Path, name: &str) -> (PathBuf, String) {
 fn sign(key: &Path, args: &[&str]) -> Value {
     let mut all = vec!["sign", "--key", key.to_str().unwrap()];
     all.extend_from_slice(args);
-    let out = command_for(&exe_under_test(), &all).output().unwrap();
+    let out = Command::new(common::holosync_exe())
+        .args(&all)
+        .output()
+        .unwrap();
     assert!(
         out.status.success(),
         "{}",
@@ -664,7 +669,7 @@ fn a_new_version_that_exits_or_hangs_is_rolled_back_and_reported() {
 #[test]
 fn a_kill_at_each_step_of_the_swap_leaves_a_runnable_agent() {
     let newer = newer_build();
-    let broker = Mosquitto::start();
+    let mut broker = Mosquitto::start();
     let keys = TempDir::new("update-kill-keys");
     let (_, public) = keygen(keys.path(), "fleet.key");
     let mut kiosk = Kiosk::new("update-kill", &broker, &[&public], json!({}));
@@ -744,8 +749,10 @@ fn a_kill_at_each_step_of_the_swap_leaves_a_runnable_agent() {
 
     // A real trial whose supervisor is killed -9: the new agent goes on,
     // and the next start (after a power cut) runs it and clears the marker.
+    // The broker is down meanwhile, so the trial lasts until the kill.
     kiosk.kill_all();
     lay_out(&original, Some(&new), true, Some("staged"));
+    broker.stop();
     kiosk.start();
     let runs = |pid: &u32, name: &str| {
         fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|e| e.ends_with(name))
@@ -756,10 +763,11 @@ fn a_kill_at_each_step_of_the_swap_leaves_a_runnable_agent() {
         let trial =
             fs::read_to_string(at("holosync.update")).is_ok_and(|m| m.contains("\"trial\""));
         supervisor = pids.iter().copied().find(|p| runs(p, "holosync.old"));
-        // Killed once the agent on trial runs (it may already have confirmed).
+        // Killed once the agent on trial runs.
         trial && supervisor.is_some() && pids.iter().any(|p| runs(p, "holosync"))
     }));
     common::send_signal(supervisor.unwrap(), "KILL");
+    broker.restart();
     let state = wait_online(&broker, &kiosk, NEWER, &started);
     kiosk.kill_all();
     kiosk.start();
