@@ -47,15 +47,16 @@
 //! removed; no marker and a stray `holosync.new.exe` (a download that
 //! never got to step 3) removes it.
 
+use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
 use crate::error::{Context, Error, Result};
+use crate::os::Process;
 
 /// How often the supervisor looks at the marker and the agent on trial.
 const SUPERVISE_POLL: Duration = Duration::from_millis(100);
@@ -277,18 +278,12 @@ pub fn start_supervisor(paths: &Paths, kind: Kind) -> Result<()> {
         .context(|| format!("could not start the supervisor {}", program.display()))
 }
 
-/// Starts `program` (with `args`, then `--config config`), detached from
-/// our terminal. (The environment is passed on unchanged: building a new
-/// one costs the kiosk exe about 8 KB of std's code.)
-fn spawn(program: &Path, config: &Path, args: &[&str]) -> std::io::Result<Child> {
-    Command::new(program)
-        .args(args)
-        .arg("--config")
-        .arg(config)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
+/// Starts `program` (with `args`, then `--config config`), its output
+/// nowhere (see `os::spawn`).
+fn spawn(program: &Path, config: &Path, args: &[&str]) -> std::io::Result<Process> {
+    let mut all: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
+    all.extend([OsStr::new("--config"), config.as_os_str()]);
+    crate::os::spawn(program, &all)
 }
 
 /// What a start finds of an earlier handover.
@@ -478,8 +473,7 @@ pub fn supervise(config: &Path) -> Result<()> {
         marker.to
     );
     if let Some(mut agent) = child {
-        let _ = agent.kill();
-        let _ = agent.wait();
+        agent.kill();
     }
     match marker.kind {
         Kind::Update => copy_atomically(&paths.old, &paths.exe)?,

@@ -231,6 +231,10 @@ fn keygen(dir: &Path, name: &str) -> (PathBuf, String) {
 fn sign(key: &Path, args: &[&str]) -> Value {
     let mut all = vec!["sign", "--key", key.to_str().unwrap()];
     all.extend_from_slice(args);
+    let target = kiosk_target();
+    if args.contains(&"update") {
+        all.extend(["--target", &target]);
+    }
     let out = Command::new(common::holosync_exe())
         .args(&all)
         .output()
@@ -241,6 +245,25 @@ fn sign(key: &Path, args: &[&str]) -> Value {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The target name the kiosks under test run (`holosync-<arch>-<os>`): this
+/// machine's, or the Windows exe's by its PE header's machine field.
+fn kiosk_target() -> String {
+    if !under_wine() {
+        return format!(
+            "holosync-{}-{}",
+            std::env::consts::ARCH,
+            std::env::consts::OS
+        );
+    }
+    let exe = fs::read(exe_under_test()).unwrap();
+    let pe = u32::from_le_bytes(exe[0x3c..0x40].try_into().unwrap()) as usize;
+    match u16::from_le_bytes([exe[pe + 4], exe[pe + 5]]) {
+        0x14c => "holosync-x86-windows".into(),
+        0x8664 => "holosync-x86_64-windows".into(),
+        other => panic!("unknown PE machine {other:#x}"),
+    }
 }
 
 /// SHA-256 of a file, by `sha256sum`.
