@@ -232,7 +232,7 @@ pub fn main() -> ExitCode {
             }
         };
     }
-    if args.command == Command::Supervise {
+    if matches!(args.command, Command::Supervise) {
         // Even a config that no longer loads must be rolled back.
         return supervise(&config_path);
     }
@@ -240,7 +240,7 @@ pub fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             eprintln!("holosync: {e}");
-            if args.command == Command::Run {
+            if matches!(args.command, Command::Run) {
                 note_in_default_log(&config_path, &e.to_string());
             }
             return ExitCode::from(2);
