@@ -369,6 +369,7 @@ fn an_update_to_a_newer_build_swaps_reports_the_new_version_and_keeps_the_queue(
     );
     let events = format!("{}/events", kiosk.prefix());
     let sub = broker.subscribe(&events);
+    let sent = Instant::now();
     broker.publish(
         &format!("{}/cmd", kiosk.prefix()),
         command.to_string().as_bytes(),
@@ -379,6 +380,11 @@ fn an_update_to_a_newer_build_swaps_reports_the_new_version_and_keeps_the_queue(
         v["id"] == "u-1" && v["ok"] == true && v["restarting"] == true
     });
     let state = wait_online(&broker, &kiosk, NEWER, &first["started_at"]);
+    eprintln!(
+        "update of {} bytes: {NEWER} online {:?} after the command",
+        fs::metadata(newer).unwrap().len(),
+        sent.elapsed()
+    );
     assert_eq!(state["client_id"], first["client_id"]);
     let done = wait_payload(&sub, &events, "the new agent's confirmation", |v| {
         v["id"] == "u-1"
@@ -665,6 +671,9 @@ fn a_new_version_that_exits_or_hangs_is_rolled_back_and_reported() {
         });
         let back = wait_online(&broker, &kiosk, OWN, &state["started_at"]);
         let took = handed.elapsed();
+        eprintln!(
+            "{version} ({reason}): rolled back and online as {OWN} {took:?} after the handover"
+        );
         assert_eq!(failed["version"], version);
         assert_eq!(failed["rolled_back"], true);
         assert!(
