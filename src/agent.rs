@@ -354,13 +354,37 @@ impl Agent {
         for d in done {
             inbox::ack(&self.link, &d);
         }
-        while let Some(order) = self.report.take_order() {
-            if let Some(outcome) = self.updater.take(order, &self.config) {
-                self.answer(outcome);
-            }
+        if self.report.has_orders() {
+            self.take_orders();
         }
         if let Some(outcome) = self.updater.step(&self.config, Instant::now() + WORK_SLICE) {
             self.answer(outcome);
+        }
+    }
+
+    /// Hands the waiting `update` and `set-config` commands to the updater,
+    /// unless the last handover is still being closed (they wait a turn)
+    /// or cannot be (they are refused).
+    fn take_orders(&mut self) {
+        let busy = match self.updater.readiness() {
+            swap::Readiness::Wait => return,
+            swap::Readiness::Ready => None,
+            swap::Readiness::Busy(why) => Some(why),
+        };
+        while let Some(order) = self.report.take_order() {
+            let outcome = match &busy {
+                None => self.updater.take(order, &self.config),
+                Some(why) => {
+                    let name = match order.request {
+                        update::Request::Update(_) => "update",
+                        update::Request::SetConfig { .. } => "set-config",
+                    };
+                    Some(update::refused(order, name, format!("busy: {why}")))
+                }
+            };
+            if let Some(outcome) = outcome {
+                self.answer(outcome);
+            }
         }
     }
 

@@ -377,6 +377,45 @@ pub fn confirm(paths: &Paths) -> Result<Option<Marker>> {
     Ok(Some(marker))
 }
 
+/// Whether a new handover may start now.
+#[derive(Debug, PartialEq)]
+pub enum Readiness {
+    /// No handover is going on.
+    Ready,
+    /// This agent's trial was confirmed and its supervisor is closing it
+    /// (a tenth of a second): try again on a later turn.
+    Wait,
+    /// A handover is going on that this agent cannot finish: why.
+    Busy(String),
+}
+
+/// Whether a new handover may start (one at a time: a marker written while
+/// a supervisor still watches the last trial would look like that trial's
+/// failure to it). A confirmed marker whose supervisor is gone (killed) is
+/// removed here.
+pub fn readiness(paths: &Paths) -> Readiness {
+    let Some(m) = Marker::read(&paths.marker) else {
+        return Readiness::Ready;
+    };
+    match supervisor_lock(&paths.marker) {
+        Ok(Some(_lock)) if m.phase == "confirmed" => match fs::remove_file(&paths.marker) {
+            Ok(()) => Readiness::Ready,
+            Err(e) => Readiness::Busy(format!(
+                "could not remove the finished trial's marker {}: {e}",
+                paths.marker.display()
+            )),
+        },
+        Ok(None) if m.phase == "confirmed" => Readiness::Wait,
+        _ => Readiness::Busy(format!(
+            "a {} to {} is in progress ({}, phase {})",
+            m.kind.name(),
+            m.to,
+            paths.marker.display(),
+            m.phase
+        )),
+    }
+}
+
 /// Holds `<marker>.lock` while a supervisor runs: a second supervisor (a
 /// double start during a trial) finds it taken and leaves.
 fn supervisor_lock(marker: &Path) -> Result<Option<File>> {
@@ -439,8 +478,19 @@ pub fn supervise(config: &Path) -> Result<()> {
         let Some(agent) = child.as_mut() else {
             break Some("the new agent could not be started".to_string());
         };
-        if Marker::read(&paths.marker).is_some_and(|m| m.phase == "confirmed") {
-            break None;
+        match Marker::read(&paths.marker) {
+            Some(m) if m.kind == marker.kind && m.id == marker.id => {
+                if m.phase == "confirmed" {
+                    break None;
+                }
+            }
+            _ => {
+                // Only this supervisor removes its marker, and an agent
+                // starts no handover while it runs (see `readiness`).
+                log::warn!("supervisor: the trial's marker was replaced or removed; leaving it");
+                crate::os::stopped();
+                return Ok(());
+            }
         }
         match agent.try_wait() {
             Ok(Some(status)) => break Some(format!("the new agent exited at start ({status})")),
@@ -513,6 +563,35 @@ fn rename_when_free(from: &Path, to: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_new_handover_waits_for_the_supervisor_of_the_last_one() {
+        let dir = std::env::temp_dir().join(format!("holosync-swap-test-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let paths = Paths::new(&dir.join("holosync.exe"), &dir.join("config.json"));
+        assert_eq!(readiness(&paths), Readiness::Ready);
+        let mut m = Marker {
+            kind: Kind::Config,
+            from: "0.1.0".into(),
+            to: "0.1.0".into(),
+            id: json!("c-1"),
+            phase: "confirmed".into(),
+            reason: None,
+            exe: paths.exe.clone(),
+            confirm_secs: 120,
+        };
+        m.write(&paths.marker).unwrap();
+        let supervisor = supervisor_lock(&paths.marker).unwrap().expect("free");
+        assert_eq!(readiness(&paths), Readiness::Wait);
+        drop(supervisor);
+        // Its supervisor gone (killed), a confirmed trial is over: cleared.
+        assert_eq!(readiness(&paths), Readiness::Ready);
+        assert!(!paths.marker.exists());
+        m.phase = "staged".into();
+        m.write(&paths.marker).unwrap();
+        assert!(matches!(readiness(&paths), Readiness::Busy(why) if why.contains("phase staged")));
+        fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn the_marker_reads_back_what_was_written() {

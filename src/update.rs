@@ -129,6 +129,11 @@ impl Updater {
         &self.paths
     }
 
+    /// Whether a handover may start now (see `swap::readiness`).
+    pub fn readiness(&self) -> swap::Readiness {
+        swap::readiness(&self.paths)
+    }
+
     /// Takes a command: refuses it, starts its download (None: the outcome
     /// comes from [`Updater::step`]), or, for a valid `set-config`, writes
     /// the new config and asks for the handover.
@@ -379,7 +384,7 @@ impl Updater {
 }
 
 /// The answer to a command refused (or failed) without changing anything.
-fn refused(order: Order, name: &str, why: String) -> Outcome {
+pub fn refused(order: Order, name: &str, why: String) -> Outcome {
     log::warn!("command {name} (id {}) refused: {why}", order.id);
     Outcome {
         answer: json!({"id": order.id, "command": name, "error": why}),

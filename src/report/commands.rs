@@ -267,6 +267,11 @@ impl Report {
         self.event(link, answer);
     }
 
+    /// Whether `update` or `set-config` commands wait.
+    pub fn has_orders(&self) -> bool {
+        !self.orders.is_empty()
+    }
+
     /// The next `update` or `set-config` to carry out.
     pub fn take_order(&mut self) -> Option<Order> {
         self.orders.pop_front()
