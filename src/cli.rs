@@ -464,6 +464,9 @@ fn status(config: &Config, json: bool) -> Result<()> {
                 l.state, l.url, l.at
             ))
     );
+    if let Some(u) = &st.last_update {
+        println!("last update or set-config: {u}");
+    }
     if !st.failures.is_empty() {
         println!("last failures (failed first, newest first):");
         for f in &st.failures {
