@@ -8,6 +8,7 @@
 # which may come first on PATH. Linkers are set in .cargo/config.toml.
 #
 # Usage: .ci/windows-build.sh [--i686] [extra cargo build args, e.g. --no-default-features]
+# Without feature arguments it builds the kiosk's set: tls and ws, not operator.
 # Output: target/win7/<target>/release/holosync.exe (override dir with WIN7_TARGET_DIR).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +21,11 @@ for a in "$@"; do
         *) cargo_args+=("$a") ;;
     esac
 done
+# The kiosk exe: the default features but the operator's tools (keygen, sign), which
+# belong on the operator's machine; extra feature arguments replace this choice.
+if ! printf '%s\n' ${cargo_args[@]+"${cargo_args[@]}"} | grep -q -- '--features\|--no-default-features\|--all-features'; then
+    cargo_args+=(--no-default-features --features tls,ws)
+fi
 
 # Build-only packages (wine is not needed to build). mingw gcc links and compiles the C in
 # rusqlite's bundled SQLite and ring's C and assembly (rustls' crypto provider here).

@@ -20,7 +20,9 @@ use crate::link::{Delivery, Link};
 use crate::projector::{self, Batch, Projectors};
 use crate::queue::{unix_ms, Queue, RUNNING_KEY};
 use crate::report::{Identity, Report};
+use crate::swap::{self, Paths};
 use crate::transfers::Transfers;
+use crate::update::{self, Outcome, Updater};
 
 /// Longest time one piece of work (a download, a projector) runs per turn
 /// before the broker link gets its turn again.
@@ -63,13 +65,29 @@ pub struct Agent {
     report: Report,
     /// The wall clock and monotonic clock at the last turn, to see jumps.
     clock: (Instant, i64),
+    /// `update` and `set-config`: a new version's download, the handover's files.
+    updater: Updater,
+    /// This run is a new version's (or config's) trial, not yet confirmed.
+    trial: bool,
+    /// How the last handover ended, for `events` once subscribed.
+    news: Option<serde_json::Value>,
+    /// A handover is ready: the loop stops and the supervisor takes over.
+    hand_over: Option<swap::Kind>,
 }
 
 impl Agent {
-    /// Opens the queue, settles the client id and prepares the broker link.
-    pub fn new(config: Config, config_path: PathBuf) -> Result<Agent> {
+    /// Opens the queue, settles the client id and prepares the broker link;
+    /// `trial`: this run is a new version's (or config's) trial; `ended`:
+    /// how the handover before this start ended, if one did.
+    pub fn new(
+        config: Config,
+        config_path: PathBuf,
+        paths: Paths,
+        trial: bool,
+        ended: Option<swap::Marker>,
+    ) -> Result<Agent> {
         let mut queue = Queue::open_or_recover(&config.database)?;
-        let client_id = client_id(&config, &queue)?;
+        let client_id = crate::client_id::client_id(&config, &queue)?;
         log::info!(
             "holosync {} starting: config {}, client id {client_id}, broker {}, cache {}, database {}",
             env!("CARGO_PKG_VERSION"),
@@ -110,10 +128,15 @@ impl Agent {
             );
         }
 
+        let news = ended.map(|m| update::ended(&m));
+        if let Some(n) = &news {
+            log::info!("the last handover ended: {n}");
+            queue.set_meta(crate::queue::LAST_UPDATE_KEY, &n.to_string())?;
+        }
         let identity = Identity {
             client_id: client_id.clone(),
             started_at,
-            host: hostname(),
+            host: crate::client_id::hostname(),
         };
         let mut report = Report::new(&config, identity);
         report.load_done_ids(&queue);
@@ -212,6 +235,7 @@ impl Agent {
                 animation_pixels: d.max_animation_pixels,
             },
         };
+        let updater = Updater::new(paths, settings.limits, http::Pool::new(proxies.clone()));
         let transfers = Transfers::new(&config, settings, proxies.clone());
         // A technician who deleted the cache gets it back without a message.
         report.start_audit(&link, None, None);
@@ -225,11 +249,16 @@ impl Agent {
             intake: Intake::default(),
             report,
             clock: (Instant::now(), unix_ms()),
+            updater,
+            trial,
+            news,
+            hand_over: None,
         })
     }
 
-    /// Runs until a stop is requested (see `os::watch_stop`), then stops cleanly.
-    pub fn run(mut self) {
+    /// Runs until a stop is requested (see `os::watch_stop`) or a handover
+    /// is ready, then stops cleanly; returns the handover's kind, if that.
+    pub fn run(mut self) -> Option<swap::Kind> {
         let goodbye = self
             .report
             .topics()
@@ -240,7 +269,14 @@ impl Agent {
         loop {
             if let Some(why) = crate::os::stop_requested() {
                 self.stop(why);
-                return;
+                return None;
+            }
+            if let Some(kind) = self.hand_over {
+                self.stop(match kind {
+                    swap::Kind::Update => "handing over to the new version",
+                    swap::Kind::Config => "restarting with the new config",
+                });
+                return Some(kind);
             }
             self.turn();
         }
@@ -252,6 +288,7 @@ impl Agent {
     fn stop(mut self, why: &str) {
         log::info!("stopping: {why}");
         self.transfers.stop(&self.queue);
+        self.updater.stop();
         if self.projectors.busy() {
             log::warn!(
                 "left {} projector messages unfinished",
@@ -277,6 +314,9 @@ impl Agent {
         self.link.poll(idle_until);
         if self.link.take_connected() {
             self.report.connected();
+        }
+        if self.link.take_subscribed() {
+            self.online();
         }
         let slice_end = Instant::now() + DISPATCH_SLICE;
         while let Some(d) = self.link.next_delivery() {
@@ -314,11 +354,79 @@ impl Agent {
         for d in done {
             inbox::ack(&self.link, &d);
         }
+        if self.report.has_orders() {
+            self.take_orders();
+        }
+        if let Some(outcome) = self.updater.step(&self.config, Instant::now() + WORK_SLICE) {
+            self.answer(outcome);
+        }
+    }
+
+    /// Hands the waiting `update` and `set-config` commands to the updater,
+    /// unless the last handover is still being closed (they wait a turn)
+    /// or cannot be (they are refused).
+    fn take_orders(&mut self) {
+        let busy = match self.updater.readiness() {
+            swap::Readiness::Wait => return,
+            swap::Readiness::Ready => None,
+            swap::Readiness::Busy(why) => Some(why),
+        };
+        while let Some(order) = self.report.take_order() {
+            let outcome = match &busy {
+                None => self.updater.take(order, &self.config),
+                Some(why) => {
+                    let name = match order.request {
+                        update::Request::Update(_) => "update",
+                        update::Request::SetConfig { .. } => "set-config",
+                    };
+                    Some(update::refused(order, name, format!("busy: {why}")))
+                }
+            };
+            if let Some(outcome) = outcome {
+                self.answer(outcome);
+            }
+        }
+    }
+
+    /// Answers an `update` or `set-config`, acks it, and notes a handover.
+    fn answer(&mut self, o: Outcome) {
+        self.report.answer(&self.link, &self.queue, &o.id, o.answer);
+        if let Some(d) = o.delivery {
+            inbox::ack(&self.link, &d);
+        }
+        self.hand_over = self.hand_over.or(o.hand_over);
+    }
+
+    /// Connected and subscribed: a trial is confirmed, and how the last
+    /// handover ended is told.
+    fn online(&mut self) {
+        if std::mem::take(&mut self.trial) {
+            match swap::confirm(self.updater.paths()) {
+                Ok(Some(m)) => self.news = Some(update::ended(&m)),
+                Ok(None) => {}
+                Err(e) => log::error!("{}", e.chain()),
+            }
+        }
+        if let Some(news) = self.news.take() {
+            if let Err(e) = self
+                .queue
+                .set_meta(crate::queue::LAST_UPDATE_KEY, &news.to_string())
+            {
+                log::warn!("{}", e.chain());
+            }
+            let id = news["id"].clone();
+            self.report.answer(&self.link, &self.queue, &id, news);
+        }
     }
 
     /// None when work is due now; else when the loop next has something to do.
     fn idle_until(&self) -> Option<Instant> {
-        if self.projectors.busy() || self.report.busy() || self.link.has_deliveries() {
+        if self.projectors.busy()
+            || self.report.busy()
+            || self.link.has_deliveries()
+            || self.updater.busy()
+            || self.hand_over.is_some()
+        {
             return None;
         }
         let now = Instant::now();
@@ -434,74 +542,4 @@ fn proxies(config: &Config) -> crate::proxy::Proxies {
         log::error!("ignored a proxy setting: {e}; going without a proxy");
         crate::proxy::Proxies::default()
     })
-}
-
-/// The configured client id, else the one made on first start and kept in the database.
-fn client_id(config: &Config, queue: &Queue) -> Result<String> {
-    if let Some(id) = &config.mqtt.client_id {
-        return Ok(id.clone());
-    }
-    if let Some(id) = queue.meta("client_id")? {
-        return Ok(id);
-    }
-    let id = format!(
-        "holosync-{}-{:08x}",
-        hostname(),
-        crate::random::u64() as u32
-    );
-    queue.set_meta("client_id", &id)?;
-    log::info!("made a new MQTT client id {id}; it is kept in the database and reused");
-    Ok(id)
-}
-
-/// The machine's name, reduced to characters every broker accepts in a client id.
-pub fn hostname() -> String {
-    let raw = std::env::var("COMPUTERNAME")
-        .or_else(|_| std::fs::read_to_string("/proc/sys/kernel/hostname"))
-        .or_else(|_| std::env::var("HOSTNAME"))
-        .unwrap_or_default();
-    client_id_part(&raw)
-}
-
-/// `raw` (a host name) as a part of a client id: ASCII letters, digits and
-/// dashes, at most 32, lower case; "kiosk" if nothing is left.
-fn client_id_part(raw: &str) -> String {
-    let clean: String = raw
-        .trim()
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
-        .take(32)
-        .collect();
-    if clean.is_empty() {
-        "kiosk".into()
-    } else {
-        clean.to_ascii_lowercase()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_host_name_becomes_a_safe_client_id_part() {
-        assert_eq!(client_id_part("Lobby-PC-1\n"), "lobby-pc-1");
-        assert_eq!(client_id_part(" kiosk_2.mall.local "), "kiosk2malllocal");
-        assert_eq!(client_id_part("Ünïcode-Ø"), "ncode-");
-        assert_eq!(client_id_part(&"a".repeat(40)), "a".repeat(32));
-        assert_eq!(client_id_part("___"), "kiosk");
-        assert_eq!(client_id_part(""), "kiosk");
-    }
-
-    #[test]
-    fn the_host_name_is_the_machines() {
-        if std::env::var_os("COMPUTERNAME").is_some() {
-            return;
-        }
-        let Ok(name) = std::fs::read_to_string("/proc/sys/kernel/hostname") else {
-            return;
-        };
-        assert_eq!(hostname(), client_id_part(&name));
-        assert!(!hostname().is_empty());
-    }
 }

@@ -12,8 +12,10 @@ use crate::config::{self, Config};
 use crate::error::{Context, Error, Result};
 use crate::logger::{utc_timestamp, FileLogger};
 use crate::message;
+use crate::operator::{self, Sha256Source, Signed};
 use crate::queue::unix_ms;
 use crate::queue::Queue;
+use crate::swap::{self, Paths, Start};
 
 const HELP: &str = "\
 holosync - keeps a kiosk's pictures cached locally, synced over MQTT
@@ -23,6 +25,11 @@ USAGE:
     holosync status [--config PATH] [--json]  queue counts and the last failures
     holosync enqueue [--config PATH] URL...   queue URLs as if they came from MQTT
     holosync check [--config PATH]            validate the config and the cache folder
+    holosync keygen KEYFILE                   make a signing key; prints its public key
+    holosync sign --key KEYFILE [--id ID] update VERSION URL (--sha256 HEX | --file EXE)
+                  [--target holosync-x86-windows] [--allow-downgrade]
+    holosync sign --key KEYFILE [--id ID] set-config PATCH_JSON
+                                              print a signed command to publish on `cmd`
     holosync --help | --version
 
 Without --config, the config is config.json next to the executable.
@@ -46,6 +53,22 @@ pub enum Command {
     },
     /// Validate config and cache folder.
     Check,
+    /// Watch a new version's or config's trial (started by a handover).
+    Supervise,
+    /// Make a signing key pair.
+    Keygen {
+        /// Where the private key goes.
+        out: PathBuf,
+    },
+    /// Print a signed command.
+    Sign {
+        /// The private key file.
+        key: PathBuf,
+        /// The command's id, if given.
+        id: Option<String>,
+        /// What to sign.
+        what: Signed,
+    },
     /// Print usage.
     Help,
     /// Print the version.
@@ -63,7 +86,18 @@ pub struct Args {
 
 /// Parses the arguments after the program name.
 pub fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Args, String> {
-    let mut args = args.into_iter();
+    let mut args = args.into_iter().peekable();
+    if let Some("keygen" | "sign") = args
+        .peek()
+        .map(|a| a.to_string_lossy().into_owned())
+        .as_deref()
+    {
+        let rest: Vec<String> = args.map(|a| a.to_string_lossy().into_owned()).collect();
+        return Ok(Args {
+            command: parse_operator(&rest)?,
+            config: None,
+        });
+    }
     let mut command = None;
     let mut config = None;
     let mut json = false;
@@ -81,9 +115,10 @@ pub fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Args, Stri
                 config = Some(PathBuf::from(path));
             }
             "--json" => json = true,
-            "status" | "enqueue" | "check" | "run" if command.is_none() => {
+            "status" | "enqueue" | "check" | "run" | "supervise" if command.is_none() => {
                 command = Some(match text.as_ref() {
                     "status" => Command::Status { json: false },
+                    "supervise" => Command::Supervise,
                     "enqueue" => Command::Enqueue { urls: Vec::new() },
                     "check" => Command::Check,
                     _ => Command::Run,
@@ -109,6 +144,68 @@ pub fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Args, Stri
     Ok(Args { command, config })
 }
 
+/// `keygen KEYFILE` or `sign --key KEYFILE [--id ID] update|set-config ...`.
+fn parse_operator(args: &[String]) -> Result<Command, String> {
+    let usage = "see --help for keygen and sign";
+    if args[0] == "keygen" {
+        return match args {
+            [_, out] if !out.starts_with('-') => Ok(Command::Keygen {
+                out: PathBuf::from(out),
+            }),
+            _ => Err(format!(
+                "keygen needs the file to write the key to ({usage})"
+            )),
+        };
+    }
+    let (mut key, mut id, mut sha256, mut file, mut target) = (None, None, None, None, None);
+    let mut allow_downgrade = false;
+    let mut words = Vec::new();
+    let mut it = args[1..].iter();
+    while let Some(a) = it.next() {
+        let mut value = |name: &str| it.next().cloned().ok_or(format!("{name} needs a value"));
+        match a.as_str() {
+            "--key" => key = Some(PathBuf::from(value("--key")?)),
+            "--id" => id = Some(value("--id")?),
+            "--sha256" => sha256 = Some(value("--sha256")?),
+            "--file" => file = Some(PathBuf::from(value("--file")?)),
+            "--target" => target = Some(value("--target")?),
+            "--allow-downgrade" => allow_downgrade = true,
+            other if other.starts_with("--") => {
+                return Err(format!("unexpected argument {other:?} ({usage})"))
+            }
+            other => words.push(other.to_string()),
+        }
+    }
+    let key = key.ok_or(format!("sign needs --key KEYFILE ({usage})"))?;
+    let what = match (words.as_slice(), sha256, file) {
+        ([kind, version, url], Some(h), None) if kind == "update" => Signed::Update {
+            version: version.clone(),
+            url: url.clone(),
+            sha256: Sha256Source::Hex(h),
+            target,
+            allow_downgrade,
+        },
+        ([kind, version, url], None, Some(f)) if kind == "update" => Signed::Update {
+            version: version.clone(),
+            url: url.clone(),
+            sha256: Sha256Source::File(f),
+            target,
+            allow_downgrade,
+        },
+        ([kind, patch], None, None) if kind == "set-config" && target.is_none() => {
+            Signed::SetConfig {
+                patch: patch.clone(),
+            }
+        }
+        _ => {
+            return Err(format!(
+                "sign takes `update VERSION URL` with one of --sha256 or --file, or `set-config PATCH_JSON` ({usage})"
+            ))
+        }
+    };
+    Ok(Command::Sign { key, id, what })
+}
+
 /// Entry point: parse, dispatch, print the error chain, return the exit code.
 pub fn main() -> ExitCode {
     let parsed = parse_args(std::env::args_os().skip(1));
@@ -123,18 +220,27 @@ pub fn main() -> ExitCode {
     };
     let config_path = args.config.clone().unwrap_or_else(config::default_path);
     let config_path = std::path::absolute(&config_path).unwrap_or(config_path);
-    if matches!(args.command, Command::Help | Command::Version) {
-        match args.command {
-            Command::Help => print!("{HELP}"),
-            _ => println!("holosync {}", env!("CARGO_PKG_VERSION")),
-        }
-        return ExitCode::SUCCESS;
+    if let Some(answer) = needs_no_config(&args.command) {
+        return match answer {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("holosync: {}", e.chain());
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if matches!(args.command, Command::Supervise) {
+        // Even a config that no longer loads must be rolled back.
+        return supervise(&config_path);
     }
     let config = match Config::load(&config_path) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("holosync: {e}");
-            if args.command == Command::Run {
+            if matches!(args.command, Command::Run) {
                 note_in_default_log(&config_path, &e.to_string());
             }
             return ExitCode::from(2);
@@ -145,7 +251,11 @@ pub fn main() -> ExitCode {
         Command::Status { json } => status(&config, json),
         Command::Enqueue { urls } => enqueue(&config, &urls),
         Command::Check => return check(&config, &config_path),
-        Command::Help | Command::Version => unreachable!("answered above"),
+        Command::Help
+        | Command::Version
+        | Command::Keygen { .. }
+        | Command::Sign { .. }
+        | Command::Supervise => unreachable!("answered above"),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -155,6 +265,29 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The output of a command that reads no config (help, version, the
+/// operator's keygen and sign); None for the others.
+fn needs_no_config(command: &Command) -> Option<Result<String>> {
+    Some(match command {
+        Command::Help => Ok(HELP.to_string()),
+        Command::Version => Ok(format!("holosync {}\n", env!("CARGO_PKG_VERSION"))),
+        Command::Keygen { out } => operator::keygen(out).map(|public| {
+            format!(
+                "wrote the private key to {} (keep it off the kiosks)\npublic key for update.public_keys: {public}\n",
+                out.display()
+            )
+        }),
+        Command::Sign { key, id, what } => {
+            operator::sign(key, what, id.as_deref()).map(|c| format!("{c}\n"))
+        }
+        Command::Run
+        | Command::Status { .. }
+        | Command::Enqueue { .. }
+        | Command::Check
+        | Command::Supervise => return None,
+    })
 }
 
 /// A kiosk has no console: a config that cannot be read is also written to
@@ -196,17 +329,53 @@ fn run(config: Config, config_path: PathBuf) -> Result<()> {
     // Before any other thread exists (see `os::watch_stop`).
     crate::os::watch_stop();
     install_logger(&config, true)?;
-    let _lock = single_instance(&config.database)?;
+    let lock = single_instance(&config.database)?;
+    let paths = Paths::current(&config_path)?;
+    let (trial, ended) = match swap::at_start(&paths)? {
+        Start::Run { trial, ended } => (trial, ended),
+        Start::Resume(kind, paths) => {
+            // The agent on trial takes the lock: it must be free first.
+            drop(lock);
+            swap::start_supervisor(&paths, kind)?;
+            log::info!("started the supervisor to resume the trial; this process exits");
+            return Ok(());
+        }
+    };
     cache_writable(&config).map_err(|e| {
         Error::msg(format!(
             "holosync stopped: {} (nothing can be cached)",
             e.chain()
         ))
     })?;
-    Agent::new(config, config_path)
+    let hand_over = Agent::new(config, config_path, paths.clone(), trial, ended)
         .map_err(|e| Error::msg(format!("holosync stopped: {}", e.chain())))?
         .run();
+    if let Some(kind) = hand_over {
+        drop(lock);
+        swap::start_supervisor(&paths, kind)?;
+        log::info!(
+            "started the supervisor of the {}; this process exits",
+            kind.name()
+        );
+    }
     Ok(())
+}
+
+/// `holosync supervise`, started by a handover: watches the trial (see
+/// `swap.rs`). It logs to the config's log file when the config can be read.
+fn supervise(config_path: &Path) -> ExitCode {
+    crate::os::watch_stop();
+    if let Ok(config) = Config::load(config_path) {
+        let _ = install_logger(&config, false);
+    }
+    match swap::supervise(config_path) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("supervisor: {}", e.chain());
+            eprintln!("holosync: {}", e.chain());
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Makes the cache folder (with its parents) and writes and removes a probe
@@ -295,6 +464,9 @@ fn status(config: &Config, json: bool) -> Result<()> {
                 l.state, l.url, l.at
             ))
     );
+    if let Some(u) = &st.last_update {
+        println!("last update or set-config: {u}");
+    }
     if !st.failures.is_empty() {
         println!("last failures (failed first, newest first):");
         for f in &st.failures {
@@ -402,6 +574,61 @@ mod tests {
                 urls: vec!["http://a/1.jpg".into(), "http://a/2.jpg".into()]
             }
         );
+    }
+
+    #[test]
+    fn the_operators_tools_take_their_own_arguments() {
+        let a = parse(&[
+            "sign",
+            "--key",
+            "k",
+            "update",
+            "0.3.0",
+            "https://x/h.exe",
+            "--file",
+            "h.exe",
+            "--target",
+            "holosync-x86-windows",
+            "--id",
+            "u-1",
+        ])
+        .unwrap();
+        assert_eq!(
+            a.command,
+            Command::Sign {
+                key: PathBuf::from("k"),
+                id: Some("u-1".into()),
+                what: Signed::Update {
+                    version: "0.3.0".into(),
+                    url: "https://x/h.exe".into(),
+                    sha256: Sha256Source::File(PathBuf::from("h.exe")),
+                    target: Some("holosync-x86-windows".into()),
+                    allow_downgrade: false,
+                },
+            }
+        );
+        let a = parse(&["sign", "--key", "k", "set-config", "{}"]).unwrap();
+        assert!(matches!(
+            a.command,
+            Command::Sign {
+                what: Signed::SetConfig { .. },
+                ..
+            }
+        ));
+        assert_eq!(
+            parse(&["keygen", "fleet.key"]).unwrap().command,
+            Command::Keygen {
+                out: PathBuf::from("fleet.key")
+            }
+        );
+        assert!(parse(&["keygen"]).is_err());
+        assert!(parse(&["sign", "update", "0.3.0", "u", "--sha256", "ab"]).is_err());
+        assert!(parse(&["sign", "--key", "k", "update", "0.3.0", "u"]).is_err());
+        assert!(parse(&[
+            "sign", "--key", "k", "update", "0.3.0", "u", "--sha256", "a", "--file", "f"
+        ])
+        .is_err());
+        assert_eq!(parse(&["supervise"]).unwrap().command, Command::Supervise);
     }
 
     #[test]

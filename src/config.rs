@@ -47,6 +47,25 @@ pub struct Config {
     /// The HTTP proxy for downloads and MQTT over WebSockets (see `proxy.rs`).
     #[serde(default)]
     pub proxy: ProxyConfig,
+    /// Signed self-update and remote config (see `update.rs`).
+    #[serde(default)]
+    pub update: Update,
+}
+
+/// `update` section: who may sign updates and protected config changes,
+/// and how long a new version or config has to get online.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Update {
+    /// Ed25519 public keys (hex or base64 of the raw 32 bytes) whose
+    /// signatures are accepted; any of them will do, so keys can rotate.
+    /// Empty: updates and protected config changes are refused.
+    #[serde(default)]
+    pub public_keys: Vec<String>,
+    /// Time a new version (or config) has after its start to connect and
+    /// subscribe before it is stopped and the previous one restored.
+    #[serde(default = "default_confirm_secs")]
+    pub confirm_secs: u64,
 }
 
 /// `report` section: the fleet's view of this kiosk.
@@ -442,6 +461,19 @@ impl Mqtt {
         self.sync_topics.as_deref().unwrap_or_default()
     }
 }
+impl Update {
+    /// The public keys as raw bytes (they were checked by [`Config::validate`]).
+    pub fn keys(&self) -> Vec<[u8; crate::signing::PUBLIC_KEY_BYTES]> {
+        self.public_keys
+            .iter()
+            .filter_map(|k| crate::signing::parse_public_key(k).ok())
+            .collect()
+    }
+}
+
+fn default_confirm_secs() -> u64 {
+    120
+}
 fn default_ws_path() -> String {
     "/mqtt".into()
 }
@@ -537,6 +569,16 @@ impl Default for Report {
         from_empty_object()
     }
 }
+impl Default for Update {
+    /// By hand, not through serde as the other sections: it saves the
+    /// 32-bit kiosk exe about 1 KB (the same defaults as the serde ones).
+    fn default() -> Self {
+        Update {
+            public_keys: Vec::new(),
+            confirm_secs: default_confirm_secs(),
+        }
+    }
+}
 impl Default for Projector {
     fn default() -> Self {
         from_empty_object()
@@ -599,7 +641,18 @@ impl Config {
         };
         let text = std::fs::read_to_string(file)
             .map_err(|e| err("", format!("cannot read the file: {e}")))?;
-        let mut config = Config::parse(&text).map_err(|(key, message)| err(&key, message))?;
+        Config::from_text(&text, file)
+    }
+
+    /// Parses, resolves and validates `text` as the config file `file`
+    /// (start-up, and a `set-config` patch, are checked by this one door).
+    pub fn from_text(text: &str, file: &Path) -> Result<Config, ConfigError> {
+        let err = |key: &str, message: String| ConfigError {
+            file: file.to_path_buf(),
+            key: key.to_string(),
+            message,
+        };
+        let mut config = Config::parse(text).map_err(|(key, message)| err(&key, message))?;
         let base = file
             .parent()
             .map(absolute)
@@ -903,6 +956,15 @@ impl Config {
                 ));
             }
         }
+        for key in &self.update.public_keys {
+            crate::signing::parse_public_key(key).map_err(|e| {
+                let shown: String = key.chars().take(20).collect();
+                ("update.public_keys", format!("{shown:?} {e}"))
+            })?;
+        }
+        if !(5..=86_400).contains(&self.update.confirm_secs) {
+            return Err(("update.confirm_secs", "must be 5-86400".into()));
+        }
         // The cache folder (and its parents) is made at start-up, as the old
         // script did; the database and the log must go into a folder that exists.
         for (key, path) in [("database", &self.database), ("log.file", &self.log.file)] {
@@ -1056,6 +1118,34 @@ mod tests {
         assert_eq!(c.cache_dir, PathBuf::from("/kiosk/images"));
         assert_eq!(c.database, PathBuf::from("/kiosk/holosync.db"));
         assert_eq!(c.log.file, PathBuf::from("/kiosk/holosync.log"));
+    }
+
+    #[test]
+    fn the_update_sections_default_matches_serdes() {
+        let by_hand = Update::default();
+        let by_serde: Update = from_empty_object();
+        assert_eq!(by_hand.public_keys, by_serde.public_keys);
+        assert_eq!(by_hand.confirm_secs, by_serde.confirm_secs);
+        let key = |json: &str| {
+            let mut c = Config::parse(json).unwrap();
+            c.resolve_paths(&std::env::temp_dir());
+            c.validate().err().map(|e| e.0)
+        };
+        assert_eq!(
+            key(r#"{"update": {"public_keys": ["00"]}}"#),
+            Some("update.public_keys")
+        );
+        assert_eq!(
+            key(r#"{"update": {"confirm_secs": 1}}"#),
+            Some("update.confirm_secs")
+        );
+        assert_eq!(
+            key(&format!(
+                r#"{{"update": {{"public_keys": ["{}"]}}}}"#,
+                "ab".repeat(32)
+            )),
+            None
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@
 pub mod agent;
 pub mod cache;
 pub mod cli;
+pub mod client_id;
 pub mod config;
 pub mod dial;
 pub mod download;
@@ -20,13 +21,18 @@ pub mod link;
 pub mod logger;
 pub mod md5;
 pub mod message;
+pub mod operator;
 pub mod os;
 pub mod projector;
 pub mod proxy;
 pub mod queue;
 pub mod random;
+pub mod remote_config;
 pub mod report;
+pub mod signing;
+pub mod swap;
 #[cfg(feature = "tls")]
 pub mod tls;
 pub mod transfers;
+pub mod update;
 pub mod verify;

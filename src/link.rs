@@ -132,6 +132,9 @@ pub struct Link {
     birth: Option<(String, Vec<u8>)>,
     /// A ConnAck came since [`Link::take_connected`] was last asked.
     connected: bool,
+    /// A SubAck granting every subscription came since
+    /// [`Link::take_subscribed`] was last asked.
+    subscribed: bool,
     /// The proxy the link goes through (masked), for log lines.
     via: Option<String>,
     /// Longest time between two timer-running polls while connected (the
@@ -180,6 +183,7 @@ impl Link {
             via: None,
             birth: None,
             connected: false,
+            subscribed: false,
             longest_gap: Duration::ZERO,
         }
     }
@@ -202,6 +206,12 @@ impl Link {
     /// Sets what is published (retained, QoS 1) on every ConnAck, first.
     pub fn set_birth(&mut self, topic: String, payload: Vec<u8>) {
         self.birth = Some((topic, payload));
+    }
+
+    /// Whether every subscription was granted since the last call (the
+    /// link is fully up: an agent on trial confirms then).
+    pub fn take_subscribed(&mut self) -> bool {
+        std::mem::take(&mut self.subscribed)
     }
 
     /// Whether a ConnAck came since the last call.
@@ -334,6 +344,7 @@ impl Link {
                     );
                 } else {
                     log::info!("subscribed to {}", names.join(", "));
+                    self.subscribed = true;
                 }
             }
             Event::Incoming(Packet::Publish(publish)) => self.push(publish),

@@ -2,7 +2,7 @@
 //! `unsafe`): attaching to the console a command was started from (Windows),
 //! and hearing when the agent is asked to stop (SIGTERM, SIGINT, SIGHUP on
 //! Unix; Ctrl-C, Ctrl-Break, the console window closing, log-off and
-//! shutdown on Windows).
+//! shutdown on Windows), and starting the processes of a handover.
 
 #![allow(unsafe_code)]
 
@@ -463,4 +463,154 @@ pub fn windows_proxy_settings() -> Option<crate::proxy::WindowsSettings> {
 #[cfg(not(windows))]
 pub fn windows_proxy_settings() -> Option<crate::proxy::WindowsSettings> {
     None
+}
+
+/// A process started by [`spawn`] (a supervisor, an agent on trial).
+#[cfg(unix)]
+pub struct Process(std::process::Child);
+
+/// A process started by [`spawn`] (a supervisor, an agent on trial): its
+/// handle, closed on drop.
+#[cfg(windows)]
+pub struct Process(windows_sys::Win32::Foundation::HANDLE);
+
+/// Starts `program` with `args`, its standard input and output nowhere.
+#[cfg(unix)]
+pub fn spawn(program: &std::path::Path, args: &[&std::ffi::OsStr]) -> std::io::Result<Process> {
+    use std::process::Stdio;
+    std::process::Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map(Process)
+}
+
+/// Starts `program` with `args` by `CreateProcessW`, inheriting no handle.
+/// Not by `std::process::Command`: its environment and pipe machinery cost
+/// the 32-bit kiosk exe about 16 KB, and a supervisor needs none of it.
+#[cfg(windows)]
+pub fn spawn(program: &std::path::Path, args: &[&std::ffi::OsStr]) -> std::io::Result<Process> {
+    use std::os::windows::ffi::OsStrExt;
+    use windows_sys::Win32::Foundation::CloseHandle;
+    use windows_sys::Win32::System::Threading::{
+        CreateProcessW, PROCESS_INFORMATION, STARTUPINFOW,
+    };
+    let mut line = Vec::new();
+    quote_arg(program.as_os_str(), &mut line);
+    for a in args {
+        line.push(u16::from(b' '));
+        quote_arg(a, &mut line);
+    }
+    line.push(0);
+    let app: Vec<u16> = program.as_os_str().encode_wide().chain([0]).collect();
+    let startup = STARTUPINFOW {
+        cb: std::mem::size_of::<STARTUPINFOW>() as u32,
+        ..Default::default()
+    };
+    let mut info = PROCESS_INFORMATION::default();
+    // SAFETY: `app` and `line` are NUL-terminated UTF-16 buffers that live
+    // across the call (`line` is writable, as CreateProcessW wants); the
+    // structs are initialised; null pointers mean the documented defaults.
+    let ok = unsafe {
+        CreateProcessW(
+            app.as_ptr(),
+            line.as_mut_ptr(),
+            std::ptr::null(),
+            std::ptr::null(),
+            0,
+            0,
+            std::ptr::null(),
+            std::ptr::null(),
+            &startup,
+            &mut info,
+        )
+    };
+    if ok == 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a handle CreateProcessW returned, closed once.
+    unsafe { CloseHandle(info.hThread) };
+    Ok(Process(info.hProcess))
+}
+
+/// Appends `arg` to a command line as the C runtime splits it again:
+/// quoted when it has a space, tab or quote (or is empty), backslashes
+/// doubled before a quote.
+#[cfg(windows)]
+fn quote_arg(arg: &std::ffi::OsStr, out: &mut Vec<u16>) {
+    use std::os::windows::ffi::OsStrExt;
+    let (quote, backslash) = (u16::from(b'"'), u16::from(b'\\'));
+    let wide: Vec<u16> = arg.encode_wide().collect();
+    if !wide.is_empty() && !wide.iter().any(|&c| c == 32 || c == 9 || c == quote) {
+        out.extend(wide);
+        return;
+    }
+    out.push(quote);
+    let mut backslashes = 0;
+    for c in wide {
+        if c == backslash {
+            backslashes += 1;
+        } else {
+            if c == quote {
+                out.extend(std::iter::repeat_n(backslash, backslashes + 1));
+            }
+            backslashes = 0;
+        }
+        out.push(c);
+    }
+    out.extend(std::iter::repeat_n(backslash, backslashes));
+    out.push(quote);
+}
+
+#[cfg(unix)]
+impl Process {
+    /// How it ended, if it has.
+    pub fn try_wait(&mut self) -> std::io::Result<Option<String>> {
+        Ok(self.0.try_wait()?.map(|s| s.to_string()))
+    }
+
+    /// Kills it and waits for it to be gone.
+    pub fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[cfg(windows)]
+impl Process {
+    /// How it ended, if it has.
+    pub fn try_wait(&mut self) -> std::io::Result<Option<String>> {
+        use windows_sys::Win32::Foundation::WAIT_OBJECT_0;
+        use windows_sys::Win32::System::Threading::{GetExitCodeProcess, WaitForSingleObject};
+        // SAFETY: the handle is ours and open until drop.
+        if unsafe { WaitForSingleObject(self.0, 0) } != WAIT_OBJECT_0 {
+            return Ok(None);
+        }
+        let mut code = 0u32;
+        // SAFETY: as above; `code` is a valid out pointer.
+        if unsafe { GetExitCodeProcess(self.0, &mut code) } == 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Some(format!("exit code {code}")))
+    }
+
+    /// Kills it and waits (up to 10 s) for it to be gone.
+    pub fn kill(&mut self) {
+        use windows_sys::Win32::System::Threading::{TerminateProcess, WaitForSingleObject};
+        // SAFETY: the handle is ours and open until drop.
+        unsafe {
+            TerminateProcess(self.0, 1);
+            WaitForSingleObject(self.0, 10_000);
+        }
+    }
+}
+
+#[cfg(windows)]
+impl Drop for Process {
+    fn drop(&mut self) {
+        // SAFETY: the handle is ours, closed once here.
+        unsafe { windows_sys::Win32::Foundation::CloseHandle(self.0) };
+    }
 }

@@ -39,6 +39,9 @@ enum Check {
     AfterAnUncleanEnd,
 }
 
+/// Meta key holding how the last `update` or `set-config` ended (JSON).
+pub const LAST_UPDATE_KEY: &str = "last_update";
+
 /// Milliseconds since the Unix epoch: the queue's clock (it survives
 /// restarts; `clamp_schedule` keeps rows on time when it jumps).
 pub fn unix_ms() -> i64 {
@@ -215,6 +218,9 @@ pub struct Status {
     pub last_sync: Option<String>,
     /// The download that finished last.
     pub last_download: Option<LastDownload>,
+    /// How the last `update` or `set-config` ended (confirmed, or rolled
+    /// back and why), as its answer on `events` said.
+    pub last_update: Option<serde_json::Value>,
 }
 
 /// The download that finished last, for the status.
@@ -651,6 +657,15 @@ impl Queue {
                 )
                 .optional()?;
             st.last_sync = last_sync.and_then(|v| v.parse().ok()).map(stamp);
+            let last_update: Option<String> = self
+                .conn
+                .query_row(
+                    "SELECT value FROM meta WHERE key = ?1",
+                    [LAST_UPDATE_KEY],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            st.last_update = last_update.and_then(|v| serde_json::from_str(&v).ok());
             // The newest of each state's newest (by the state index backwards).
             let mut s = self.conn.prepare(
                 "SELECT url, state, updated, id FROM queue WHERE state = ?1 AND attempts > 0

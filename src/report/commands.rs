@@ -13,6 +13,7 @@ use crate::cache;
 use crate::link::{Delivery, Link};
 use crate::queue::Queue;
 use crate::transfers::Transfers;
+use crate::update::{Order, Request, UpdateRequest};
 
 /// URLs one command may name.
 const MAX_COMMAND_URLS: usize = 10_000;
@@ -51,7 +52,7 @@ const AUDIT_PAGE_ROWS: usize = 1024;
 const AUDIT_CHECKS_PER_CLOCK: usize = 64;
 
 /// A fleet command.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Command {
     /// Publish the status now.
     Status,
@@ -61,6 +62,8 @@ pub enum Command {
     Audit,
     /// Remove these URLs' rows (the files stay).
     Forget(Vec<String>),
+    /// Install a new version, or patch the config (see `update.rs`).
+    Update(Request),
 }
 
 impl Command {
@@ -71,6 +74,8 @@ impl Command {
             Command::RetryFailed(_) => "retry-failed",
             Command::Audit => "audit",
             Command::Forget(_) => "forget",
+            Command::Update(Request::Update(_)) => "update",
+            Command::Update(Request::SetConfig { .. }) => "set-config",
         }
     }
 }
@@ -113,6 +118,27 @@ pub fn parse_command(payload: &[u8]) -> Result<(Value, Command), (Value, String)
         Some("status") => Command::Status,
         Some("retry-failed") => Command::RetryFailed(urls),
         Some("audit") => Command::Audit,
+        Some("update") => Command::Update(Request::Update(Box::new(
+            parse_update(&o).map_err(|why| (id.clone(), why))?,
+        ))),
+        Some("set-config") => {
+            let signature = match o.get("signature") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(s)) if s.len() <= MAX_SIGNATURE_CHARS => Some(s.clone()),
+                Some(_) => return fail("\"signature\" must be a hex or base64 string".into()),
+            };
+            match o.get("patch") {
+                Some(patch @ Value::Object(_)) => Command::Update(Request::SetConfig {
+                    patch: patch.clone(),
+                    signature,
+                }),
+                _ => {
+                    return fail(
+                        "\"set-config\" needs a \"patch\" object (a JSON merge patch)".into(),
+                    )
+                }
+            }
+        }
         Some("forget") => match urls {
             Some(urls) if !urls.is_empty() => Command::Forget(urls),
             _ => return fail("\"forget\" needs the \"urls\" to forget".into()),
@@ -120,12 +146,47 @@ pub fn parse_command(payload: &[u8]) -> Result<(Value, Command), (Value, String)
         Some(other) => {
             let shown: String = other.chars().take(50).collect();
             return fail(format!(
-                "unknown command {shown:?} (status, retry-failed, audit, forget)"
+                "unknown command {shown:?} (status, retry-failed, audit, forget, update, set-config)"
             ));
         }
         None => return fail("no \"command\"".into()),
     };
     Ok((id, command))
+}
+
+/// Longest signature accepted (a 64-byte signature is 128 hex digits).
+const MAX_SIGNATURE_CHARS: usize = 256;
+
+/// The fields of an `update` command: version, url, sha256, signature,
+/// and optionally allow_downgrade and target.
+fn parse_update(o: &serde_json::Map<String, Value>) -> Result<UpdateRequest, String> {
+    let text = |key: &str, max: usize| match o.get(key) {
+        Some(Value::String(s)) if !s.is_empty() && s.len() <= max => Ok(s.clone()),
+        _ => Err(format!(
+            "\"update\" needs \"{key}\" (text of at most {max} bytes)"
+        )),
+    };
+    let version = text("version", 32)?;
+    if !crate::signing::valid_version(&version) {
+        return Err(format!("{version:?} is not a version (like 0.3.0)"));
+    }
+    let sha256 = text("sha256", 64)?.to_ascii_lowercase();
+    if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err("\"sha256\" must be 64 hex digits".into());
+    }
+    let allow_downgrade = match o.get("allow_downgrade") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err("\"allow_downgrade\" must be true or false".into()),
+    };
+    Ok(UpdateRequest {
+        version,
+        url: text("url", crate::message::MAX_URL_BYTES)?,
+        sha256,
+        signature: text("signature", MAX_SIGNATURE_CHARS)?,
+        allow_downgrade,
+        target: text("target", 64).ok(),
+    })
 }
 
 /// `id` as echoed: at most [`MAX_ID_CHARS`] characters, a longer one cut and
@@ -195,6 +256,25 @@ impl Report {
             Ok(None) => {}
             Err(e) => log::warn!("{}", e.chain()),
         }
+    }
+
+    /// Publishes the answer of a command the report handed on (`update`,
+    /// `set-config`), remembering its id when it was carried out.
+    pub fn answer(&mut self, link: &Link, queue: &Queue, id: &Value, answer: Value) {
+        if answer.get("ok") == Some(&Value::Bool(true)) {
+            self.remember(queue, id);
+        }
+        self.event(link, answer);
+    }
+
+    /// Whether `update` or `set-config` commands wait.
+    pub fn has_orders(&self) -> bool {
+        !self.orders.is_empty()
+    }
+
+    /// The next `update` or `set-config` to carry out.
+    pub fn take_order(&mut self) -> Option<Order> {
+        self.orders.pop_front()
     }
 
     /// Remembers (durably enough: a lost id only means a command runs twice,
@@ -282,6 +362,20 @@ impl Report {
                     log::info!("command {name} (id {id}): checking every cached file");
                 }
                 self.start_audit(link, Some(id), Some(d));
+                Acked::Later
+            }
+            Command::Update(request) => {
+                if self.orders.len() >= MAX_WAITING_JOBS {
+                    let why = "busy: earlier update or set-config commands are waiting";
+                    log::warn!("command {name} (id {id}) refused: {why}");
+                    self.event(link, json!({"id": id, "command": name, "error": why}));
+                    return Acked::Now;
+                }
+                self.orders.push_back(Order {
+                    id,
+                    request,
+                    delivery: ack_handle(d),
+                });
                 Acked::Later
             }
             Command::RetryFailed(_) | Command::Forget(_) => {

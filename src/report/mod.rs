@@ -10,7 +10,8 @@
 //! - `<prefix>/events`, QoS 0: one message per finished download or command,
 //!   grouped into one message a second when they come faster than 10 a second;
 //! - `<prefix>/cmd` and the fleet topic, QoS 1: `status`, `retry-failed`,
-//!   `audit`, `forget`, acknowledged once their effect is committed.
+//!   `audit`, `forget`, acknowledged once their effect is committed, and
+//!   `update`, `set-config`, handed to the updater (`update.rs`).
 
 mod commands;
 mod events;
@@ -141,6 +142,8 @@ pub struct Report {
     jobs: VecDeque<Job>,
     /// Ids of the last commands carried out (their JSON), oldest first.
     done_ids: VecDeque<String>,
+    /// `update` and `set-config` commands for the updater, oldest first.
+    orders: VecDeque<crate::update::Order>,
     /// A failing step was logged (logged again only after a success).
     step_failure_logged: bool,
 }
@@ -160,6 +163,7 @@ impl Report {
             audit: None,
             jobs: VecDeque::new(),
             done_ids: VecDeque::new(),
+            orders: VecDeque::new(),
             step_failure_logged: false,
         }
     }
@@ -209,7 +213,7 @@ impl Report {
 
     /// Whether an audit or a command is in progress (work the loop must not wait on).
     pub fn busy(&self) -> bool {
-        self.audit.is_some() || !self.jobs.is_empty()
+        self.audit.is_some() || !self.jobs.is_empty() || !self.orders.is_empty()
     }
 
     /// When the report has something to publish (a throttled status, a

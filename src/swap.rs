@@ -1,0 +1,618 @@
+//! The handover to a new executable or a new config, its trial, and the
+//! rollback: files and processes only (no MQTT, no queue).
+//!
+//! The files, with `holosync.exe` the agent's executable and `config.json`
+//! its config (on Unix, `holosync`, `holosync.new` and `holosync.old`):
+//!
+//! - `holosync.new.exe`: the downloaded, verified new version (staged);
+//! - `holosync.old.exe`: a copy of the running version, made before the
+//!   swap; it runs the supervisor, and stays as the previous version;
+//! - `config.json.prev`: the config before a `set-config`;
+//! - `holosync.update` (next to the config): the trial marker, JSON with
+//!   the kind (`update`, `config`), the versions, the command's id and the
+//!   phase (`staged`, `trial`, `confirmed`, `failed`).
+//!
+//! An update, in order; every step is one rename or one new file, so a
+//! power cut between any two leaves `holosync.exe` whole and runnable (the
+//! old one up to step 4, the new one after):
+//!
+//! 1. the old agent downloads to `holosync.new.exe` and checks size and SHA-256;
+//! 2. it copies itself to `holosync.old.exe` (a temporary name, synced,
+//!    renamed);
+//! 3. it writes the marker (`staged`), stops cleanly (goodbye on `state`,
+//!    the single-instance lock released) and starts `holosync.old.exe
+//!    supervise`, then exits;
+//! 4. the supervisor (not holding the lock, not on MQTT) renames
+//!    `holosync.new.exe` over `holosync.exe` (on Windows this waits for the old process to
+//!    have exited: a running exe cannot be replaced, but the supervisor
+//!    runs from `holosync.old.exe`, so the agent's name is free to take);
+//! 5. it marks the trial (`trial`) and starts `holosync.exe`, which knows
+//!    it is on trial because the marker says `trial` and the supervisor
+//!    holds `holosync.update.lock`;
+//! 6. the new agent, once connected and subscribed, marks `confirmed`; the
+//!    supervisor removes the marker and exits. If the new one exits, or is
+//!    not confirmed within `update.confirm_secs`, the supervisor kills it,
+//!    copies `holosync.old.exe` over `holosync.exe` (temporary name,
+//!    renamed, as soon as Windows lets go of the killed one's file), marks
+//!    `failed` with the reason, and starts the old agent, which reports it.
+//!
+//! A `set-config` is the same with `config.json` and `config.json.prev`
+//! in place of the executables, and the supervisor runs from
+//! `holosync.exe` itself (it is not replaced).
+//!
+//! At every start ([`at_start`]) the marker says what a crash or a power cut
+//! interrupted: `staged` or `trial` without a supervisor resumes the trial
+//! (a supervisor is started again, which finishes the rename if step 4 had
+//! not happened); `failed` and `confirmed` are reported and the marker is
+//! removed; no marker and a stray `holosync.new.exe` (a download that
+//! never got to step 3) removes it.
+
+use std::ffi::OsStr;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::error::{Context, Error, Result};
+use crate::os::Process;
+
+/// How often the supervisor looks at the marker and the agent on trial.
+const SUPERVISE_POLL: Duration = Duration::from_millis(100);
+
+/// How long the supervisor waits for the old agent to let go of the
+/// executable's name (Windows: until its process has ended).
+const RELEASE_WAIT: Duration = Duration::from_secs(60);
+
+/// What a handover changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A new executable.
+    Update,
+    /// A new config.
+    Config,
+}
+
+impl Kind {
+    /// The command's name, as in the marker and the events.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Update => "update",
+            Kind::Config => "set-config",
+        }
+    }
+}
+
+/// The files of a handover, for the agent run with `config`.
+#[derive(Debug, Clone)]
+pub struct Paths {
+    /// The agent's executable (the name the Startup-folder shortcut starts).
+    pub exe: PathBuf,
+    /// The staged new version.
+    pub new: PathBuf,
+    /// The previous version, which runs the supervisor.
+    pub old: PathBuf,
+    /// The config file.
+    pub config: PathBuf,
+    /// The config before a `set-config`.
+    pub config_prev: PathBuf,
+    /// The trial marker.
+    pub marker: PathBuf,
+}
+
+/// The executable's sibling named by `tag`: `holosync.exe` ->
+/// `holosync.old.exe` (Windows runs and scans it as an exe; the
+/// supervisor runs from the `old` one), `holosync` -> `holosync.old`.
+fn sibling(exe: &Path, tag: &str) -> PathBuf {
+    match (exe.file_stem(), exe.extension()) {
+        (Some(stem), Some(ext)) if ext.eq_ignore_ascii_case("exe") => {
+            let mut name = stem.to_owned();
+            name.push(format!(".{tag}."));
+            name.push(ext);
+            exe.with_file_name(name)
+        }
+        _ => with_suffix(exe, &format!(".{tag}")),
+    }
+}
+
+/// `path` with `suffix` added to its file name.
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+impl Paths {
+    /// The paths for the running executable `exe` and `config`.
+    pub fn new(exe: &Path, config: &Path) -> Paths {
+        Paths {
+            exe: exe.to_path_buf(),
+            new: sibling(exe, "new"),
+            old: sibling(exe, "old"),
+            config: config.to_path_buf(),
+            config_prev: with_suffix(config, ".prev"),
+            marker: config
+                .parent()
+                .unwrap_or(Path::new("."))
+                .join("holosync.update"),
+        }
+    }
+
+    /// The paths of this process's executable and `config`.
+    pub fn current(config: &Path) -> Result<Paths> {
+        let exe = std::env::current_exe().context(|| "could not find the running executable")?;
+        Ok(Paths::new(&exe, config))
+    }
+}
+
+/// What the marker says.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Marker {
+    /// Update or config.
+    pub kind: Kind,
+    /// The version that started the handover.
+    pub from: String,
+    /// The version on trial (the same as `from` for a config).
+    pub to: String,
+    /// The command's id (JSON), for the answer.
+    pub id: Value,
+    /// `staged`, `trial`, `confirmed` or `failed`.
+    pub phase: String,
+    /// Why it failed.
+    pub reason: Option<String>,
+    /// The agent's executable (the supervisor runs from another file).
+    pub exe: PathBuf,
+    /// Time the new one has to confirm (the old config's, so a patch cannot
+    /// shorten its own trial).
+    pub confirm_secs: u64,
+}
+
+impl Marker {
+    fn to_json(&self) -> String {
+        json!({
+            "kind": self.kind.name(),
+            "from": self.from,
+            "to": self.to,
+            "id": self.id,
+            "phase": self.phase,
+            "reason": self.reason,
+            "exe": self.exe,
+            "confirm_secs": self.confirm_secs,
+        })
+        .to_string()
+    }
+
+    fn parse(text: &str) -> Option<Marker> {
+        let v: Value = serde_json::from_str(text).ok()?;
+        let s = |k: &str| v.get(k).and_then(Value::as_str).map(String::from);
+        Some(Marker {
+            kind: match s("kind")?.as_str() {
+                "update" => Kind::Update,
+                "set-config" => Kind::Config,
+                _ => return None,
+            },
+            from: s("from")?,
+            to: s("to")?,
+            id: v.get("id").cloned().unwrap_or(Value::Null),
+            phase: s("phase")?,
+            reason: s("reason"),
+            exe: PathBuf::from(s("exe")?),
+            confirm_secs: v.get("confirm_secs")?.as_u64()?,
+        })
+    }
+
+    /// Reads the marker; None if there is none (an unreadable one is logged
+    /// and taken as none: it was being written when the power went).
+    pub fn read(path: &Path) -> Option<Marker> {
+        let text = fs::read_to_string(path).ok()?;
+        let m = Marker::parse(&text);
+        if m.is_none() {
+            log::warn!("ignored an unreadable trial marker {}", path.display());
+        }
+        m
+    }
+
+    /// Writes the marker atomically (temporary file, synced, renamed).
+    pub fn write(&self, path: &Path) -> Result<()> {
+        write_atomically(path, self.to_json().as_bytes())
+    }
+}
+
+/// Writes `bytes` to `path` through `<path>.tmp`, synced before the rename,
+/// so `path` holds the old bytes or the new, never a part.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = with_suffix(path, ".tmp");
+    let result = File::create(&tmp)
+        .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()))
+        .and_then(|()| fs::rename(&tmp, path));
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result.context(|| format!("could not write {}", path.display()))
+}
+
+/// Copies `from` to `to` through `<to>.tmp` (synced, renamed), keeping
+/// `from`'s permissions (the executable bit on Unix).
+fn copy_atomically(from: &Path, to: &Path) -> Result<()> {
+    let tmp = with_suffix(to, ".tmp");
+    let result = fs::copy(from, &tmp)
+        .and_then(|_| OpenOptions::new().write(true).open(&tmp)?.sync_all())
+        .map_err(|e| {
+            Error::new(
+                format!("could not copy {} to {}", from.display(), tmp.display()),
+                e,
+            )
+        })
+        .and_then(|()| rename_when_free(&tmp, to));
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Steps 2 and 3 of an update (before the clean stop): the running
+/// executable copied to `holosync.old.exe`, the marker written.
+pub fn prepare_update(paths: &Paths, marker: &Marker) -> Result<()> {
+    copy_atomically(&paths.exe, &paths.old)?;
+    marker.write(&paths.marker)
+}
+
+/// A `set-config`'s files: the marker, `config.json.prev`, then the new
+/// config, each written atomically.
+pub fn prepare_config(paths: &Paths, marker: &Marker, new_config: &str) -> Result<()> {
+    marker.write(&paths.marker)?;
+    copy_atomically(&paths.config, &paths.config_prev)?;
+    write_atomically(&paths.config, new_config.as_bytes())
+}
+
+/// Starts the supervisor for the marker's handover (the old agent's last
+/// act, after its clean stop and with its lock released).
+pub fn start_supervisor(paths: &Paths, kind: Kind) -> Result<()> {
+    let program = match kind {
+        Kind::Update => &paths.old,
+        Kind::Config => &paths.exe,
+    };
+    spawn(program, &paths.config, &["supervise"])
+        .map(drop)
+        .context(|| format!("could not start the supervisor {}", program.display()))
+}
+
+/// Starts `program` (with `args`, then `--config config`), its output
+/// nowhere (see `os::spawn`).
+fn spawn(program: &Path, config: &Path, args: &[&str]) -> std::io::Result<Process> {
+    let mut all: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
+    all.extend([OsStr::new("--config"), config.as_os_str()]);
+    crate::os::spawn(program, &all)
+}
+
+/// What a start finds of an earlier handover.
+#[derive(Debug)]
+pub enum Start {
+    /// Run the agent: on trial (started by a supervisor) or not, and
+    /// reporting the handover that ended (confirmed or failed), if any.
+    Run {
+        /// This agent is the new version (or config) on trial.
+        trial: bool,
+        /// The handover that ended.
+        ended: Option<Marker>,
+    },
+    /// A trial was interrupted: start a supervisor of this kind to resume
+    /// it (once the lock is released), and exit.
+    Resume(Kind, Paths),
+}
+
+/// Looks for an interrupted or finished handover (see the module's comment).
+pub fn at_start(paths: &Paths) -> Result<Start> {
+    let Some(marker) = Marker::read(&paths.marker) else {
+        if paths.new.exists() {
+            log::info!(
+                "removed {}: a staged update that was never swapped in",
+                paths.new.display()
+            );
+            let _ = fs::remove_file(&paths.new);
+        }
+        return Ok(Start::Run {
+            trial: false,
+            ended: None,
+        });
+    };
+    match marker.phase.as_str() {
+        "failed" | "confirmed" => {
+            fs::remove_file(&paths.marker)
+                .context(|| format!("could not remove {}", paths.marker.display()))?;
+            Ok(Start::Run {
+                trial: false,
+                ended: Some(marker),
+            })
+        }
+        // Started by the supervisor, which holds its lock while it watches.
+        "trial" if supervisor_lock(&paths.marker)?.is_none() => Ok(Start::Run {
+            trial: true,
+            ended: None,
+        }),
+        _ => {
+            log::warn!(
+                "the {} to {} was interrupted (phase {}): resuming its trial",
+                marker.kind.name(),
+                marker.to,
+                marker.phase
+            );
+            let paths = Paths::new(&marker.exe, &paths.config);
+            if marker.kind == Kind::Update && !paths.old.exists() {
+                // The marker is written after `holosync.old.exe`, so this is a hand's work.
+                fs::remove_file(&paths.marker)
+                    .context(|| format!("could not remove {}", paths.marker.display()))?;
+                return Err(Error::msg(format!(
+                    "{} is gone, so the interrupted update cannot be checked; removed its marker, start again",
+                    paths.old.display()
+                )));
+            }
+            Ok(Start::Resume(marker.kind, paths))
+        }
+    }
+}
+
+/// The agent on trial is online (connected and subscribed): the marker
+/// says so, for the supervisor. Returns the confirmed marker.
+pub fn confirm(paths: &Paths) -> Result<Option<Marker>> {
+    let Some(mut marker) = Marker::read(&paths.marker) else {
+        return Ok(None);
+    };
+    if marker.phase != "trial" {
+        return Ok(None);
+    }
+    marker.phase = "confirmed".into();
+    marker.to = if marker.kind == Kind::Update {
+        env!("CARGO_PKG_VERSION").into()
+    } else {
+        marker.to
+    };
+    marker.write(&paths.marker)?;
+    log::info!(
+        "{} to {} confirmed: online and subscribed",
+        marker.kind.name(),
+        marker.to
+    );
+    Ok(Some(marker))
+}
+
+/// Whether a new handover may start now.
+#[derive(Debug, PartialEq)]
+pub enum Readiness {
+    /// No handover is going on.
+    Ready,
+    /// This agent's trial was confirmed and its supervisor is closing it
+    /// (a tenth of a second): try again on a later turn.
+    Wait,
+    /// A handover is going on that this agent cannot finish: why.
+    Busy(String),
+}
+
+/// Whether a new handover may start (one at a time: a marker written while
+/// a supervisor still watches the last trial would look like that trial's
+/// failure to it). A confirmed marker whose supervisor is gone (killed) is
+/// removed here.
+pub fn readiness(paths: &Paths) -> Readiness {
+    let Some(m) = Marker::read(&paths.marker) else {
+        return Readiness::Ready;
+    };
+    match supervisor_lock(&paths.marker) {
+        Ok(Some(_lock)) if m.phase == "confirmed" => match fs::remove_file(&paths.marker) {
+            Ok(()) => Readiness::Ready,
+            Err(e) => Readiness::Busy(format!(
+                "could not remove the finished trial's marker {}: {e}",
+                paths.marker.display()
+            )),
+        },
+        Ok(None) if m.phase == "confirmed" => Readiness::Wait,
+        _ => Readiness::Busy(format!(
+            "a {} to {} is in progress ({}, phase {})",
+            m.kind.name(),
+            m.to,
+            paths.marker.display(),
+            m.phase
+        )),
+    }
+}
+
+/// Holds `<marker>.lock` while a supervisor runs: a second supervisor (a
+/// double start during a trial) finds it taken and leaves.
+fn supervisor_lock(marker: &Path) -> Result<Option<File>> {
+    let path = with_suffix(marker, ".lock");
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .context(|| format!("could not open {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(_) => Ok(None),
+    }
+}
+
+/// The supervisor (`holosync supervise`): finishes the swap, starts the
+/// agent on trial, and keeps it or rolls back (see the module's comment).
+pub fn supervise(config: &Path) -> Result<()> {
+    let marker_path = Paths::new(Path::new("holosync"), config).marker;
+    let Some(_lock) = supervisor_lock(&marker_path)? else {
+        log::info!("another supervisor is watching the trial; this one leaves");
+        return Ok(());
+    };
+    let Some(mut marker) = Marker::read(&marker_path) else {
+        return Err(Error::msg(format!(
+            "nothing to supervise: no trial marker {}",
+            marker_path.display()
+        )));
+    };
+    let paths = Paths::new(&marker.exe, config);
+    if marker.kind == Kind::Update && paths.new.exists() {
+        // Step 4, once the old agent has let go of the name.
+        rename_when_free(&paths.new, &paths.exe)?;
+    }
+    marker.phase = "trial".into();
+    marker.write(&paths.marker)?;
+    let limit = Duration::from_secs(marker.confirm_secs);
+    log::info!(
+        "supervisor: {} to {} on trial; it has {} s to get online",
+        marker.kind.name(),
+        marker.to,
+        limit.as_secs()
+    );
+    let started = Instant::now();
+    let mut child = match spawn(&paths.exe, config, &[]) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            log::error!("supervisor: could not start {}: {e}", paths.exe.display());
+            None
+        }
+    };
+    let failure = loop {
+        if crate::os::stop_requested().is_some() {
+            // Windows is logging off (the agent on trial is stopping too, so
+            // its exit says nothing): the marker stays, the next start resumes.
+            crate::os::stopped();
+            return Ok(());
+        }
+        let Some(agent) = child.as_mut() else {
+            break Some("the new agent could not be started".to_string());
+        };
+        match Marker::read(&paths.marker) {
+            Some(m) if m.kind == marker.kind && m.id == marker.id => {
+                if m.phase == "confirmed" {
+                    break None;
+                }
+            }
+            _ => {
+                // Only this supervisor removes its marker, and an agent
+                // starts no handover while it runs (see `readiness`).
+                log::warn!("supervisor: the trial's marker was replaced or removed; leaving it");
+                crate::os::stopped();
+                return Ok(());
+            }
+        }
+        match agent.try_wait() {
+            Ok(Some(status)) => break Some(format!("the new agent exited at start ({status})")),
+            Ok(None) => {}
+            Err(e) => break Some(format!("could not watch the new agent: {e}")),
+        }
+        if started.elapsed() > limit {
+            break Some(format!(
+                "the new agent did not get online within {} s (update.confirm_secs)",
+                limit.as_secs()
+            ));
+        }
+        std::thread::sleep(SUPERVISE_POLL);
+    };
+    let Some(reason) = failure else {
+        log::info!(
+            "supervisor: {} to {} confirmed after {} ms",
+            marker.kind.name(),
+            marker.to,
+            started.elapsed().as_millis()
+        );
+        fs::remove_file(&paths.marker)
+            .context(|| format!("could not remove {}", paths.marker.display()))?;
+        crate::os::stopped();
+        return Ok(());
+    };
+    log::error!(
+        "supervisor: {} to {} failed: {reason}; restoring the previous one",
+        marker.kind.name(),
+        marker.to
+    );
+    if let Some(mut agent) = child {
+        agent.kill();
+    }
+    match marker.kind {
+        Kind::Update => copy_atomically(&paths.old, &paths.exe)?,
+        Kind::Config => copy_atomically(&paths.config_prev, &paths.config)?,
+    }
+    marker.phase = "failed".into();
+    marker.reason = Some(reason);
+    marker.write(&paths.marker)?;
+    spawn(&paths.exe, config, &[])
+        .context(|| format!("could not start {}", paths.exe.display()))?;
+    crate::os::stopped();
+    Ok(())
+}
+
+/// Renames `from` over `to` once no process runs `to` any more (at once on
+/// Unix; on Windows a running exe, or one whose process is still being
+/// torn down, cannot be replaced), waiting up to [`RELEASE_WAIT`].
+fn rename_when_free(from: &Path, to: &Path) -> Result<()> {
+    let until = Instant::now() + RELEASE_WAIT;
+    loop {
+        match fs::rename(from, to) {
+            Ok(()) => return Ok(()),
+            Err(e) if Instant::now() < until => {
+                log::debug!("waiting to replace {}: {e}", to.display());
+                std::thread::sleep(SUPERVISE_POLL);
+            }
+            Err(e) => {
+                return Err(Error::new(
+                    format!("could not rename {} to {}", from.display(), to.display()),
+                    e,
+                ))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_handover_waits_for_the_supervisor_of_the_last_one() {
+        let dir = std::env::temp_dir().join(format!("holosync-swap-test-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let paths = Paths::new(&dir.join("holosync.exe"), &dir.join("config.json"));
+        assert_eq!(readiness(&paths), Readiness::Ready);
+        let mut m = Marker {
+            kind: Kind::Config,
+            from: "0.1.0".into(),
+            to: "0.1.0".into(),
+            id: json!("c-1"),
+            phase: "confirmed".into(),
+            reason: None,
+            exe: paths.exe.clone(),
+            confirm_secs: 120,
+        };
+        m.write(&paths.marker).unwrap();
+        let supervisor = supervisor_lock(&paths.marker).unwrap().expect("free");
+        assert_eq!(readiness(&paths), Readiness::Wait);
+        drop(supervisor);
+        // Its supervisor gone (killed), a confirmed trial is over: cleared.
+        assert_eq!(readiness(&paths), Readiness::Ready);
+        assert!(!paths.marker.exists());
+        m.phase = "staged".into();
+        m.write(&paths.marker).unwrap();
+        assert!(matches!(readiness(&paths), Readiness::Busy(why) if why.contains("phase staged")));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_marker_reads_back_what_was_written() {
+        let m = Marker {
+            kind: Kind::Update,
+            from: "0.1.0".into(),
+            to: "0.2.0".into(),
+            id: json!("u-1"),
+            phase: "staged".into(),
+            reason: None,
+            exe: PathBuf::from("/kiosk/holosync.exe"),
+            confirm_secs: 120,
+        };
+        assert_eq!(Marker::parse(&m.to_json()), Some(m.clone()));
+        assert_eq!(Marker::parse("{\"kind\":\"update\""), None);
+        let paths = Paths::new(Path::new("/k/holosync.exe"), Path::new("/c/config.json"));
+        assert_eq!(paths.old, PathBuf::from("/k/holosync.old.exe"));
+        assert_eq!(paths.new, PathBuf::from("/k/holosync.new.exe"));
+        let paths = Paths::new(Path::new("/k/holosync"), Path::new("/c/config.json"));
+        assert_eq!(paths.old, PathBuf::from("/k/holosync.old"));
+        assert_eq!(paths.marker, PathBuf::from("/c/holosync.update"));
+        assert_eq!(paths.config_prev, PathBuf::from("/c/config.json.prev"));
+    }
+}
