@@ -64,12 +64,47 @@ export CARGO_TARGET_DIR="${WIN7_TARGET_DIR:-target/win7}"
 # Host-build settings must not leak into the std build (e.g. RUSTFLAGS=-Dwarnings).
 unset RUSTFLAGS CARGO_ENCODED_RUSTFLAGS CARGO_BUILD_RUSTFLAGS RUSTC_WRAPPER RUSTC_WORKSPACE_WRAPPER
 
+# The 32-bit kiosk exe without unwind tables. A panic aborts at once (.cargo/config.toml:
+# -Cpanic=immediate-abort), so nothing ever unwinds, yet the built-in i686 target insists on
+# DWARF unwind tables (.eh_frame: 227 KB of the exe; 32-bit Windows itself unwinds by SEH
+# records on the stack and never reads them). So the i686 build uses the compiler's own
+# target spec with only `requires-uwtable` turned off (generated here from this rustc, never
+# kept in the repo: the spec format belongs to the compiler version), Rust code built with
+# -Cforce-unwind-tables=no and the C (SQLite, ring) with gcc's unwind tables off. The 64-bit
+# exe keeps its tables: x64 Windows needs them (.pdata) to walk any stack.
+spec_dir="$CARGO_TARGET_DIR/spec"
+mkdir -p "$spec_dir"
+target_arg() {
+    local t="$1"
+    if [ "$t" != i686-win7-windows-gnu ]; then
+        echo "$t"
+        return
+    fi
+    "$RUSTC_BIN" -Z unstable-options --print target-spec-json --target "$t" >"$spec_dir/$t.json.tmp"
+    grep -q '"requires-uwtable": true' "$spec_dir/$t.json.tmp" || {
+        echo "error: $RUSTC_BIN's spec for $t has no requires-uwtable to turn off" >&2
+        return 1
+    }
+    sed 's/"requires-uwtable": true/"requires-uwtable": false/' "$spec_dir/$t.json.tmp" >"$spec_dir/$t.json"
+    rm -f "$spec_dir/$t.json.tmp"
+    echo "$spec_dir/$t.json"
+}
+export CFLAGS_i686_win7_windows_gnu="-fno-asynchronous-unwind-tables -fno-unwind-tables"
+
 rc=0
 sizes=()
 for t in "${targets[@]}"; do
     arch="${t%%-*}"
     start=$SECONDS
-    if "$CARGO_BIN" build --release --locked --target "$t" -Zbuild-std=std,panic_abort -Zbuild-std-features=optimize_for_size \
+    spec="$(target_arg "$t")" || { rc=1; continue; }
+    extra=()
+    if [ "$spec" != "$t" ]; then
+        # A spec file's name is its target's name: .cargo/config.toml's [target.$t] still
+        # applies, and this flag is added to its rustflags.
+        extra=(-Zjson-target-spec --config "target.$t.rustflags=['-Cforce-unwind-tables=no']")
+    fi
+    if "$CARGO_BIN" build ${extra[@]+"${extra[@]}"} --release --locked --target "$spec" \
+        -Zbuild-std=std,panic_abort -Zbuild-std-features=optimize_for_size \
         ${cargo_args[@]+"${cargo_args[@]}"}; then
         exe="$CARGO_TARGET_DIR/$t/release/holosync.exe"
         echo "built $exe in $((SECONDS - start)) s"
