@@ -10,8 +10,8 @@ use std::os::unix::fs::MetadataExt;
 use std::time::{Duration, Instant};
 
 use common::{
-    agent_with, merge, png, poll_until, wait_until, Agent, Endpoint, HttpServer, Mosquitto, Route,
-    Subscriber, TempDir,
+    agent_with, merge, png, wait_until, Agent, Endpoint, HttpServer, Mosquitto, Route, Subscriber,
+    TempDir,
 };
 use serde_json::{json, Value};
 
@@ -28,23 +28,12 @@ fn prefix(agent: &Agent) -> String {
 
 /// The JSON payloads received on `topic` so far, in order.
 fn payloads(sub: &Subscriber, topic: &str) -> Vec<Value> {
-    let head = format!("{topic} ");
-    sub.lines()
-        .iter()
-        .filter_map(|l| l.strip_prefix(&head))
-        .filter_map(|p| serde_json::from_str(p).ok())
-        .collect()
+    sub.json_payloads(topic)
 }
 
 /// Waits for a payload on `topic` that satisfies `pred`; returns it.
 fn wait_payload(sub: &Subscriber, topic: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-    let mut found = None;
-    let ok = poll_until(WAIT, || {
-        found = payloads(sub, topic).into_iter().find(|v| pred(v));
-        found.is_some()
-    });
-    assert!(ok, "no {what} on {topic}; got:\n{}", sub.lines().join("\n"));
-    found.expect("found")
+    sub.wait_json(topic, what, WAIT, pred)
 }
 
 /// Fast reports for the tests.

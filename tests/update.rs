@@ -272,25 +272,14 @@ fn sha256_of(path: &Path) -> String {
     String::from_utf8(out.stdout).unwrap()[..64].to_string()
 }
 
-/// The JSON payloads received on `topic` so far.
+/// The JSON payloads received on `topic` so far, in order.
 fn payloads(sub: &Subscriber, topic: &str) -> Vec<Value> {
-    let head = format!("{topic} ");
-    sub.lines()
-        .iter()
-        .filter_map(|l| l.strip_prefix(&head))
-        .filter_map(|p| serde_json::from_str(p).ok())
-        .collect()
+    sub.json_payloads(topic)
 }
 
-/// Waits for a payload on `topic` satisfying `pred`.
+/// Waits for a payload on `topic` that satisfies `pred`; returns it.
 fn wait_payload(sub: &Subscriber, topic: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-    let mut found = None;
-    let ok = poll_until(WAIT, || {
-        found = payloads(sub, topic).into_iter().find(|v| pred(v));
-        found.is_some()
-    });
-    assert!(ok, "no {what} on {topic}; got:\n{}", sub.lines().join("\n"));
-    found.unwrap()
+    sub.wait_json(topic, what, WAIT, pred)
 }
 
 /// Waits until the retained state says online with `version` and a start

@@ -690,6 +690,39 @@ impl Subscriber {
         }
         found.expect("found line")
     }
+
+    /// The JSON payloads received on `topic` so far, in order (lines that
+    /// are not JSON are left out).
+    pub fn json_payloads(&self, topic: &str) -> Vec<serde_json::Value> {
+        let head = format!("{topic} ");
+        self.lines()
+            .iter()
+            .filter_map(|l| l.strip_prefix(&head))
+            .filter_map(|p| serde_json::from_str(p).ok())
+            .collect()
+    }
+
+    /// Waits up to `timeout` for a JSON payload on `topic` that satisfies
+    /// `pred` and returns it; panics naming `what` with every line so far.
+    pub fn wait_json(
+        &self,
+        topic: &str,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let mut found = None;
+        let ok = poll_until(timeout, || {
+            found = self.json_payloads(topic).into_iter().find(|v| pred(v));
+            found.is_some()
+        });
+        assert!(
+            ok,
+            "no {what} on {topic}; got:\n{}",
+            self.lines().join("\n")
+        );
+        found.expect("found")
+    }
 }
 
 impl Drop for Subscriber {
