@@ -131,7 +131,9 @@ impl Agent {
         let news = ended.map(|m| update::ended(&m));
         if let Some(n) = &news {
             log::info!("the last handover ended: {n}");
-            queue.set_meta(crate::queue::LAST_UPDATE_KEY, &n.to_string())?;
+            // On the disk before the marker goes (see `swap::clear`).
+            queue.set_meta_durably(crate::queue::LAST_UPDATE_KEY, &n.to_string())?;
+            swap::clear(&paths)?;
         }
         let identity = Identity {
             client_id: client_id.clone(),
@@ -401,19 +403,20 @@ impl Agent {
     /// handover ended is told.
     fn online(&mut self) {
         if std::mem::take(&mut self.trial) {
-            match swap::confirm(self.updater.paths()) {
-                Ok(Some(m)) => self.news = Some(update::ended(&m)),
+            let (queue, mut recorded) = (&mut self.queue, None);
+            let confirmed = swap::confirm(self.updater.paths(), |m| {
+                let news = update::ended(m);
+                queue.set_meta_durably(crate::queue::LAST_UPDATE_KEY, &news.to_string())?;
+                recorded = Some(news);
+                Ok(())
+            });
+            match confirmed {
+                Ok(Some(_)) => self.news = recorded,
                 Ok(None) => {}
                 Err(e) => log::error!("{}", e.chain()),
             }
         }
         if let Some(news) = self.news.take() {
-            if let Err(e) = self
-                .queue
-                .set_meta(crate::queue::LAST_UPDATE_KEY, &news.to_string())
-            {
-                log::warn!("{}", e.chain());
-            }
             let id = news["id"].clone();
             self.report.answer(&self.link, &self.queue, &id, news);
         }

@@ -330,8 +330,8 @@ fn run(config: Config, config_path: PathBuf) -> Result<()> {
     crate::os::watch_stop();
     install_logger(&config, true)?;
     let lock = single_instance(&config.database)?;
-    let paths = Paths::current(&config_path)?;
-    let (trial, ended) = match swap::at_start(&paths)? {
+    let mut paths = Paths::current(&config_path)?;
+    let (trial, ended) = match swap::at_start(&mut paths)? {
         Start::Run { trial, ended } => (trial, ended),
         Start::Resume(kind, paths) => {
             // The agent on trial takes the lock: it must be free first.

@@ -10,42 +10,50 @@
 //! - `config.json.prev`: the config before a `set-config`;
 //! - `holosync.update` (next to the config): the trial marker, JSON with
 //!   the kind (`update`, `config`), the versions, the command's id and the
-//!   phase (`staged`, `trial`, `confirmed`, `failed`).
+//!   phase (`staged`, `trial`, `confirmed`, `restoring`, `failed`).
 //!
-//! An update, in order; every step is one rename or one new file, so a
-//! power cut between any two leaves `holosync.exe` whole and runnable (the
-//! old one up to step 4, the new one after):
+//! An update, in order. Every step is one new file, one rename or one
+//! copy through a temporary name, each on the disk before the next, and
+//! `holosync.exe` is the old version until the new one has been confirmed:
+//! whatever the power cuts, the Startup-folder shortcut starts a version
+//! that has run here, and that version finishes or undoes the handover.
 //!
 //! 1. the old agent downloads to `holosync.new.exe` and checks size and SHA-256;
 //! 2. it copies itself to `holosync.old.exe` (a temporary name, synced,
 //!    renamed);
-//! 3. it writes the marker (`staged`), stops cleanly (goodbye on `state`,
-//!    the single-instance lock released) and starts `holosync.old.exe
-//!    supervise`, then exits;
-//! 4. the supervisor (not holding the lock, not on MQTT) renames
-//!    `holosync.new.exe` over `holosync.exe` (on Windows this waits for the old process to
-//!    have exited: a running exe cannot be replaced, but the supervisor
-//!    runs from `holosync.old.exe`, so the agent's name is free to take);
-//! 5. it marks the trial (`trial`) and starts `holosync.exe`, which knows
-//!    it is on trial because the marker says `trial` and the supervisor
-//!    holds `holosync.update.lock`;
-//! 6. the new agent, once connected and subscribed, marks `confirmed`; the
-//!    supervisor removes the marker and exits. If the new one exits, or is
-//!    not confirmed within `update.confirm_secs`, the supervisor kills it,
-//!    copies `holosync.old.exe` over `holosync.exe` (temporary name,
-//!    renamed, as soon as Windows lets go of the killed one's file), marks
-//!    `failed` with the reason, and starts the old agent, which reports it.
+//! 3. it writes the marker (`staged`), acks the command, stops cleanly
+//!    (goodbye on `state`, the single-instance lock released) and starts
+//!    `holosync.old.exe supervise`, then exits;
+//! 4. the supervisor (not holding the lock, not on MQTT) marks the trial
+//!    (`trial`) and starts `holosync.new.exe` itself, which knows it is on
+//!    trial because the marker says `trial` and the supervisor holds
+//!    `holosync.update.lock`, and takes its paths from the marker;
+//! 5. the new agent, once connected and subscribed, records the outcome in
+//!    its queue (durably) and marks `confirmed`;
+//! 6. the supervisor copies `holosync.new.exe` over `holosync.exe` (a
+//!    temporary name, renamed: the name of a running exe is never taken
+//!    or given, so Windows has nothing to refuse), removes
+//!    `holosync.new.exe` (on Windows the running new agent holds it: the
+//!    next start removes it), removes the marker and exits.
 //!
-//! A `set-config` is the same with `config.json` and `config.json.prev`
-//! in place of the executables, and the supervisor runs from
-//! `holosync.exe` itself (it is not replaced).
+//! If the new one cannot start, exits, or is not confirmed within
+//! `update.confirm_secs`, the supervisor kills it, marks `failed` with the
+//! reason, removes `holosync.new.exe` and starts `holosync.exe`, which was
+//! never replaced; that agent records and reports the failure.
+//!
+//! A `set-config` is the same with `config.json` and `config.json.prev`:
+//! the new config is written before the trial, the supervisor runs from
+//! `holosync.exe` itself, and a rollback copies `config.json.prev` back
+//! while the marker says `restoring`.
 //!
 //! At every start ([`at_start`]) the marker says what a crash or a power cut
 //! interrupted: `staged` or `trial` without a supervisor resumes the trial
-//! (a supervisor is started again, which finishes the rename if step 4 had
-//! not happened); `failed` and `confirmed` are reported and the marker is
-//! removed; no marker and a stray `holosync.new.exe` (a download that
-//! never got to step 3) removes it.
+//! (a supervisor is started again); `confirmed` with `holosync.new.exe`
+//! still there resumes step 6; `restoring` finishes the rollback;
+//! `failed`, and `confirmed` after step 6, are recorded and reported, then
+//! the marker is removed ([`clear`]); no marker and a stray
+//! `holosync.new.exe` (a download that never got to step 3, or the copy
+//! the running new agent held at step 6) removes it.
 
 use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
@@ -220,20 +228,21 @@ impl Marker {
 }
 
 /// Writes `bytes` to `path` through `<path>.tmp`, synced before the rename,
-/// so `path` holds the old bytes or the new, never a part.
+/// so `path` holds the old bytes or the new, never a part; the rename is on
+/// the disk before this returns (a command is acked after it).
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = with_suffix(path, ".tmp");
     let result = File::create(&tmp)
         .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()))
-        .and_then(|()| fs::rename(&tmp, path));
+        .and_then(|()| crate::os::rename_durably(&tmp, path));
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
     result.context(|| format!("could not write {}", path.display()))
 }
 
-/// Copies `from` to `to` through `<to>.tmp` (synced, renamed), keeping
-/// `from`'s permissions (the executable bit on Unix).
+/// Copies `from` to `to` through `<to>.tmp` (synced, renamed durably),
+/// keeping `from`'s permissions (the executable bit on Unix).
 fn copy_atomically(from: &Path, to: &Path) -> Result<()> {
     let tmp = with_suffix(to, ".tmp");
     let result = fs::copy(from, &tmp)
@@ -302,12 +311,14 @@ pub enum Start {
     Resume(Kind, Paths),
 }
 
-/// Looks for an interrupted or finished handover (see the module's comment).
-pub fn at_start(paths: &Paths) -> Result<Start> {
+/// Looks for an interrupted or finished handover (see the module's
+/// comment). A marker names the agent's executable: `paths` becomes the
+/// marker's (the new version on trial runs from `holosync.new.exe`).
+pub fn at_start(paths: &mut Paths) -> Result<Start> {
     let Some(marker) = Marker::read(&paths.marker) else {
         if paths.new.exists() {
             log::info!(
-                "removed {}: a staged update that was never swapped in",
+                "removed {}: a staged update not on trial (a download that was never handed over, or the last update's copy)",
                 paths.new.display()
             );
             let _ = fs::remove_file(&paths.new);
@@ -317,15 +328,18 @@ pub fn at_start(paths: &Paths) -> Result<Start> {
             ended: None,
         });
     };
+    *paths = Paths::new(&marker.exe, &paths.config);
+    let swapped = marker.kind == Kind::Config || !paths.new.exists();
     match marker.phase.as_str() {
-        "failed" | "confirmed" => {
-            fs::remove_file(&paths.marker)
-                .context(|| format!("could not remove {}", paths.marker.display()))?;
-            Ok(Start::Run {
-                trial: false,
-                ended: Some(marker),
-            })
-        }
+        // Removed by the agent once it has recorded how it ended ([`clear`]).
+        "failed" => Ok(Start::Run {
+            trial: false,
+            ended: Some(marker),
+        }),
+        "confirmed" if swapped => Ok(Start::Run {
+            trial: false,
+            ended: Some(marker),
+        }),
         // Started by the supervisor, which holds its lock while it watches.
         "trial" if supervisor_lock(&paths.marker)?.is_none() => Ok(Start::Run {
             trial: true,
@@ -333,12 +347,12 @@ pub fn at_start(paths: &Paths) -> Result<Start> {
         }),
         _ => {
             log::warn!(
-                "the {} to {} was interrupted (phase {}): resuming its trial",
+                "the {} to {} was interrupted (phase {}): resuming it",
                 marker.kind.name(),
                 marker.to,
                 marker.phase
             );
-            let paths = Paths::new(&marker.exe, &paths.config);
+            let paths = paths.clone();
             if marker.kind == Kind::Update && !paths.old.exists() {
                 // The marker is written after `holosync.old.exe`, so this is a hand's work.
                 fs::remove_file(&paths.marker)
@@ -353,9 +367,32 @@ pub fn at_start(paths: &Paths) -> Result<Start> {
     }
 }
 
-/// The agent on trial is online (connected and subscribed): the marker
-/// says so, for the supervisor. Returns the confirmed marker.
-pub fn confirm(paths: &Paths) -> Result<Option<Marker>> {
+/// Removes the marker of a handover that ended (found at start), once the
+/// agent has recorded how it ended: a power cut before that finds the
+/// marker again, and the next start records it again. A failed update's
+/// staged file goes first.
+pub fn clear(paths: &Paths) -> Result<()> {
+    if paths.new.exists() {
+        let _ = fs::remove_file(&paths.new);
+    }
+    match fs::remove_file(&paths.marker) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::new(
+            format!("could not remove {}", paths.marker.display()),
+            e,
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The agent on trial is online (connected and subscribed): `record` keeps
+/// how the handover ended (durably), then the marker says `confirmed`, for
+/// the supervisor, which removes it. In that order, so a power cut never
+/// leaves a kiosk whose marker is gone but whose `status` does not know the
+/// handover ended. Returns the confirmed marker.
+pub fn confirm(
+    paths: &Paths,
+    record: impl FnOnce(&Marker) -> Result<()>,
+) -> Result<Option<Marker>> {
     let Some(mut marker) = Marker::read(&paths.marker) else {
         return Ok(None);
     };
@@ -368,6 +405,7 @@ pub fn confirm(paths: &Paths) -> Result<Option<Marker>> {
     } else {
         marker.to
     };
+    record(&marker)?;
     marker.write(&paths.marker)?;
     log::info!(
         "{} to {} confirmed: online and subscribed",
@@ -398,11 +436,12 @@ pub fn readiness(paths: &Paths) -> Readiness {
         return Readiness::Ready;
     };
     match supervisor_lock(&paths.marker) {
-        Ok(Some(_lock)) if m.phase == "confirmed" => match fs::remove_file(&paths.marker) {
+        Ok(Some(_lock)) if m.phase == "confirmed" => match finish(paths, &m) {
             Ok(()) => Readiness::Ready,
             Err(e) => Readiness::Busy(format!(
-                "could not remove the finished trial's marker {}: {e}",
-                paths.marker.display()
+                "could not finish the confirmed {}: {}",
+                m.kind.name(),
+                e.chain()
             )),
         },
         Ok(None) if m.phase == "confirmed" => Readiness::Wait,
@@ -447,10 +486,30 @@ pub fn supervise(config: &Path) -> Result<()> {
         )));
     };
     let paths = Paths::new(&marker.exe, config);
-    if marker.kind == Kind::Update && paths.new.exists() {
-        // Step 4, once the old agent has let go of the name.
-        rename_when_free(&paths.new, &paths.exe)?;
+    match marker.phase.as_str() {
+        "restoring" => {
+            // A rollback that a crash or a power cut interrupted: finish it.
+            let reason = marker.reason.clone().unwrap_or_default();
+            return roll_back(&paths, config, marker, reason);
+        }
+        "confirmed" => {
+            // Step 6 was interrupted: finish it and start the new version.
+            finish(&paths, &marker)?;
+            spawn(&paths.exe, config, &[])
+                .context(|| format!("could not start {}", paths.exe.display()))?;
+            crate::os::stopped();
+            return Ok(());
+        }
+        _ => {}
     }
+    let on_trial = match marker.kind {
+        Kind::Update if !paths.new.exists() => {
+            let reason = format!("{} is gone", paths.new.display());
+            return roll_back(&paths, config, marker, reason);
+        }
+        Kind::Update => &paths.new,
+        Kind::Config => &paths.exe,
+    };
     marker.phase = "trial".into();
     marker.write(&paths.marker)?;
     let limit = Duration::from_secs(marker.confirm_secs);
@@ -461,10 +520,10 @@ pub fn supervise(config: &Path) -> Result<()> {
         limit.as_secs()
     );
     let started = Instant::now();
-    let mut child = match spawn(&paths.exe, config, &[]) {
+    let mut child = match spawn(on_trial, config, &[]) {
         Ok(c) => Some(c),
         Err(e) => {
-            log::error!("supervisor: could not start {}: {e}", paths.exe.display());
+            log::error!("supervisor: could not start {}: {e}", on_trial.display());
             None
         }
     };
@@ -512,8 +571,7 @@ pub fn supervise(config: &Path) -> Result<()> {
             marker.to,
             started.elapsed().as_millis()
         );
-        fs::remove_file(&paths.marker)
-            .context(|| format!("could not remove {}", paths.marker.display()))?;
+        finish(&paths, &marker)?;
         crate::os::stopped();
         return Ok(());
     };
@@ -525,13 +583,39 @@ pub fn supervise(config: &Path) -> Result<()> {
     if let Some(mut agent) = child {
         agent.kill();
     }
-    match marker.kind {
-        Kind::Update => copy_atomically(&paths.old, &paths.exe)?,
-        Kind::Config => copy_atomically(&paths.config_prev, &paths.config)?,
+    roll_back(&paths, config, marker, reason)
+}
+
+/// Step 6 of a confirmed handover: the new version copied over the
+/// agent's executable (an update), then the marker removed.
+fn finish(paths: &Paths, marker: &Marker) -> Result<()> {
+    if marker.kind == Kind::Update && paths.new.exists() {
+        copy_atomically(&paths.new, &paths.exe)?;
+        // Windows: the running new agent holds it; the next start removes it.
+        let _ = fs::remove_file(&paths.new);
+    }
+    fs::remove_file(&paths.marker)
+        .context(|| format!("could not remove {}", paths.marker.display()))
+}
+
+/// Ends a failed trial: marks the handover `failed` with `reason` and
+/// starts the previous agent, which records and reports it. An update's
+/// `holosync.exe` was never replaced; a config's previous file is copied
+/// back while the marker says `restoring`, so a start after a power cut in
+/// between finishes the rollback instead of taking the restored config for
+/// the new one on trial.
+fn roll_back(paths: &Paths, config: &Path, mut marker: Marker, reason: String) -> Result<()> {
+    marker.reason = Some(reason);
+    if marker.kind == Kind::Config {
+        marker.phase = "restoring".into();
+        marker.write(&paths.marker)?;
+        copy_atomically(&paths.config_prev, &paths.config)?;
     }
     marker.phase = "failed".into();
-    marker.reason = Some(reason);
     marker.write(&paths.marker)?;
+    if marker.kind == Kind::Update {
+        let _ = fs::remove_file(&paths.new);
+    }
     spawn(&paths.exe, config, &[])
         .context(|| format!("could not start {}", paths.exe.display()))?;
     crate::os::stopped();
@@ -540,11 +624,12 @@ pub fn supervise(config: &Path) -> Result<()> {
 
 /// Renames `from` over `to` once no process runs `to` any more (at once on
 /// Unix; on Windows a running exe, or one whose process is still being
-/// torn down, cannot be replaced), waiting up to [`RELEASE_WAIT`].
+/// torn down, cannot be replaced), waiting up to [`RELEASE_WAIT`]. The
+/// rename is on the disk before this returns.
 fn rename_when_free(from: &Path, to: &Path) -> Result<()> {
     let until = Instant::now() + RELEASE_WAIT;
     loop {
-        match fs::rename(from, to) {
+        match crate::os::rename_durably(from, to) {
             Ok(()) => return Ok(()),
             Err(e) if Instant::now() < until => {
                 log::debug!("waiting to replace {}: {e}", to.display());

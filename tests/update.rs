@@ -14,8 +14,8 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use common::{
-    command_for, exe_under_test, merge, png, poll_until, under_wine, Agent, HttpServer, Mosquitto,
-    Route, Subscriber, TempDir,
+    command_for, exe_under_test, merge, png, poll_until, processes_under, under_wine, Agent,
+    HttpServer, Mosquitto, Route, Subscriber, TempDir,
 };
 use serde_json::{json, Value};
 
@@ -75,27 +75,6 @@ fn newer_build() -> &'static Path {
         );
         work.join("target/debug/holosync")
     })
-}
-
-/// The processes (pids) running an executable from under `dir`: natively
-/// the executable itself; under Wine the Windows command line, which Wine
-/// puts in `/proc/<pid>/cmdline` (`Z:\tmp\...\holosync.exe ...`).
-fn processes_under(dir: &Path) -> Vec<u32> {
-    let windows = format!("Z:{}", dir.display()).replace('/', "\\");
-    let mut pids = Vec::new();
-    for entry in fs::read_dir("/proc").unwrap().flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|p| p.parse().ok()) else {
-            continue;
-        };
-        let native = fs::read_link(entry.path().join("exe")).is_ok_and(|exe| exe.starts_with(dir));
-        let wine = under_wine()
-            && fs::read(entry.path().join("cmdline"))
-                .is_ok_and(|c| String::from_utf8_lossy(&c).starts_with(&windows));
-        if native || wine {
-            pids.push(pid);
-        }
-    }
-    pids
 }
 
 /// The kiosk's executable name, and its staged and previous copies'.
@@ -382,18 +361,17 @@ fn an_update_to_a_newer_build_swaps_reports_the_new_version_and_keeps_the_queue(
             && v.get("restarting").is_none()
     });
     assert_eq!(done["command"], "update");
-    assert_eq!(
-        bytes(&kiosk.exe),
-        bytes(newer),
+    // The supervisor copies it in once the trial is confirmed, then removes the marker.
+    assert!(poll_until(WAIT, || !kiosk.path("holosync.update").exists()));
+    assert!(
+        bytes(&kiosk.exe) == bytes(newer),
         "the new build is at the exe's path"
     );
-    assert_eq!(
-        bytes(&kiosk.path("holosync.old")),
-        original,
+    assert!(
+        bytes(&kiosk.path("holosync.old")) == original,
         "the old one is kept"
     );
     assert!(!kiosk.path("holosync.new").exists());
-    assert!(poll_until(WAIT, || !kiosk.path("holosync.update").exists()));
     let status = kiosk.status();
     assert_eq!(
         (status["done"].clone(), status["failed"].clone()),
@@ -481,8 +459,14 @@ fn a_reinstall_signed_with_allow_downgrade_hands_over_to_the_new_process() {
         kiosk.child.as_mut().unwrap().try_wait().unwrap().is_some(),
         "the first process ended"
     );
-    assert_eq!(bytes(&kiosk.exe), exe);
-    assert_eq!(bytes(&kiosk.path(&exe_name("old"))), exe);
+    assert!(
+        bytes(&kiosk.exe) == exe,
+        "the reinstalled exe is at its path"
+    );
+    assert!(
+        bytes(&kiosk.path(&exe_name("old"))) == exe,
+        "the previous exe is kept"
+    );
     let log = kiosk.log();
     assert!(
         log.contains("holosync stopped (handing over to the new version)"),
@@ -579,8 +563,11 @@ fn refused_updates_and_patches_are_answered_and_change_nothing() {
     let why = ask(&kiosk, unknown, "unknown-key");
     assert!(why.contains("key `download.max_byte`"), "{why}");
 
-    assert_eq!(bytes(&kiosk.exe), exe);
-    assert_eq!(bytes(&kiosk.path("config.json")), config);
+    assert!(bytes(&kiosk.exe) == exe, "a refusal changed the exe");
+    assert!(
+        bytes(&kiosk.path("config.json")) == config,
+        "a refusal changed the config"
+    );
     for leftover in [
         "holosync.new",
         "holosync.old",
@@ -673,7 +660,7 @@ fn a_new_version_that_exits_or_hangs_is_rolled_back_and_reported() {
             took < Duration::from_secs(CONFIRM_SECS + 45),
             "rolled back and online after {took:?}"
         );
-        assert_eq!(bytes(&kiosk.exe), original, "the old executable is back");
+        assert!(bytes(&kiosk.exe) == original, "the old executable is back");
         let status = kiosk.status();
         assert_eq!(status["last_update"]["version"], version);
         assert_eq!(status["last_update"]["ok"], false);
@@ -724,9 +711,11 @@ fn a_kill_at_each_step_of_the_swap_leaves_a_runnable_agent() {
     };
     let new = bytes(newer);
     let mut started = Value::Null;
+    // (step, the exe's path, holosync.new, holosync.old, the marker's
+    // phase, the version that must end online): see swap.rs's steps.
     for (step, exe, staged, old, phase, version) in [
         (
-            "1: downloaded, not swapped",
+            "1: downloaded, not handed over",
             &original,
             Some(&new),
             false,
@@ -742,11 +731,41 @@ fn a_kill_at_each_step_of_the_swap_leaves_a_runnable_agent() {
             Some("staged"),
             NEWER,
         ),
-        ("4: renamed in", &new, None, true, Some("staged"), NEWER),
-        ("5: on trial", &new, None, true, Some("trial"), NEWER),
-        ("6: confirmed", &new, None, true, Some("confirmed"), NEWER),
         (
-            "6: failed and restored",
+            "4: on trial",
+            &original,
+            Some(&new),
+            true,
+            Some("trial"),
+            NEWER,
+        ),
+        (
+            "5: confirmed, not copied in",
+            &original,
+            Some(&new),
+            true,
+            Some("confirmed"),
+            NEWER,
+        ),
+        (
+            "6: copied in",
+            &new,
+            Some(&new),
+            true,
+            Some("confirmed"),
+            NEWER,
+        ),
+        (
+            "6: staged file removed",
+            &new,
+            None,
+            true,
+            Some("confirmed"),
+            NEWER,
+        ),
+        ("failed", &original, Some(&new), true, Some("failed"), OWN),
+        (
+            "failed, staged file removed",
             &original,
             None,
             true,
@@ -765,12 +784,14 @@ fn a_kill_at_each_step_of_the_swap_leaves_a_runnable_agent() {
         );
         assert!(!kiosk.path("holosync.new").exists(), "step {step}");
         let expected = if version == NEWER { &new } else { &original };
-        assert_eq!(&bytes(&kiosk.exe), expected, "step {step}");
+        assert!(&bytes(&kiosk.exe) == expected, "step {step}");
     }
 
-    // A real trial whose supervisor is killed -9: the new agent goes on,
-    // and the next start (after a power cut) runs it and clears the marker.
-    // The broker is down meanwhile, so the trial lasts until the kill.
+    // A real trial whose supervisor is killed -9: the new agent (running
+    // from holosync.new) goes on and confirms, with no supervisor to copy
+    // it in; the next start (after a power cut) runs the old version, which
+    // finishes the copy and starts the new one. The broker is down
+    // meanwhile, so the trial lasts until the kill.
     kiosk.kill_all();
     lay_out(&original, Some(&new), true, Some("staged"));
     broker.stop();
@@ -785,16 +806,28 @@ fn a_kill_at_each_step_of_the_swap_leaves_a_runnable_agent() {
             fs::read_to_string(at("holosync.update")).is_ok_and(|m| m.contains("\"trial\""));
         supervisor = pids.iter().copied().find(|p| runs(p, "holosync.old"));
         // Killed once the agent on trial runs.
-        trial && supervisor.is_some() && pids.iter().any(|p| runs(p, "holosync"))
+        trial && supervisor.is_some() && pids.iter().any(|p| runs(p, "holosync.new"))
     }));
     common::send_signal(supervisor.unwrap(), "KILL");
     broker.restart();
     let state = wait_online(&broker, &kiosk, NEWER, &started);
+    assert!(poll_until(WAIT, || fs::read_to_string(at(
+        "holosync.update"
+    ))
+    .is_ok_and(|m| m.contains("\"confirmed\""))));
+    assert!(
+        bytes(&kiosk.exe) == original,
+        "only the supervisor's step 6 replaces the exe"
+    );
     kiosk.kill_all();
     kiosk.start();
     wait_online(&broker, &kiosk, NEWER, &state["started_at"]);
     assert!(poll_until(WAIT, || !kiosk.path("holosync.update").exists()));
-    assert_eq!(bytes(&kiosk.exe), new);
+    assert!(
+        bytes(&kiosk.exe) == new,
+        "the next start copied the new exe in"
+    );
+    assert!(poll_until(WAIT, || !kiosk.path("holosync.new").exists()));
 }
 
 /// `set-config` with a new log level restarts the agent with it (debug
@@ -850,7 +883,10 @@ fn a_config_patch_applies_after_a_restart_and_an_unreachable_one_is_rolled_back(
     );
     let now: Value = serde_json::from_slice(&bytes(&kiosk.path("config.json"))).unwrap();
     assert_eq!(now["log"]["level"], "debug");
-    assert_eq!(bytes(&kiosk.path("config.json.prev")), before);
+    assert!(
+        bytes(&kiosk.path("config.json.prev")) == before,
+        "config.json.prev is the config before the patch"
+    );
 
     let dead_port = common::free_port();
     let signed = sign(
@@ -882,6 +918,9 @@ fn a_config_patch_applies_after_a_restart_and_an_unreachable_one_is_rolled_back(
             .contains("did not get online"),
         "{failed}"
     );
-    assert_eq!(bytes(&kiosk.path("config.json")), with_debug);
+    assert!(
+        bytes(&kiosk.path("config.json")) == with_debug,
+        "the patched config is kept"
+    );
     assert_eq!(kiosk.status()["last_update"]["command"], "set-config");
 }

@@ -282,6 +282,27 @@ pub fn run_bounded(mut cmd: Command, stdin: Option<Vec<u8>>, timeout: Duration) 
     }
 }
 
+/// The processes running an executable under `dir` (natively, by
+/// `/proc/PID/exe`; under Wine, by a command line starting with the folder's
+/// `Z:` path): a kiosk folder's agent, supervisor and new version.
+pub fn processes_under(dir: &Path) -> Vec<u32> {
+    let windows = format!("Z:{}", dir.display()).replace('/', "\\");
+    let mut pids = Vec::new();
+    for entry in fs::read_dir("/proc").expect("read /proc").flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|p| p.parse().ok()) else {
+            continue;
+        };
+        let native = fs::read_link(entry.path().join("exe")).is_ok_and(|exe| exe.starts_with(dir));
+        let wine = under_wine()
+            && fs::read(entry.path().join("cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).starts_with(&windows));
+        if native || wine {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
 /// Sends a signal (`"TERM"`, `"KILL"`, ...) to `pid` with the `kill` command
 /// (std has no signal API); returns whether `kill` succeeded.
 pub fn send_signal(pid: u32, signal: &str) -> bool {

@@ -15,7 +15,9 @@ honours at least (ALICE's and LazyFS's model):
   undone (the "strict" state undoes them all; the "meta" state keeps them
   all, without any unsynced data: metadata on the disk before the data; the
   "torn" state keeps a random prefix of them, in order);
-- SQLite's database, -wal and -shm are files like any other.
+- SQLite's database, -wal and -shm are files like any other;
+- a file's permission bits (the executable bit of a swapped-in program)
+  survive as they were last set: chmod is not modelled.
 
 Durability-relevant calls (create, mkdir, rename, unlink, rmdir, truncate,
 fsync, fsyncdir) are counted. At call number --cut-at, before it runs, the
@@ -75,6 +77,9 @@ class CutFs(Operations):
         self.dirty = {}
         # Open file handle -> file id.
         self.fd_fid = {}
+        # File id -> permission bits, kept in every crash state (a chmod is
+        # taken as durable at once: it is not modelled).
+        self.modes = {}
         self.ops = open(os.path.join(out, "ops.txt"), "a", buffering=1)
         for root, dirs, files in os.walk(self.live):
             rel = os.path.relpath(root, self.live)
@@ -85,6 +90,7 @@ class CutFs(Operations):
                 path = self.join(rel, f)
                 self.path_fid[path] = fid
                 shutil.copyfile(os.path.join(root, f), self.store(fid))
+                self.modes[fid] = os.stat(os.path.join(root, f)).st_mode & 0o7777
                 entries[f] = ("f", fid)
             self.durable[rel] = entries
 
@@ -178,6 +184,7 @@ class CutFs(Operations):
                 else:
                     with open(os.path.join(dest, path), "wb") as fh:
                         fh.write(self.content(fid, variant, rng))
+                    os.chmod(os.path.join(dest, path), self.modes.get(fid, 0o644))
 
         emit("")
 
@@ -278,6 +285,9 @@ class CutFs(Operations):
     def chmod(self, path, mode):
         self.check()
         os.chmod(self.real(path), mode)
+        fid = self.path_fid.get(self.rel(path))
+        if fid is not None:
+            self.modes[fid] = mode & 0o7777
 
     def chown(self, path, uid, gid):
         self.check()
@@ -307,6 +317,7 @@ class CutFs(Operations):
             fid = self.new_fid()
             self.path_fid[rel] = fid
             self.pending.append(("create",) + split(rel) + (fid,))
+            self.modes[fid] = os.fstat(fd).st_mode & 0o7777
         self.fd_fid[fd] = self.path_fid[rel]
         return fd
 
