@@ -301,6 +301,7 @@ impl Agent {
             "longest gap between two broker polls while connected this run: {} ms",
             self.link.longest_poll_gap().as_millis()
         );
+        self.report.flush_events(&self.link);
         self.link.flush(STOP_FLUSH);
         if let Err(e) = self.queue.set_meta(RUNNING_KEY, "") {
             log::warn!("{}", e.chain());

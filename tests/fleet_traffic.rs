@@ -13,13 +13,9 @@ mod common;
 mod hanging;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{
-    agent_with, find_program, poll_until, run_bounded, unique, wait_until, Agent, Mosquitto,
-    Subscriber, TcpSink, TempDir,
-};
+use common::{agent_with, poll_until, wait_until, Agent, Mosquitto, Subscriber, TcpSink, TempDir};
 use serde_json::{json, Value};
 
 /// Generous deadline for anything that should happen "soon" on a busy machine.
@@ -81,23 +77,6 @@ fn assert_link_held(broker: &Mosquitto, agent: &Agent) {
         "the link dropped: broker says {:?}\n{}",
         broker.drops_of(&id),
         agent.diagnostics()
-    );
-}
-
-/// Publishes every line of `lines` as one message, back to back, from one
-/// `mosquitto_pub -l` (so a burst arrives together).
-fn publish_lines(broker: &Mosquitto, topic: &str, lines: &[String], qos: u8) {
-    let mut cmd = Command::new(find_program("mosquitto_pub"));
-    cmd.args(["-h", "127.0.0.1", "-p", &broker.port.to_string()])
-        .args(["-i", &format!("hspub-{}", unique())])
-        .args(["-t", topic, "-q", &qos.to_string(), "-l"]);
-    let mut input = lines.join("\n").into_bytes();
-    input.push(b'\n');
-    let out = run_bounded(cmd, Some(input), WAIT);
-    assert!(
-        out.status.success(),
-        "mosquitto_pub -l failed: {}",
-        String::from_utf8_lossy(&out.stderr)
     );
 }
 
@@ -225,7 +204,7 @@ fn a_burst_of_sync_messages_on_a_slow_disk_keeps_the_link() {
     let lines: Vec<String> = (0..20)
         .map(|i| format!("http://127.0.0.1:9/burst/{i}.png"))
         .collect();
-    publish_lines(&broker, "sync", &lines, 1);
+    broker.publish_lines("sync", &lines, 1);
     wait_until("all 20 URLs queued", WAIT, || queued(dir.path()) == 20);
     assert!(
         common::read_lossy(&trace).contains("fsync")
@@ -295,7 +274,7 @@ fn audit_commands_do_not_pile_up_in_memory() {
         .map(|i| format!(r#"{{"id":{i},"command":"audit","pad":"{pad}"}}"#))
         .chain([r#"{"id":"last","command":"status"}"#.to_string()])
         .collect();
-    publish_lines(&broker, &format!("holosync/{id}/cmd"), &lines, 0);
+    broker.publish_lines(&format!("holosync/{id}/cmd"), &lines, 0);
     wait_event(&sub, &topic, "the status answer", |v| v["id"] == "last");
     wait_event(&sub, &topic, "an audit's answer", |v| {
         v["command"] == "audit" && v["checked"] == files

@@ -924,3 +924,53 @@ fn a_config_patch_applies_after_a_restart_and_an_unreachable_one_is_rolled_back(
     );
     assert_eq!(kiosk.status()["last_update"]["command"], "set-config");
 }
+
+/// The answer to a `set-config` that comes in a burst of commands (past ten
+/// events a second, so it waits in a group) is published before the
+/// handover's clean stop, not lost with the old process: the operator sees
+/// `restarting`, then the new process's confirmation.
+#[test]
+fn an_answer_grouped_in_a_burst_is_published_before_the_handover() {
+    let broker = Mosquitto::start();
+    let keys = TempDir::new("update-grouped-keys");
+    let (_, public) = keygen(keys.path(), "fleet.key");
+    let mut kiosk = Kiosk::new("update-grouped", &broker, &[&public], json!({}));
+    kiosk.start();
+    let first = wait_online(&broker, &kiosk, OWN, &Value::Null);
+    let events = format!("{}/events", kiosk.prefix());
+    let sub = broker.subscribe(&events);
+    let mut burst: Vec<String> = (0..20)
+        .map(|i| json!({"id": format!("r-{i}"), "command": "retry-failed"}).to_string())
+        .collect();
+    burst.push(
+        json!({"id": "c-g", "command": "set-config", "patch": {"log": {"level": "info"}}})
+            .to_string(),
+    );
+    broker.publish_lines(&format!("{}/cmd", kiosk.prefix()), &burst, 1);
+    // One by one, or inside a group ({"events": [...]}).
+    let answered = |pred: &dyn Fn(&Value) -> bool| {
+        payloads(&sub, &events).iter().any(|v| {
+            pred(v)
+                || v["events"]
+                    .as_array()
+                    .is_some_and(|group| group.iter().any(pred))
+        })
+    };
+    wait_online(&broker, &kiosk, OWN, &first["started_at"]);
+    let confirmed =
+        |v: &Value| v["id"] == "c-g" && v["ok"] == true && v.get("restarting").is_none();
+    assert!(
+        poll_until(WAIT, || answered(&confirmed)),
+        "no confirmation from the new process; events:\n{}",
+        sub.lines().join("\n")
+    );
+    assert!(
+        answered(&|v: &Value| v["id"] == "c-g" && v["restarting"] == true),
+        "the old process's answer was lost at the handover; events:\n{}",
+        sub.lines().join("\n")
+    );
+    let grouped = payloads(&sub, &events)
+        .iter()
+        .any(|v| v["events"].as_array().is_some_and(|g| !g.is_empty()));
+    assert!(grouped, "the burst was not grouped: the test shows nothing");
+}

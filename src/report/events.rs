@@ -62,9 +62,14 @@ impl Events {
     /// The grouped messages due now: every waiting event, in order.
     pub(super) fn due(&mut self) -> Vec<Vec<u8>> {
         match self.group_since {
-            Some(t) if t.elapsed() >= GROUP_EVERY => {}
-            _ => return Vec::new(),
+            Some(t) if t.elapsed() >= GROUP_EVERY => self.all(),
+            _ => Vec::new(),
         }
+    }
+
+    /// Every waiting event as grouped messages, due or not (a clean stop
+    /// publishes them before it says goodbye).
+    pub(super) fn all(&mut self) -> Vec<Vec<u8>> {
         self.group_since = None;
         // Split by count and by size, so no message nears the packet limit.
         let mut messages = Vec::new();

@@ -216,6 +216,19 @@ impl Report {
         self.audit.is_some() || !self.jobs.is_empty() || !self.orders.is_empty()
     }
 
+    /// Publishes the events still waiting in a group (a clean stop: an
+    /// answer grouped in a burst must not be lost at a handover).
+    pub fn flush_events(&mut self, link: &Link) {
+        let Some(topic) = &self.topics.events else {
+            return;
+        };
+        for payload in self.events.all() {
+            if let Err(e) = link.publish(topic, false, payload) {
+                log::debug!("could not publish events to {topic}: {e}");
+            }
+        }
+    }
+
     /// When the report has something to publish (a throttled status, a
     /// group of events); None when nothing is waiting.
     pub fn next_due(&self) -> Option<Instant> {

@@ -514,6 +514,23 @@ impl Mosquitto {
             .publish_with(topic, payload, qos, extra_args);
     }
 
+    /// Publishes every line of `lines` as one message, back to back, from
+    /// one `mosquitto_pub -l` (so a burst arrives together).
+    pub fn publish_lines(&self, topic: &str, lines: &[String], qos: u8) {
+        let mut cmd = Command::new(find_program("mosquitto_pub"));
+        cmd.args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(["-i", &format!("hspub-{}", unique())])
+            .args(["-t", topic, "-q", &qos.to_string(), "-l"]);
+        let mut input = lines.join("\n").into_bytes();
+        input.push(b'\n');
+        let out = run_bounded(cmd, Some(input), Duration::from_secs(90));
+        assert!(
+            out.status.success(),
+            "mosquitto_pub -l failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Subscribes to `topic` (QoS 1) with `mosquitto_sub -v`; returns once
     /// the subscription is live. Output lines are `"<topic> <payload>"`.
     pub fn subscribe(&self, topic: &str) -> Subscriber {
