@@ -1306,16 +1306,7 @@ fn check_swap(s: &Swap, client: &str, state: &Path, folder: &Path, logs: &Path) 
     let mut child = Swap::start(folder, logs);
     let mut last = Value::Null;
     let expected = if s.good { &s.new } else { &s.original };
-    let settled = poll_until(SWAP_SETTLE, || {
-        last = retained(Duration::from_secs(3));
-        last["online"] == true
-            && last["started_at"] != earlier
-            && !folder.join("holosync.update").exists()
-            && common::processes_under(folder).len() == 1
-            && fs::read(&exe).is_ok_and(|b| b == *expected)
-    });
-    let after = fs::read(&exe).unwrap_or_default();
-    let status = {
+    let status = || {
         let out = Command::new(common::holosync_exe())
             .args(["status", "--json", "--config"])
             .arg(&config_path)
@@ -1323,6 +1314,20 @@ fn check_swap(s: &Swap, client: &str, state: &Path, folder: &Path, logs: &Path) 
             .expect("run holosync status");
         serde_json::from_slice::<Value>(&out.stdout).unwrap_or(Value::Null)
     };
+    // Ended: online, one process, no marker, the expected exe, and the
+    // outcome recorded (a redelivered command is downloaded and tried
+    // again, so the old exe online alone does not mean a rollback ended).
+    let settled = poll_until(SWAP_SETTLE, || {
+        last = retained(Duration::from_secs(3));
+        last["online"] == true
+            && last["started_at"] != earlier
+            && !folder.join("holosync.update").exists()
+            && common::processes_under(folder).len() == 1
+            && fs::read(&exe).is_ok_and(|b| b == *expected)
+            && status()["last_update"]["id"] == "u-pc"
+    });
+    let after = fs::read(&exe).unwrap_or_default();
+    let status = status();
     if !settled {
         v.push(format!(
             "the update did not end with {} online: the path holds {}, \
