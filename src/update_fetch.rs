@@ -537,3 +537,196 @@ fn seconds(d: Duration) -> String {
         format!("{} s", d.as_secs())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::BufRead;
+    use std::net::TcpListener;
+    use std::sync::{Arc, Mutex};
+
+    /// The new version's bytes in these tests.
+    const BODY: &[u8] = b"#!/bin/sh\necho holosync 0.9.0, a stand-in for the new version\n";
+
+    fn sha(bytes: &[u8]) -> String {
+        signing::sha256_hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
+    }
+
+    /// A server on port 0 answering its n-th connection with `answers[n]`
+    /// (raw bytes, then a close); returns the URL and the request heads.
+    fn serve(answers: Vec<Vec<u8>>) -> (String, Arc<Mutex<Vec<String>>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/new", listener.local_addr().unwrap());
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let seen = heads.clone();
+        std::thread::spawn(move || {
+            for answer in answers {
+                let Ok((mut sock, _)) = listener.accept() else {
+                    return;
+                };
+                let mut reader = std::io::BufReader::new(sock.try_clone().unwrap());
+                let mut head = String::new();
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    head.push_str(&line);
+                }
+                seen.lock().unwrap().push(head.to_ascii_lowercase());
+                let _ = sock.write_all(&answer);
+            }
+        });
+        (url, heads)
+    }
+
+    fn ok(body: &[u8]) -> Vec<u8> {
+        let mut r = format!(
+            "HTTP/1.1 200 OK\r\nETag: \"e1\"\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        r.extend_from_slice(body);
+        r
+    }
+
+    fn partial(from: usize, body: &[u8]) -> Vec<u8> {
+        let mut r = format!(
+            "HTTP/1.1 206 Partial Content\r\nETag: \"e1\"\r\nContent-Range: bytes {from}-{}/{}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len() - 1,
+            body.len(),
+            body.len() - from
+        )
+        .into_bytes();
+        r.extend_from_slice(&body[from..]);
+        r
+    }
+
+    /// Runs a download of [`BODY`] from `url` into a partial file that holds
+    /// `kept` to start with; the outcome and the file's bytes.
+    fn run(name: &str, url: &str, kept: &[u8], attempts: u32) -> (Result<(), Failed>, Vec<u8>) {
+        let dir =
+            std::env::temp_dir().join(format!("holosync-fetch-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("holosync.0123456789abcdef.part");
+        std::fs::write(&path, kept).unwrap();
+        let limits = http::Limits {
+            stall: Duration::from_secs(10),
+            max_time: Duration::from_secs(30),
+            max_bytes: 1 << 20,
+            max_bytes_per_sec: None,
+        };
+        let retries = Retries {
+            max_attempts: attempts,
+            base_ms: 1,
+            max_ms: 2,
+        };
+        let mut fetch = Fetch::open("0.9.0", url, &sha(BODY), &path, limits, retries).unwrap();
+        let mut pool = Pool::new(crate::proxy::Proxies::default());
+        let give_up = Instant::now() + Duration::from_secs(30);
+        let result = loop {
+            assert!(Instant::now() < give_up, "no outcome within 30 s");
+            let deadline = Instant::now() + Duration::from_millis(20);
+            if let Poll::Ready(r) = fetch.step(deadline, &mut pool) {
+                break r;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        drop(fetch);
+        let bytes = std::fs::read(&path).unwrap_or_default();
+        std::fs::remove_dir_all(&dir).unwrap();
+        (result, bytes)
+    }
+
+    fn range(head: &str) -> Option<&str> {
+        head.lines()
+            .find_map(|l| l.strip_prefix("range: "))
+            .map(str::trim)
+    }
+
+    #[test]
+    fn a_kept_prefix_that_is_already_whole_needs_no_request() {
+        let (url, heads) = serve(Vec::new());
+        let (result, bytes) = run("whole", &url, BODY, 1);
+        assert!(result.is_ok(), "{result:?}");
+        assert_eq!(bytes, BODY);
+        assert!(heads.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_cut_is_resumed_with_range_and_the_validator_seen() {
+        let mut cut = ok(BODY);
+        cut.truncate(cut.len() - BODY.len() + 20);
+        let (url, heads) = serve(vec![cut, partial(20, BODY)]);
+        let (result, bytes) = run("cut", &url, b"", 2);
+        assert!(result.is_ok(), "{result:?}");
+        assert_eq!(bytes, BODY);
+        let heads = heads.lock().unwrap();
+        assert_eq!(range(&heads[0]), None);
+        assert_eq!(range(&heads[1]), Some("bytes=20-"));
+        assert!(heads[1].contains("if-range: \"e1\""), "{}", heads[1]);
+    }
+
+    #[test]
+    fn a_416_or_a_range_at_another_offset_starts_over_from_byte_0() {
+        let refused =
+            b"HTTP/1.1 416 Range Not Satisfiable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+        let (url, heads) = serve(vec![refused.to_vec(), ok(BODY)]);
+        let (result, bytes) = run("416", &url, &[b'x'; 10], 1);
+        assert!(result.is_ok(), "{result:?}");
+        assert_eq!(bytes, BODY);
+        let heads = heads.lock().unwrap();
+        assert_eq!(range(&heads[0]), Some("bytes=10-"));
+        assert!(!heads[0].contains("if-range"), "no validator known");
+        assert_eq!(range(&heads[1]), None);
+
+        let (url, heads) = serve(vec![partial(5, BODY), ok(BODY)]);
+        let (result, bytes) = run("offset", &url, &BODY[..10], 1);
+        assert!(result.is_ok(), "{result:?}");
+        assert_eq!(bytes, BODY);
+        assert_eq!(heads.lock().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_200_to_a_range_request_is_taken_whole() {
+        let (url, heads) = serve(vec![ok(BODY)]);
+        let (result, bytes) = run("200", &url, &[b'x'; 10], 1);
+        assert!(result.is_ok(), "{result:?}");
+        assert_eq!(bytes, BODY);
+        assert_eq!(range(&heads.lock().unwrap()[0]), Some("bytes=10-"));
+    }
+
+    #[test]
+    fn a_wrong_resumed_file_starts_over_but_a_wrong_whole_one_is_refused() {
+        // The kept bytes are wrong: resumed, mismatched, fetched whole, right.
+        let (url, heads) = serve(vec![partial(10, BODY), ok(BODY)]);
+        let (result, bytes) = run("wrongpart", &url, &[b'x'; 10], 1);
+        assert!(result.is_ok(), "{result:?}");
+        assert_eq!(bytes, BODY);
+        assert_eq!(range(&heads.lock().unwrap()[1]), None);
+
+        let (url, _) = serve(vec![ok(b"something else entirely")]);
+        let (result, _) = run("wrongwhole", &url, b"", 3);
+        let failed = result.unwrap_err();
+        assert!(failed.why.contains("sha256 mismatch"), "{}", failed.why);
+        assert!(!failed.keep);
+    }
+
+    #[test]
+    fn transient_failures_are_retried_up_to_max_attempts_then_kept() {
+        let busy = b"HTTP/1.1 503 Busy\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+        let (url, heads) = serve(vec![busy.to_vec(), busy.to_vec(), busy.to_vec()]);
+        let (result, bytes) = run("503", &url, &BODY[..10], 2);
+        let failed = result.unwrap_err();
+        assert!(failed.keep);
+        assert!(failed.why.contains("attempt 2 of 2"), "{}", failed.why);
+        assert_eq!(bytes, &BODY[..10], "the kept bytes stay");
+        assert_eq!(heads.lock().unwrap().len(), 2);
+
+        let (url, _) = serve(vec![
+            b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_vec()
+        ]);
+        let failed = run("404", &url, b"", 5).0.unwrap_err();
+        assert!(!failed.keep, "{}", failed.why);
+    }
+}
