@@ -153,7 +153,18 @@ impl Kiosk {
         let mut cmd = command_for(&self.exe, &["--config", config.to_str().unwrap()]);
         let out = fs::File::create(self.path("stderr.txt")).unwrap();
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(out);
-        self.child = Some(cmd.spawn().unwrap());
+        // ETXTBSY: another test's process, forked while this exe was being
+        // copied, holds the copy's write handle until it execs; gone soon.
+        let give_up = Instant::now() + WAIT;
+        self.child = Some(loop {
+            match cmd.spawn() {
+                Ok(child) => break child,
+                Err(e) if e.raw_os_error() == Some(26) && Instant::now() < give_up => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => panic!("could not start {}: {e}", self.exe.display()),
+            }
+        });
     }
 
     fn prefix(&self) -> String {
