@@ -453,6 +453,8 @@ pub fn readiness(paths: &Paths) -> Readiness {
     match supervisor_lock(&paths.marker) {
         Ok(Some(_lock)) if m.phase == "confirmed" => match fs::remove_file(&paths.marker) {
             Ok(()) => Readiness::Ready,
+            // Its supervisor removed it and exited between the read and the lock.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Readiness::Ready,
             Err(e) => Readiness::Busy(format!(
                 "could not remove the finished trial's marker {}: {e}",
                 paths.marker.display()
