@@ -641,9 +641,10 @@ fn an_update_killed_mid_download_resumes_from_the_kept_partial_after_the_restart
 }
 
 /// A kept partial file whose bytes are wrong (here: corrupted before the
-/// agent starts, as a power cut or a bad disk might leave it) is resumed,
-/// does not hash to the signed SHA-256, and is started over from byte 0
-/// once: the update ends with the right version, not a refusal.
+/// agent starts, as a power cut or a bad disk might leave it) survives the
+/// start-up tidy-up, is resumed, does not hash to the signed SHA-256, and
+/// is started over from byte 0 once: the update ends with the right
+/// version, not a refusal. Another version's partial file is removed.
 #[test]
 fn a_wrong_kept_partial_is_started_over_from_byte_0_and_the_update_succeeds() {
     let newer = newer_build();
@@ -662,9 +663,15 @@ fn a_wrong_kept_partial_is_started_over_from_byte_0_and_the_update_succeeds() {
     }
     let part = kiosk.path(&partial_name(&sha256_of(newer)));
     fs::write(&part, &wrong).unwrap();
+    // Another version's partial download, which this update removes.
+    let other = kiosk.path(&partial_name(&"0".repeat(64)));
+    fs::write(&other, b"an older attempt").unwrap();
     kiosk.start();
     let first = wait_online(&broker, &kiosk, OWN, &Value::Null);
-    assert!(part.exists(), "the start-up tidy-up keeps a partial file");
+    assert!(
+        part.exists() && other.exists(),
+        "the start-up tidy-up keeps partial files"
+    );
 
     let path = "/holosync-0.9.0";
     http.set(path, Route::Ranged(Arc::new(Ranged::new(body, "v090"))));
@@ -696,6 +703,7 @@ fn a_wrong_kept_partial_is_started_over_from_byte_0_and_the_update_succeeds() {
     assert_eq!(header(&heads[1], "range"), None, "then the whole file");
     assert_eq!(bytes(&kiosk.exe), bytes(newer));
     assert!(!part.exists());
+    assert!(!other.exists(), "another version's partial is removed");
     let log = kiosk.log();
     assert!(log.contains("starting over from byte 0"), "{log}");
 }
