@@ -640,6 +640,60 @@ fn an_update_killed_mid_download_resumes_from_the_kept_partial_after_the_restart
     assert!(log.contains("resuming the download of 0.9.0 at "), "{log}");
 }
 
+/// A clean stop (SIGTERM) during an update's download keeps the partial
+/// file for the update to resume, and says so in the log.
+#[test]
+fn a_clean_stop_during_an_update_download_keeps_the_partial_file() {
+    if under_wine() {
+        return; // SIGTERM is the native stop.
+    }
+    let newer = newer_build();
+    let body = fs::read(newer).unwrap();
+    let size = body.len() as u64;
+    let broker = Mosquitto::start();
+    let http = HttpServer::start();
+    let keys = TempDir::new("update-stopdl-keys");
+    let (key, public) = keygen(keys.path(), "fleet.key");
+    let mut kiosk = Kiosk::new("update-stopdl", &broker, &[&public], json!({}));
+    kiosk.start();
+    wait_online(&broker, &kiosk, OWN, &Value::Null);
+    let path = "/holosync-0.9.0";
+    http.set(
+        path,
+        Route::Ranged(Arc::new(Ranged {
+            rate: Some(size / 4),
+            ..Ranged::new(body, "v090")
+        })),
+    );
+    let part = kiosk.path(&partial_name(&sha256_of(newer)));
+    broker.publish(
+        &format!("{}/cmd", kiosk.prefix()),
+        newer_command(&key, "stop-1", &http.url(path))
+            .to_string()
+            .as_bytes(),
+        1,
+    );
+    assert!(poll_until(WAIT, || http.sent(path) > size / 5));
+    let mut child = kiosk.child.take().unwrap();
+    common::send_signal(child.id(), "TERM");
+    assert!(
+        poll_until(WAIT, || child.try_wait().unwrap().is_some()),
+        "the agent did not stop"
+    );
+    let log = kiosk.log();
+    assert!(log.contains("holosync stopped (SIGTERM)"), "{log}");
+    assert!(
+        log.contains("for resuming it when the update comes again"),
+        "{log}"
+    );
+    let kept = fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
+    assert!(
+        kept > 0 && kept < size,
+        "{} keeps {kept} of {size} bytes",
+        part.display()
+    );
+}
+
 /// A kept partial file whose bytes are wrong (here: corrupted before the
 /// agent starts, as a power cut or a bad disk might leave it) survives the
 /// start-up tidy-up, is resumed, does not hash to the signed SHA-256, and
