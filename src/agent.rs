@@ -237,7 +237,17 @@ impl Agent {
                 animation_pixels: d.max_animation_pixels,
             },
         };
-        let updater = Updater::new(paths, settings.limits, http::Pool::new(proxies.clone()));
+        let retries = crate::update_fetch::Retries {
+            max_attempts: d.max_attempts,
+            base_ms: d.retry_base_ms,
+            max_ms: d.retry_max_ms,
+        };
+        let updater = Updater::new(
+            paths,
+            settings.limits,
+            retries,
+            http::Pool::new(proxies.clone()),
+        );
         let transfers = Transfers::new(&config, settings, proxies.clone());
         // A technician who deleted the cache gets it back without a message.
         report.start_audit(&link, None, None);
@@ -438,9 +448,14 @@ impl Agent {
             .transfers
             .idle_until(now + inbox::COMMIT_RETRY)?
             .min(now + IDLE_RECHECK);
-        for t in [self.inbox.retry_at(), self.report.next_due()]
-            .into_iter()
-            .flatten()
+        // An update waiting out its backoff wakes the loop when it ends.
+        for t in [
+            self.inbox.retry_at(),
+            self.report.next_due(),
+            self.updater.waiting_until(),
+        ]
+        .into_iter()
+        .flatten()
         {
             until = until.min(t);
         }

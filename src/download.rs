@@ -692,7 +692,7 @@ fn sync_every(length: Option<u64>) -> Option<u64> {
 
 /// The validator to send as `If-Range`: a strong ETag, else Last-Modified
 /// (a weak ETag may not be used for ranges).
-fn if_range(v: &Validators) -> Option<&str> {
+pub(crate) fn if_range(v: &Validators) -> Option<&str> {
     v.etag
         .as_deref()
         .filter(|e| !e.starts_with("W/"))
@@ -700,7 +700,7 @@ fn if_range(v: &Validators) -> Option<&str> {
 }
 
 /// `bytes START-END/TOTAL` (TOTAL may be `*`): the start and the total.
-fn content_range(v: &str) -> Option<(u64, Option<u64>)> {
+pub(crate) fn content_range(v: &str) -> Option<(u64, Option<u64>)> {
     let rest = v.trim().strip_prefix("bytes")?.trim_start();
     let (range, total) = rest.split_once('/')?;
     let (start, _end) = range.split_once('-')?;

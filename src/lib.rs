@@ -35,4 +35,5 @@ pub mod swap;
 pub mod tls;
 pub mod transfers;
 pub mod update;
+pub mod update_fetch;
 pub mod verify;

@@ -54,6 +54,12 @@
 //! the marker is removed ([`clear`]); no marker and a stray
 //! `holosync.new.exe` (a download that never got to step 3, or the copy
 //! the running new agent held at step 6) removes it.
+//!
+//! Before step 1 the download grows in a partial file named by the signed
+//! SHA-256 ([`Paths::partial`], `holosync.<16 hex digits>.part`), renamed to
+//! `holosync.new.exe` once whole and checked. The start-up tidy-up leaves
+//! it: the same `update`, sent again or redelivered after a kill, resumes
+//! it (`update_fetch.rs`), and an update to another version removes it.
 
 use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
@@ -145,6 +151,51 @@ impl Paths {
                 .unwrap_or(Path::new("."))
                 .join("holosync.update"),
         }
+    }
+
+    /// The partial download of the version whose signed SHA-256 is
+    /// `sha256` (hex), next to the executable: `holosync.<first 16 hex
+    /// digits>.part`. The name carries the hash so a kept partial is only
+    /// ever resumed by the update it belongs to.
+    pub fn partial(&self, sha256: &str) -> PathBuf {
+        let key: String = sha256.chars().take(16).collect();
+        self.exe
+            .with_file_name(format!("{}.{key}.part", self.exe_stem()))
+    }
+
+    /// Whether `path` is a partial download's file (of any version).
+    pub fn is_partial(&self, path: &Path) -> bool {
+        let stem = self.exe_stem();
+        let Some(name) = path.file_name().and_then(OsStr::to_str) else {
+            return false;
+        };
+        path.parent() == self.exe.parent()
+            && name
+                .strip_prefix(&format!("{stem}."))
+                .and_then(|rest| rest.strip_suffix(".part"))
+                .is_some_and(|key| key.len() == 16 && key.bytes().all(|b| b.is_ascii_hexdigit()))
+    }
+
+    /// The partial downloads next to the executable (of any version).
+    pub fn partials(&self) -> Vec<PathBuf> {
+        let dir = self.exe.parent().unwrap_or(Path::new("."));
+        let Ok(entries) = fs::read_dir(dir) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| self.is_partial(p))
+            .collect()
+    }
+
+    /// The executable's name without `.exe` (`holosync`).
+    fn exe_stem(&self) -> String {
+        let name = match self.exe.extension() {
+            Some(ext) if ext.eq_ignore_ascii_case("exe") => self.exe.file_stem(),
+            _ => self.exe.file_name(),
+        };
+        name.map_or_else(|| "holosync".into(), |n| n.to_string_lossy().into_owned())
     }
 
     /// The paths of this process's executable and `config`.
@@ -315,6 +366,8 @@ pub enum Start {
 /// comment). A marker names the agent's executable: `paths` becomes the
 /// marker's (the new version on trial runs from `holosync.new.exe`).
 pub fn at_start(paths: &mut Paths) -> Result<Start> {
+    // A partial download (`Paths::partial`) is not stray: it is kept for
+    // the update that resumes it.
     let Some(marker) = Marker::read(&paths.marker) else {
         if paths.new.exists() {
             log::info!(
@@ -587,15 +640,16 @@ pub fn supervise(config: &Path) -> Result<()> {
 }
 
 /// Step 6 of a confirmed handover: the new version copied over the
-/// agent's executable (an update), then the marker removed.
+/// agent's executable (an update), then the marker removed. A marker
+/// already gone is no error: its supervisor may finish between an agent's
+/// reading it and taking the supervisor's lock (see [`readiness`]).
 fn finish(paths: &Paths, marker: &Marker) -> Result<()> {
     if marker.kind == Kind::Update && paths.new.exists() {
         copy_atomically(&paths.new, &paths.exe)?;
         // Windows: the running new agent holds it; the next start removes it.
         let _ = fs::remove_file(&paths.new);
     }
-    fs::remove_file(&paths.marker)
-        .context(|| format!("could not remove {}", paths.marker.display()))
+    clear(paths)
 }
 
 /// Ends a failed trial: marks the handover `failed` with `reason` and
@@ -699,5 +753,27 @@ mod tests {
         assert_eq!(paths.old, PathBuf::from("/k/holosync.old"));
         assert_eq!(paths.marker, PathBuf::from("/c/holosync.update"));
         assert_eq!(paths.config_prev, PathBuf::from("/c/config.json.prev"));
+    }
+
+    #[test]
+    fn a_partial_is_named_by_the_signed_sha256_next_to_the_exe() {
+        let sha = "0123456789abcdef".repeat(4);
+        let paths = Paths::new(Path::new("/k/holosync.exe"), Path::new("/c/config.json"));
+        let part = paths.partial(&sha);
+        assert_eq!(part, PathBuf::from("/k/holosync.0123456789abcdef.part"));
+        assert!(paths.is_partial(&part));
+        let paths = Paths::new(Path::new("/k/holosync"), Path::new("/c/config.json"));
+        assert_eq!(
+            paths.partial(&sha),
+            PathBuf::from("/k/holosync.0123456789abcdef.part")
+        );
+        for other in [
+            "/k/holosync.new",
+            "/k/holosync.0123.part",
+            "/k/other.0123456789abcdef.part",
+            "/elsewhere/holosync.0123456789abcdef.part",
+        ] {
+            assert!(!paths.is_partial(Path::new(other)), "{other}");
+        }
     }
 }

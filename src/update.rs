@@ -1,27 +1,34 @@
 //! The `update` and `set-config` commands in the loop: the checks that
 //! refuse them (no key, bad signature, not newer, invalid patch), the new
-//! executable downloaded in bounded slices next to the running one, hashed
-//! as it arrives, and the files of the handover made ready (`swap.rs` does
-//! the rest once the agent has stopped).
+//! executable downloaded in bounded slices next to the running one, and the
+//! files of the handover made ready (`swap.rs` does the rest once the agent
+//! has stopped).
 //!
 //! The download goes through the same HTTP client as the pictures
 //! (`http::Get`: proxy, stall and overall limits, `download.max_bytes`,
 //! `download.max_bytes_per_sec`), but not through `download.rs`, which is
 //! made for the queue and the cache (rows, image verification, cache
-//! paths). One attempt, no resume: a failure is answered and the operator
-//! sends the command again.
+//! paths). `update_fetch.rs` does it: into a partial file named by the
+//! signed SHA-256, resumed with `Range` after a transient failure, tried up
+//! to `download.max_attempts` times within the command with the download
+//! section's backoff. When the attempts are spent the command fails and the
+//! partial file stays: the same command sent again (or redelivered by the
+//! broker after a kill, as it is acked only with its outcome) resumes it.
+//! A failure that will not get better (404, too large, a whole download
+//! that does not hash right) removes it, and so does an update to another
+//! version.
 
-use std::fs::File;
-use std::io::Write;
+use std::task::Poll;
 use std::time::Instant;
 
 use serde_json::{json, Value};
 
 use crate::config::Config;
-use crate::http::{self, Get, Pool, Progress};
+use crate::http::{self, Pool};
 use crate::link::Delivery;
 use crate::signing::{self, UpdateStatement};
 use crate::swap::{self, Kind, Marker, Paths};
+use crate::update_fetch::{self, Fetch, Retries};
 
 /// An `update` as the command gives it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,21 +86,13 @@ pub struct Outcome {
 }
 
 /// The download of a new version in progress.
-struct Fetch {
+struct Running {
     /// The order.
     order: Order,
     /// The request.
     request: Box<UpdateRequest>,
-    /// The GET.
-    get: Get,
-    /// the staged file (`holosync.new.exe`), being written.
-    file: File,
-    /// SHA-256 of the bytes so far.
-    hash: ring::digest::Context,
-    /// Bytes so far.
-    size: u64,
-    /// Body bytes of the last step.
-    body: Vec<u8>,
+    /// The download into the partial file.
+    fetch: Fetch,
 }
 
 /// The updater: at most one download at a time.
@@ -102,26 +101,37 @@ pub struct Updater {
     paths: Paths,
     /// HTTP limits (the download section's).
     limits: http::Limits,
+    /// Attempts and backoff (the download section's).
+    retries: Retries,
     /// Connections (and the proxies in force).
     pool: Pool,
     /// The download in progress.
-    fetch: Option<Fetch>,
+    running: Option<Running>,
 }
 
 impl Updater {
     /// An updater for the agent of `paths`.
-    pub fn new(paths: Paths, limits: http::Limits, pool: Pool) -> Updater {
+    pub fn new(paths: Paths, limits: http::Limits, retries: Retries, pool: Pool) -> Updater {
         Updater {
             paths,
             limits,
+            retries,
             pool,
-            fetch: None,
+            running: None,
         }
     }
 
-    /// Whether a download is in progress.
+    /// Whether a download has work now (not waiting out a backoff).
     pub fn busy(&self) -> bool {
-        self.fetch.is_some()
+        self.running
+            .as_ref()
+            .is_some_and(|r| r.fetch.waiting_until().is_none())
+    }
+
+    /// The end of the backoff a download waits out before its next
+    /// attempt, if it does (the loop may sleep until then).
+    pub fn waiting_until(&self) -> Option<Instant> {
+        self.running.as_ref().and_then(|r| r.fetch.waiting_until())
     }
 
     /// The handover's files.
@@ -144,13 +154,13 @@ impl Updater {
                 if let Err(why) = self.check(&r, config) {
                     return refuse(order, "update", why);
                 }
-                if self.fetch.is_some() {
+                if self.running.is_some() {
                     return refuse(order, "update", "busy: an update is downloading".into());
                 }
                 self.start(order, r)
             }
             Request::SetConfig { patch, signature } => {
-                if self.fetch.is_some() {
+                if self.running.is_some() {
                     return refuse(order, "set-config", "busy: an update is downloading".into());
                 }
                 let current = match std::fs::read_to_string(&self.paths.config) {
@@ -225,76 +235,74 @@ impl Updater {
         Ok(())
     }
 
-    /// Starts the download (None), or says why it cannot start.
+    /// Starts the download (None), or says why it cannot start. Partial
+    /// files of other versions are removed; this version's is resumed.
     fn start(&mut self, order: Order, request: Box<UpdateRequest>) -> Option<Outcome> {
-        let file = match File::create(&self.paths.new) {
+        let partial = self.paths.partial(&request.sha256);
+        for other in self.paths.partials() {
+            if other != partial {
+                match std::fs::remove_file(&other) {
+                    Ok(()) => log::info!(
+                        "removed {}: the partial download of another update",
+                        other.display()
+                    ),
+                    Err(e) => log::warn!("could not remove {}: {e}", other.display()),
+                }
+            }
+        }
+        let fetch = match Fetch::open(
+            &request.version,
+            &request.url,
+            &request.sha256,
+            &partial,
+            self.limits,
+            self.retries,
+        ) {
             Ok(f) => f,
-            Err(e) => {
-                let why = format!("could not create {}: {e}", self.paths.new.display());
-                return Some(refused(order, "update", why));
-            }
-        };
-        let get = match Get::start(&request.url, Vec::new(), self.limits, &mut self.pool) {
-            Ok(g) => g,
-            Err(f) => {
-                let _ = std::fs::remove_file(&self.paths.new);
-                let why = format!("{}: {}", request.url, f.reason());
-                return Some(refused(order, "update", why));
-            }
+            Err(why) => return Some(refused(order, "update", why)),
         };
         log::info!(
-            "command update (id {}): downloading {} {} to {}",
+            "command update (id {}): downloading {} {} to {}{}",
             order.id,
             request.version,
             request.url,
-            self.paths.new.display()
+            partial.display(),
+            match fetch.size() {
+                0 => String::new(),
+                n => format!(
+                    " ({n} bytes kept from before, checked against the signed sha256 first)"
+                ),
+            }
         );
-        self.fetch = Some(Fetch {
+        self.running = Some(Running {
             order,
             request,
-            get,
-            file,
-            hash: ring::digest::Context::new(&ring::digest::SHA256),
-            size: 0,
-            body: Vec::new(),
+            fetch,
         });
         None
     }
 
     /// One slice of the download until `deadline`; the outcome once it is
-    /// over (refused, or the handover's files ready).
+    /// over (failed, or the handover's files ready).
     pub fn step(&mut self, config: &Config, deadline: Instant) -> Option<Outcome> {
-        let f = self.fetch.as_mut()?;
-        let result = loop {
-            f.body.clear();
-            match f.get.step(&mut f.body, deadline) {
-                Ok(Progress::Head) => {
-                    let status = f.get.head().map_or(0, |h| h.status);
-                    if status != 200 {
-                        break Err(format!("{}: HTTP status {status}", f.request.url));
-                    }
-                }
-                Ok(Progress::Body(_)) => {
-                    f.hash.update(&f.body);
-                    f.size += f.body.len() as u64;
-                    if let Err(e) = f.file.write_all(&f.body) {
-                        break Err(format!("could not write {}: {e}", self.paths.new.display()));
-                    }
-                }
-                Ok(Progress::End) => break Ok(()),
-                Ok(Progress::Pending) => {}
-                Err(failure) => break Err(format!("{}: {}", f.request.url, failure.reason())),
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
+        let r = self.running.as_mut()?;
+        let result = match r.fetch.step(deadline, &mut self.pool) {
+            Poll::Pending => return None,
+            Poll::Ready(result) => result,
         };
-        let mut f = self.fetch.take().expect("taken above");
-        f.get.release(&mut self.pool);
-        let result = result.and_then(|()| self.finish(f.file, f.hash, f.size, &f.request));
-        let (order, version) = (f.order, f.request.version);
+        let Running {
+            order,
+            request,
+            fetch,
+        } = self.running.take().expect("taken above");
+        let url = request.url;
+        let version = request.version;
         match result {
             Ok(()) => {
+                if let Err(why) = fetch.finish(&self.paths.new) {
+                    let _ = std::fs::remove_file(&self.paths.new);
+                    return Some(self.failed(order, why));
+                }
                 let marker = self.marker(Kind::Update, &order.id, version.clone(), config);
                 if let Err(e) = swap::prepare_update(&self.paths, &marker) {
                     let _ = std::fs::remove_file(&self.paths.new);
@@ -312,39 +320,15 @@ impl Updater {
                     hand_over: Some(Kind::Update),
                 })
             }
-            Err(why) => {
-                let _ = std::fs::remove_file(&self.paths.new);
-                Some(self.failed(order, why))
+            Err(update_fetch::Failed { why, keep }) => {
+                if keep {
+                    fetch.keep();
+                } else {
+                    fetch.discard();
+                }
+                Some(self.failed(order, format!("{url}: {why}")))
             }
         }
-    }
-
-    /// Checks the whole download (its SHA-256, which also covers its size)
-    /// and makes it durable and executable.
-    fn finish(
-        &self,
-        file: File,
-        hash: ring::digest::Context,
-        size: u64,
-        request: &UpdateRequest,
-    ) -> Result<(), String> {
-        let got = signing::sha256_hex(hash.finish().as_ref());
-        if got != request.sha256 {
-            return Err(format!(
-                "sha256 mismatch: the {size} bytes downloaded hash to {got}, the signed statement says {}",
-                request.sha256
-            ));
-        }
-        let new = &self.paths.new;
-        file.sync_all()
-            .map_err(|e| format!("could not sync {}: {e}", new.display()))?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(new, std::fs::Permissions::from_mode(0o755))
-                .map_err(|e| format!("could not make {} executable: {e}", new.display()))?;
-        }
-        Ok(())
     }
 
     fn failed(&self, order: Order, why: String) -> Outcome {
@@ -370,15 +354,17 @@ impl Updater {
         }
     }
 
-    /// The agent is stopping: a download in progress is dropped with its file.
+    /// The agent is stopping: a download in progress is left, its partial
+    /// file kept for the same update, redelivered or sent again, to resume.
     pub fn stop(&mut self) {
-        if let Some(f) = self.fetch.take() {
+        if let Some(r) = self.running.take() {
+            let path = r.fetch.path().to_path_buf();
+            let size = r.fetch.keep();
             log::info!(
-                "left the download of version {} unfinished (send the update again)",
-                f.request.version
+                "left the download of version {} unfinished: kept {} ({size} bytes) for resuming it when the update comes again",
+                r.request.version,
+                path.display()
             );
-            drop(f.file);
-            let _ = std::fs::remove_file(&self.paths.new);
         }
     }
 }

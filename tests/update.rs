@@ -10,12 +10,12 @@ mod common;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use common::{
     command_for, exe_under_test, merge, png, poll_until, processes_under, under_wine, Agent,
-    HttpServer, Mosquitto, Route, Subscriber, TempDir,
+    HttpServer, Mosquitto, Ranged, Route, Subscriber, TempDir,
 };
 use serde_json::{json, Value};
 
@@ -132,7 +132,18 @@ impl Kiosk {
         let mut cmd = command_for(&self.exe, &["--config", config.to_str().unwrap()]);
         let out = fs::File::create(self.path("stderr.txt")).unwrap();
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(out);
-        self.child = Some(cmd.spawn().unwrap());
+        // ETXTBSY: another test's process, forked while this exe was being
+        // copied, holds the copy's write handle until it execs; gone soon.
+        let give_up = Instant::now() + WAIT;
+        self.child = Some(loop {
+            match cmd.spawn() {
+                Ok(child) => break child,
+                Err(e) if e.raw_os_error() == Some(26) && Instant::now() < give_up => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => panic!("could not start {}: {e}", self.exe.display()),
+            }
+        });
     }
 
     fn prefix(&self) -> String {
@@ -386,6 +397,347 @@ fn an_update_to_a_newer_build_swaps_reports_the_new_version_and_keeps_the_queue(
         log.contains("supervisor: update to 0.9.0 confirmed"),
         "{log}"
     );
+}
+
+/// The signed `update` command for [`NEWER`] with id `id`, served at `url`.
+fn newer_command(key: &Path, id: &str, url: &str) -> Value {
+    let newer = newer_build();
+    sign(
+        key,
+        &[
+            "--id",
+            id,
+            "update",
+            NEWER,
+            url,
+            "--file",
+            newer.to_str().unwrap(),
+        ],
+    )
+}
+
+/// The name of the partial download of the file whose SHA-256 is `sha256`
+/// (`holosync.<first 16 hex digits>.part`, next to the exe).
+fn partial_name(sha256: &str) -> String {
+    format!("holosync.{}.part", &sha256[..16])
+}
+
+/// The value of header `name` in one request's headers.
+fn header(head: &[(String, String)], name: &str) -> Option<String> {
+    head.iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.clone())
+}
+
+/// An update whose first response is cut at 40% of the file is not
+/// answered with an error: the same command tries again after the backoff,
+/// asking only for the rest (`Range` from where the cut left it, `If-Range`
+/// with the ETag it saw), swaps and reports the new version; the file
+/// crossed the network about once.
+#[test]
+fn an_update_cut_at_40_percent_resumes_with_a_range_request_and_swaps() {
+    let newer = newer_build();
+    let body = fs::read(newer).unwrap();
+    let size = body.len() as u64;
+    let cut = size * 2 / 5;
+    let broker = Mosquitto::start();
+    let http = HttpServer::start();
+    let keys = TempDir::new("update-cut-keys");
+    let (key, public) = keygen(keys.path(), "fleet.key");
+    let mut kiosk = Kiosk::new("update-cut", &broker, &[&public], json!({}));
+    kiosk.start();
+    let first = wait_online(&broker, &kiosk, OWN, &Value::Null);
+
+    let path = "/holosync-0.9.0";
+    http.set(
+        path,
+        Route::Ranged(Arc::new(Ranged {
+            cuts: vec![Some(cut)],
+            ..Ranged::new(body, "v090")
+        })),
+    );
+    let events = format!("{}/events", kiosk.prefix());
+    let sub = broker.subscribe(&events);
+    let sent = Instant::now();
+    broker.publish(
+        &format!("{}/cmd", kiosk.prefix()),
+        newer_command(&key, "cut-1", &http.url(path))
+            .to_string()
+            .as_bytes(),
+        1,
+    );
+    let answer = wait_payload(&sub, &events, "the answer", |v| v["id"] == "cut-1");
+    assert!(
+        answer["ok"] == true && answer["restarting"] == true,
+        "the cut download was not resumed: {answer}\n--- log ---\n{}",
+        common::tail(&kiosk.log(), 3000)
+    );
+    wait_online(&broker, &kiosk, NEWER, &first["started_at"]);
+    eprintln!(
+        "update of {size} bytes cut at {cut}: {NEWER} online {:?} after the command",
+        sent.elapsed()
+    );
+    wait_payload(&sub, &events, "the new agent's confirmation", |v| {
+        v["id"] == "cut-1" && v["ok"] == true && v["version"] == NEWER
+    });
+
+    // What reached the agent before the cut (the server's close may reset
+    // the connection with bytes still unread) is what the log says it kept.
+    let log = kiosk.log();
+    let kept: u64 = log
+        .lines()
+        .find_map(|l| l.split("update 0.9.0: attempt 1 of 5 failed: ").nth(1))
+        .and_then(|rest| rest.split("; ").nth(1))
+        .and_then(|kept| kept.strip_suffix(" bytes kept, retrying in 0.2 s"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no line on the failed attempt\n{log}"));
+    assert!(kept > 0 && kept <= cut, "{kept} bytes kept of {cut} sent");
+    let heads = http.request_headers(path);
+    assert_eq!(heads.len(), 2, "{heads:?}");
+    assert_eq!(header(&heads[0], "range"), None);
+    assert_eq!(
+        header(&heads[1], "range"),
+        Some(format!("bytes={kept}-")),
+        "the second request asks for the rest"
+    );
+    assert_eq!(header(&heads[1], "if-range").as_deref(), Some("\"v090\""));
+    let total = http.sent(path);
+    assert!(
+        (total as f64) < 1.3 * size as f64,
+        "{total} bytes sent for a file of {size}"
+    );
+    assert_eq!(bytes(&kiosk.exe), bytes(newer));
+    let part = partial_name(&sha256_of(newer));
+    assert!(!kiosk.path(&part).exists(), "{part} is renamed into place");
+    assert!(
+        log.contains(&format!("resuming the download of 0.9.0 at {kept} bytes")),
+        "{log}"
+    );
+}
+
+/// A kill -9 of the agent in the middle of a (throttled) update download:
+/// the partial file stays, the restarted agent gets the command again (the
+/// broker redelivers the unacked QoS 1 message to the persistent session)
+/// and resumes from the bytes kept, with a `Range` request and no
+/// `If-Range` (this process never saw the validator: the signed SHA-256
+/// decides), then swaps and reports the new version.
+#[test]
+fn an_update_killed_mid_download_resumes_from_the_kept_partial_after_the_restart() {
+    let newer = newer_build();
+    let body = fs::read(newer).unwrap();
+    let size = body.len() as u64;
+    let broker = Mosquitto::start();
+    let http = HttpServer::start();
+    let keys = TempDir::new("update-killdl-keys");
+    let (key, public) = keygen(keys.path(), "fleet.key");
+    let mut kiosk = Kiosk::new("update-killdl", &broker, &[&public], json!({}));
+    kiosk.start();
+    let first = wait_online(&broker, &kiosk, OWN, &Value::Null);
+
+    let path = "/holosync-0.9.0";
+    // About 4 s for the whole file, so the kill lands in the middle.
+    http.set(
+        path,
+        Route::Ranged(Arc::new(Ranged {
+            rate: Some(size / 4),
+            ..Ranged::new(body, "v090")
+        })),
+    );
+    let part = kiosk.path(&partial_name(&sha256_of(newer)));
+    let command = newer_command(&key, "kill-1", &http.url(path));
+    let cmd_topic = format!("{}/cmd", kiosk.prefix());
+    let events = format!("{}/events", kiosk.prefix());
+    let sub = broker.subscribe(&events);
+    broker.publish(&cmd_topic, command.to_string().as_bytes(), 1);
+    let mid = poll_until(WAIT, || {
+        http.sent(path) > size / 5 && fs::metadata(&part).is_ok_and(|m| m.len() > 0)
+    });
+    let kept_before = fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
+    assert!(
+        mid,
+        "no partial file {} while the download ran ({} bytes sent)\n--- log ---\n{}",
+        part.display(),
+        http.sent(path),
+        common::tail(&kiosk.log(), 3000)
+    );
+    kiosk.kill_all();
+    let sent_at_kill = http.sent(path);
+    assert!(sent_at_kill < size, "killed after the whole file was sent");
+    let kept = fs::metadata(&part).unwrap().len();
+    assert!(kept >= kept_before && kept > 0);
+
+    let restarted = Instant::now();
+    kiosk.start();
+    // The broker redelivers the unacked command; if it has not after a
+    // while, the operator sends it again.
+    if !poll_until(Duration::from_secs(30), || {
+        kiosk.log().contains("resuming the download of 0.9.0")
+    }) {
+        eprintln!("the command was not redelivered within 30 s: publishing it again");
+        broker.publish(&cmd_topic, command.to_string().as_bytes(), 1);
+    }
+    let answer = wait_payload(&sub, &events, "the answer", |v| {
+        v["id"] == "kill-1" && (v["ok"] == true || v["error"].is_string())
+    });
+    assert!(answer["ok"] == true, "{answer}");
+    wait_online(&broker, &kiosk, NEWER, &first["started_at"]);
+    eprintln!(
+        "update of {size} bytes killed at {kept} bytes kept ({sent_at_kill} sent): {NEWER} online {:?} after the restart",
+        restarted.elapsed()
+    );
+
+    let heads = http.request_headers(path);
+    let resumed = heads
+        .iter()
+        .skip(1)
+        .filter_map(|h| header(h, "range"))
+        .collect::<Vec<_>>();
+    assert!(
+        resumed.iter().any(|r| r
+            .strip_prefix("bytes=")
+            .and_then(|r| r.strip_suffix('-'))
+            .and_then(|n| n.parse::<u64>().ok())
+            .is_some_and(|n| n > 0)),
+        "no resuming Range request after the restart: {heads:?}"
+    );
+    assert!(
+        heads
+            .iter()
+            .skip(1)
+            .all(|h| header(h, "if-range").is_none()),
+        "no validator is known after a restart: {heads:?}"
+    );
+    let total = http.sent(path);
+    assert!(
+        (total as f64) < 1.5 * size as f64,
+        "{total} bytes sent for a file of {size}"
+    );
+    assert_eq!(bytes(&kiosk.exe), bytes(newer));
+    assert!(!part.exists());
+    let log = kiosk.log();
+    assert!(log.contains("resuming the download of 0.9.0 at "), "{log}");
+}
+
+/// A clean stop (SIGTERM) during an update's download keeps the partial
+/// file for the update to resume, and says so in the log.
+#[test]
+fn a_clean_stop_during_an_update_download_keeps_the_partial_file() {
+    if under_wine() {
+        return; // SIGTERM is the native stop.
+    }
+    let newer = newer_build();
+    let body = fs::read(newer).unwrap();
+    let size = body.len() as u64;
+    let broker = Mosquitto::start();
+    let http = HttpServer::start();
+    let keys = TempDir::new("update-stopdl-keys");
+    let (key, public) = keygen(keys.path(), "fleet.key");
+    let mut kiosk = Kiosk::new("update-stopdl", &broker, &[&public], json!({}));
+    kiosk.start();
+    wait_online(&broker, &kiosk, OWN, &Value::Null);
+    let path = "/holosync-0.9.0";
+    http.set(
+        path,
+        Route::Ranged(Arc::new(Ranged {
+            rate: Some(size / 4),
+            ..Ranged::new(body, "v090")
+        })),
+    );
+    let part = kiosk.path(&partial_name(&sha256_of(newer)));
+    broker.publish(
+        &format!("{}/cmd", kiosk.prefix()),
+        newer_command(&key, "stop-1", &http.url(path))
+            .to_string()
+            .as_bytes(),
+        1,
+    );
+    assert!(poll_until(WAIT, || http.sent(path) > size / 5));
+    let mut child = kiosk.child.take().unwrap();
+    common::send_signal(child.id(), "TERM");
+    assert!(
+        poll_until(WAIT, || child.try_wait().unwrap().is_some()),
+        "the agent did not stop"
+    );
+    let log = kiosk.log();
+    assert!(log.contains("holosync stopped (SIGTERM)"), "{log}");
+    assert!(
+        log.contains("for resuming it when the update comes again"),
+        "{log}"
+    );
+    let kept = fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
+    assert!(
+        kept > 0 && kept < size,
+        "{} keeps {kept} of {size} bytes",
+        part.display()
+    );
+}
+
+/// A kept partial file whose bytes are wrong (here: corrupted before the
+/// agent starts, as a power cut or a bad disk might leave it) survives the
+/// start-up tidy-up, is resumed, does not hash to the signed SHA-256, and
+/// is started over from byte 0 once: the update ends with the right
+/// version, not a refusal. Another version's partial file is removed.
+#[test]
+fn a_wrong_kept_partial_is_started_over_from_byte_0_and_the_update_succeeds() {
+    let newer = newer_build();
+    let body = fs::read(newer).unwrap();
+    let size = body.len() as u64;
+    let broker = Mosquitto::start();
+    let http = HttpServer::start();
+    let keys = TempDir::new("update-wrongpart-keys");
+    let (key, public) = keygen(keys.path(), "fleet.key");
+    let mut kiosk = Kiosk::new("update-wrongpart", &broker, &[&public], json!({}));
+    // 40% of the file with a run of its bytes flipped.
+    let kept = (size * 2 / 5) as usize;
+    let mut wrong = body[..kept].to_vec();
+    for b in &mut wrong[kept / 2..kept / 2 + 4096] {
+        *b ^= 0xff;
+    }
+    let part = kiosk.path(&partial_name(&sha256_of(newer)));
+    fs::write(&part, &wrong).unwrap();
+    // Another version's partial download, which this update removes.
+    let other = kiosk.path(&partial_name(&"0".repeat(64)));
+    fs::write(&other, b"an older attempt").unwrap();
+    kiosk.start();
+    let first = wait_online(&broker, &kiosk, OWN, &Value::Null);
+    assert!(
+        part.exists() && other.exists(),
+        "the start-up tidy-up keeps partial files"
+    );
+
+    let path = "/holosync-0.9.0";
+    http.set(path, Route::Ranged(Arc::new(Ranged::new(body, "v090"))));
+    let events = format!("{}/events", kiosk.prefix());
+    let sub = broker.subscribe(&events);
+    broker.publish(
+        &format!("{}/cmd", kiosk.prefix()),
+        newer_command(&key, "wrong-1", &http.url(path))
+            .to_string()
+            .as_bytes(),
+        1,
+    );
+    let answer = wait_payload(&sub, &events, "the answer", |v| v["id"] == "wrong-1");
+    assert!(answer["ok"] == true, "{answer}");
+    wait_online(&broker, &kiosk, NEWER, &first["started_at"]);
+
+    let heads = http.request_headers(path);
+    assert_eq!(
+        heads.len(),
+        2,
+        "the kept partial resumed, then the whole file: {heads:?}"
+    );
+    assert_eq!(
+        header(&heads[0], "range"),
+        Some(format!("bytes={kept}-")),
+        "the kept bytes are resumed first"
+    );
+    assert_eq!(header(&heads[0], "if-range"), None);
+    assert_eq!(header(&heads[1], "range"), None, "then the whole file");
+    assert_eq!(bytes(&kiosk.exe), bytes(newer));
+    assert!(!part.exists());
+    assert!(!other.exists(), "another version's partial is removed");
+    let log = kiosk.log();
+    assert!(log.contains("starting over from byte 0"), "{log}");
 }
 
 /// The same version installed again, signed with `allow_downgrade`: the
