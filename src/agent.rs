@@ -386,7 +386,7 @@ impl Agent {
         };
         while let Some(order) = self.report.take_order() {
             let outcome = match &busy {
-                None => self.updater.take(order, &self.config),
+                None => self.updater.take(order, &self.config, &mut self.queue),
                 Some(why) => {
                     let name = match order.request {
                         update::Request::Update(_) => "update",

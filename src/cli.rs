@@ -26,9 +26,9 @@ USAGE:
     holosync enqueue [--config PATH] URL...   queue URLs as if they came from MQTT
     holosync check [--config PATH]            validate the config and the cache folder
     holosync keygen KEYFILE                   make a signing key; prints its public key
-    holosync sign --key KEYFILE [--id ID] update VERSION URL (--sha256 HEX | --file EXE)
+    holosync sign --key KEYFILE [--id ID] [--seq N] update VERSION URL (--sha256 HEX | --file EXE)
                   [--target holosync-x86-windows] [--allow-downgrade]
-    holosync sign --key KEYFILE [--id ID] set-config PATCH_JSON
+    holosync sign --key KEYFILE [--id ID] [--seq N] set-config PATCH_JSON
                                               print a signed command to publish on `cmd`
     holosync --help | --version
 
@@ -68,6 +68,8 @@ pub enum Command {
         id: Option<String>,
         /// What to sign.
         what: Signed,
+        /// The counter to sign (`--seq`); the time in milliseconds if not given.
+        seq: Option<u64>,
     },
     /// Print usage.
     Help,
@@ -158,6 +160,7 @@ fn parse_operator(args: &[String]) -> Result<Command, String> {
         };
     }
     let (mut key, mut id, mut sha256, mut file, mut target) = (None, None, None, None, None);
+    let mut seq = None;
     let mut allow_downgrade = false;
     let mut words = Vec::new();
     let mut it = args[1..].iter();
@@ -170,6 +173,13 @@ fn parse_operator(args: &[String]) -> Result<Command, String> {
             "--file" => file = Some(PathBuf::from(value("--file")?)),
             "--target" => target = Some(value("--target")?),
             "--allow-downgrade" => allow_downgrade = true,
+            "--seq" => {
+                let v = value("--seq")?;
+                seq = Some(
+                    v.parse()
+                        .map_err(|_| format!("--seq {v:?} is not a number"))?,
+                );
+            }
             other if other.starts_with("--") => {
                 return Err(format!("unexpected argument {other:?} ({usage})"))
             }
@@ -203,7 +213,7 @@ fn parse_operator(args: &[String]) -> Result<Command, String> {
             ))
         }
     };
-    Ok(Command::Sign { key, id, what })
+    Ok(Command::Sign { key, id, what, seq })
 }
 
 /// Entry point: parse, dispatch, print the error chain, return the exit code.
@@ -279,8 +289,8 @@ fn needs_no_config(command: &Command) -> Option<Result<String>> {
                 out.display()
             )
         }),
-        Command::Sign { key, id, what } => {
-            operator::sign(key, what, id.as_deref()).map(|c| format!("{c}\n"))
+        Command::Sign { key, id, what, seq } => {
+            operator::sign(key, what, id.as_deref(), *seq).map(|c| format!("{c}\n"))
         }
         Command::Run
         | Command::Status { .. }
@@ -605,8 +615,12 @@ mod tests {
                     target: Some("holosync-x86-windows".into()),
                     allow_downgrade: false,
                 },
+                seq: None,
             }
         );
+        let a = parse(&["sign", "--key", "k", "--seq", "42", "set-config", "{}"]).unwrap();
+        assert!(matches!(a.command, Command::Sign { seq: Some(42), .. }));
+        assert!(parse(&["sign", "--key", "k", "--seq", "x", "set-config", "{}"]).is_err());
         let a = parse(&["sign", "--key", "k", "set-config", "{}"]).unwrap();
         assert!(matches!(
             a.command,

@@ -85,9 +85,15 @@ pub fn keygen(out: &Path) -> Result<String> {
 }
 
 /// The command JSON (one line) that carries `what`, signed with the key in
-/// `key_file`, with `id` if given.
-pub fn sign(key_file: &Path, what: &Signed, id: Option<&str>) -> Result<String> {
+/// `key_file`, with `id` if given, and the counter `seq` (the time of
+/// signing in milliseconds if not given: see `signing.rs`).
+pub fn sign(key_file: &Path, what: &Signed, id: Option<&str>, seq: Option<u64>) -> Result<String> {
     built_in()?;
+    let seq = seq.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
+    });
     let der = std::fs::read(key_file)
         .context(|| format!("could not read key file {}", key_file.display()))?;
     let pair = Ed25519KeyPair::from_pkcs8(&der).map_err(|_| {
@@ -135,6 +141,7 @@ pub fn sign(key_file: &Path, what: &Signed, id: Option<&str>) -> Result<String> 
                 version: version.clone(),
                 sha256,
                 allow_downgrade: *allow_downgrade,
+                seq,
             };
             let signature = signing::hex(pair.sign(&statement.bytes()).as_ref());
             command.insert("command".into(), json!("update"));
@@ -145,6 +152,7 @@ pub fn sign(key_file: &Path, what: &Signed, id: Option<&str>) -> Result<String> 
             if statement.allow_downgrade {
                 command.insert("allow_downgrade".into(), json!(true));
             }
+            command.insert("seq".into(), json!(seq));
             command.insert("signature".into(), json!(signature));
         }
         Signed::SetConfig { patch } => {
@@ -153,9 +161,11 @@ pub fn sign(key_file: &Path, what: &Signed, id: Option<&str>) -> Result<String> 
             if !patch.is_object() {
                 return Err(Error::msg("the patch must be a JSON object"));
             }
-            let signature = signing::hex(pair.sign(&signing::config_statement(&patch)).as_ref());
+            let statement = signing::config_statement(&patch, seq);
+            let signature = signing::hex(pair.sign(&statement).as_ref());
             command.insert("command".into(), json!("set-config"));
             command.insert("patch".into(), patch);
+            command.insert("seq".into(), json!(seq));
             command.insert("signature".into(), json!(signature));
         }
     }

@@ -67,6 +67,7 @@ pub fn patched(
     config: &Config,
     patch: &Value,
     signature: Option<&str>,
+    seq: Option<u64>,
 ) -> Result<String, String> {
     if !patch.is_object() {
         return Err("\"patch\" must be a JSON object (a merge patch)".into());
@@ -76,8 +77,16 @@ pub fn patched(
     let mut after = before.clone();
     merge_patch(&mut after, patch);
     let keys = config.update.keys();
-    let signed =
-        signature.is_some_and(|s| signing::verify(&keys, &signing::config_statement(patch), s));
+    if let (Some(_), None) = (signature, seq) {
+        return Err("a signed patch needs its \"seq\" (holosync sign adds it)".into());
+    }
+    let signed = signature.is_some_and(|s| {
+        signing::verify(
+            &keys,
+            &signing::config_statement(patch, seq.unwrap_or_default()),
+            s,
+        )
+    });
     if signature.is_some() && !signed {
         return Err(if keys.is_empty() {
             "the patch is signed, but no key is configured (update.public_keys)".into()
@@ -196,6 +205,7 @@ mod tests {
             &config,
             &json!({"mqtt": {"host": "evil"}}),
             None,
+            None,
         )
         .unwrap_err();
         assert!(
@@ -208,6 +218,7 @@ mod tests {
             &config,
             &json!({"log": {"level": "loud"}}),
             None,
+            None,
         )
         .unwrap_err();
         assert!(why.contains("key `log.level`"), "{why}");
@@ -216,6 +227,7 @@ mod tests {
             current,
             &config,
             &json!({"log": {"levle": "x"}}),
+            None,
             None,
         )
         .unwrap_err();
@@ -226,6 +238,7 @@ mod tests {
             &config,
             &json!({"log": {"level": "debug"}}),
             None,
+            None,
         )
         .unwrap();
         let v: Value = serde_json::from_str(&text).unwrap();
@@ -234,12 +247,30 @@ mod tests {
             json!({"mqtt": {"host": "broker"}, "log": {"level": "debug"}})
         );
         let secret = json!({"mqtt": {"password": 918273}});
-        let why = patched(&file, current, &config, &secret, None).unwrap_err();
+        let why = patched(&file, current, &config, &secret, None, None).unwrap_err();
         assert!(
             why.contains("key `mqtt.password`") && !why.contains("918273"),
             "{why}"
         );
-        let why = patched(&file, current, &config, &json!({"log": {}}), Some("00")).unwrap_err();
+        let why = patched(
+            &file,
+            current,
+            &config,
+            &json!({"log": {}}),
+            Some("00"),
+            Some(1),
+        )
+        .unwrap_err();
         assert!(why.contains("no key is configured"), "{why}");
+        let why = patched(
+            &file,
+            current,
+            &config,
+            &json!({"log": {}}),
+            Some("00"),
+            None,
+        )
+        .unwrap_err();
+        assert!(why.contains("\"seq\""), "{why}");
     }
 }

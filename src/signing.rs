@@ -3,28 +3,35 @@
 //! them (ring), SHA-256 (ring), the keys in hex or base64, and the order of
 //! versions. Pure: no files, no network.
 //!
-//! An update statement is these five lines, each ending in `\n` (UTF-8):
+//! An update statement is these six lines, each ending in `\n` (UTF-8):
 //!
 //! ```text
-//! holosync update v1
+//! holosync update v2
 //! target holosync-x86-windows
 //! version 0.3.0
 //! sha256 <64 lower-case hex digits>
 //! allow_downgrade false
+//! seq 1796600000000
 //! ```
 //!
-//! A config statement is two lines, the patch re-serialized by serde_json
+//! A config statement is three lines, the patch re-serialized by serde_json
 //! (keys sorted, no whitespace: the same bytes whatever spacing or key
 //! order the operator wrote):
 //!
 //! ```text
-//! holosync set-config v1
+//! holosync set-config v2
+//! seq 1796600000000
 //! patch {"log":{"level":"debug"}}
 //! ```
 //!
 //! The first line names the kind, so a signature over one kind can never
 //! pass as the other; the target (`holosync-<arch>-<os>`) keeps a Windows
-//! 32-bit build from being swapped onto another platform.
+//! 32-bit build from being swapped onto another platform. `seq` is the
+//! operator's counter (`holosync sign` takes the time of signing in
+//! milliseconds): a kiosk accepts a signed command only if its `seq` is
+//! higher than that of the last one it accepted, or the same command again,
+//! so an old signed command (a downgrade, a broker address) cannot be
+//! replayed by whoever can publish on the command topics.
 
 use ring::signature::{UnparsedPublicKey, ED25519};
 
@@ -58,22 +65,24 @@ pub struct UpdateStatement {
     pub sha256: String,
     /// Whether a version not newer than the running one may be installed.
     pub allow_downgrade: bool,
+    /// The operator's counter (see the module's comment).
+    pub seq: u64,
 }
 
 impl UpdateStatement {
     /// The exact bytes signed (see the module's comment).
     pub fn bytes(&self) -> Vec<u8> {
         format!(
-            "holosync update v1\ntarget {}\nversion {}\nsha256 {}\nallow_downgrade {}\n",
-            self.target, self.version, self.sha256, self.allow_downgrade
+            "holosync update v2\ntarget {}\nversion {}\nsha256 {}\nallow_downgrade {}\nseq {}\n",
+            self.target, self.version, self.sha256, self.allow_downgrade, self.seq
         )
         .into_bytes()
     }
 }
 
 /// The exact bytes signed for a config patch (see the module's comment).
-pub fn config_statement(patch: &serde_json::Value) -> Vec<u8> {
-    format!("holosync set-config v1\npatch {patch}\n").into_bytes()
+pub fn config_statement(patch: &serde_json::Value, seq: u64) -> Vec<u8> {
+    format!("holosync set-config v2\nseq {seq}\npatch {patch}\n").into_bytes()
 }
 
 /// Whether `signature` (hex or base64) is a valid Ed25519 signature of
@@ -220,6 +229,7 @@ mod tests {
             version: "0.3.0".into(),
             sha256: "ab".repeat(32),
             allow_downgrade: false,
+            seq: 7,
         }
     }
 
@@ -228,7 +238,7 @@ mod tests {
         assert_eq!(
             String::from_utf8(statement().bytes()).unwrap(),
             format!(
-                "holosync update v1\ntarget holosync-x86-windows\nversion 0.3.0\nsha256 {}\nallow_downgrade false\n",
+                "holosync update v2\ntarget holosync-x86-windows\nversion 0.3.0\nsha256 {}\nallow_downgrade false\nseq 7\n",
                 "ab".repeat(32)
             )
         );
@@ -240,10 +250,10 @@ mod tests {
             serde_json::from_str(r#"{ "log": {"level":"debug"}, "a": 1 }"#).unwrap();
         let b: serde_json::Value =
             serde_json::from_str(r#"{"a":1,"log":{ "level": "debug" }}"#).unwrap();
-        assert_eq!(config_statement(&a), config_statement(&b));
+        assert_eq!(config_statement(&a, 7), config_statement(&b, 7));
         assert_eq!(
-            config_statement(&a),
-            b"holosync set-config v1\npatch {\"a\":1,\"log\":{\"level\":\"debug\"}}\n"
+            config_statement(&a, 7),
+            b"holosync set-config v2\nseq 7\npatch {\"a\":1,\"log\":{\"level\":\"debug\"}}\n"
         );
     }
 
@@ -263,6 +273,9 @@ mod tests {
         assert!(!verify(&[public], &changed.bytes(), &sig));
         let mut changed = s.clone();
         changed.target = "holosync-x86_64-linux".into();
+        assert!(!verify(&[public], &changed.bytes(), &sig));
+        let mut changed = s.clone();
+        changed.seq += 1;
         assert!(!verify(&[public], &changed.bytes(), &sig));
         assert!(!verify(&[public], &s.bytes(), "00"));
         assert!(!verify(&[public], &s.bytes(), "not a signature"));

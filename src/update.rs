@@ -26,6 +26,7 @@ use serde_json::{json, Value};
 use crate::config::Config;
 use crate::http::{self, Pool};
 use crate::link::Delivery;
+use crate::queue::Queue;
 use crate::signing::{self, UpdateStatement};
 use crate::swap::{self, Kind, Marker, Paths};
 use crate::update_fetch::{self, Fetch, Retries};
@@ -45,6 +46,8 @@ pub struct UpdateRequest {
     pub allow_downgrade: bool,
     /// The target the operator signed for, if the command says (shown in a refusal).
     pub target: Option<String>,
+    /// The signed counter (see `signing.rs`).
+    pub seq: u64,
 }
 
 /// A command for the updater.
@@ -58,6 +61,8 @@ pub enum Request {
         patch: Value,
         /// Ed25519 signature of the patch's statement, if given.
         signature: Option<String>,
+        /// The signed counter, which a signed patch must carry.
+        seq: Option<u64>,
     },
 }
 
@@ -147,7 +152,7 @@ impl Updater {
     /// Takes a command: refuses it, starts its download (None: the outcome
     /// comes from [`Updater::step`]), or, for a valid `set-config`, writes
     /// the new config and asks for the handover.
-    pub fn take(&mut self, order: Order, config: &Config) -> Option<Outcome> {
+    pub fn take(&mut self, order: Order, config: &Config, queue: &mut Queue) -> Option<Outcome> {
         let refuse = |order, name, why| Some(refused(order, name, why));
         match order.request.clone() {
             Request::Update(r) => {
@@ -157,9 +162,16 @@ impl Updater {
                 if self.running.is_some() {
                     return refuse(order, "update", "busy: an update is downloading".into());
                 }
+                if let Err(why) = accept_seq(queue, r.seq, &statement(&r).bytes()) {
+                    return refuse(order, "update", why);
+                }
                 self.start(order, r)
             }
-            Request::SetConfig { patch, signature } => {
+            Request::SetConfig {
+                patch,
+                signature,
+                seq,
+            } => {
                 if self.running.is_some() {
                     return refuse(order, "set-config", "busy: an update is downloading".into());
                 }
@@ -176,10 +188,17 @@ impl Updater {
                     config,
                     &patch,
                     signature.as_deref(),
+                    seq,
                 ) {
                     Ok(t) => t,
                     Err(why) => return refuse(order, "set-config", why),
                 };
+                if let (Some(_), Some(seq)) = (&signature, seq) {
+                    let statement = signing::config_statement(&patch, seq);
+                    if let Err(why) = accept_seq(queue, seq, &statement) {
+                        return refuse(order, "set-config", why);
+                    }
+                }
                 let version = env!("CARGO_PKG_VERSION").to_string();
                 let marker = self.marker(Kind::Config, &order.id, version, config);
                 if let Err(e) = swap::prepare_config(&self.paths, &marker, &text) {
@@ -209,13 +228,7 @@ impl Updater {
             return Err("no key is configured (update.public_keys): updates are refused".into());
         }
         let target = signing::own_target();
-        let statement = UpdateStatement {
-            target: target.clone(),
-            version: r.version.clone(),
-            sha256: r.sha256.clone(),
-            allow_downgrade: r.allow_downgrade,
-        };
-        if !signing::verify(&keys, &statement.bytes(), &r.signature) {
+        if !signing::verify(&keys, &statement(r).bytes(), &r.signature) {
             return Err(match &r.target {
                 Some(t) if *t != target => {
                     format!("bad signature: it was made for {t}, this kiosk runs {target}")
@@ -367,6 +380,43 @@ impl Updater {
             );
         }
     }
+}
+
+/// What the operator signed for `r`, for this build's target.
+fn statement(r: &UpdateRequest) -> UpdateStatement {
+    UpdateStatement {
+        target: signing::own_target(),
+        version: r.version.clone(),
+        sha256: r.sha256.clone(),
+        allow_downgrade: r.allow_downgrade,
+        seq: r.seq,
+    }
+}
+
+/// The replay guard's entry in the queue's meta table: `SEQ DIGEST`, the
+/// signed counter and the SHA-256 of the statement last accepted here.
+const SIGNED_SEQ_KEY: &str = "signed_seq";
+
+/// Accepts a signed command whose signature was checked: its `seq` must be
+/// above the last one accepted here, or equal with the same statement (the
+/// same command again: resent after a failed download, or redelivered after
+/// a kill). Recorded durably before the command takes effect, so an older
+/// signed command (a downgrade, an earlier broker) cannot be replayed.
+fn accept_seq(queue: &mut Queue, seq: u64, statement: &[u8]) -> Result<(), String> {
+    let digest =
+        signing::sha256_hex(ring::digest::digest(&ring::digest::SHA256, statement).as_ref());
+    let last = queue.meta(SIGNED_SEQ_KEY).map_err(|e| e.chain())?;
+    if let Some((last_seq, last_digest)) = last.as_deref().and_then(|t| t.split_once(' ')) {
+        let last_seq: u64 = last_seq.parse().unwrap_or(u64::MAX);
+        if seq < last_seq || (seq == last_seq && digest != last_digest) {
+            return Err(format!(
+                "replayed or out of order: its seq {seq} is not after {last_seq}, the last signed command accepted here (sign it again: holosync sign takes a new seq)"
+            ));
+        }
+    }
+    queue
+        .set_meta_durably(SIGNED_SEQ_KEY, &format!("{seq} {digest}"))
+        .map_err(|e| e.chain())
 }
 
 /// The answer to a command refused (or failed) without changing anything.

@@ -1326,3 +1326,93 @@ fn an_answer_grouped_in_a_burst_is_published_before_the_handover() {
         .any(|v| v["events"].as_array().is_some_and(|g| !g.is_empty()));
     assert!(grouped, "the burst was not grouped: the test shows nothing");
 }
+
+/// A signed command carries the operator's counter (`seq`): a kiosk takes
+/// one only above the last it accepted, or the same command again, so an
+/// older signed command cannot be replayed by whoever can publish on the
+/// command topics (here: a signed `mqtt.port` change and a signed
+/// downgrade, both made before the command the kiosk last accepted).
+#[test]
+fn an_older_signed_command_is_refused_as_a_replay() {
+    let broker = Mosquitto::start();
+    let http = HttpServer::start();
+    let keys = TempDir::new("update-replay-keys");
+    let (key, public) = keygen(keys.path(), "fleet.key");
+    let mut kiosk = Kiosk::new("update-replay", &broker, &[&public], json!({}));
+    kiosk.start();
+    let first = wait_online(&broker, &kiosk, OWN, &Value::Null);
+    let events = format!("{}/events", kiosk.prefix());
+    let cmd = format!("{}/cmd", kiosk.prefix());
+    let sub = broker.subscribe(&events);
+
+    // Signed long ago (seq 100, 150), kept by an attacker; then the
+    // operator's own command (seq 200) is accepted.
+    let port = json!({"mqtt": {"port": common::free_port()}}).to_string();
+    let old_port = sign(
+        &key,
+        &["--id", "old-port", "--seq", "100", "set-config", &port],
+    );
+    let file = kiosk.exe.to_str().unwrap().to_string();
+    http.set("/again", Route::Ok(bytes(&kiosk.exe)));
+    let old_downgrade = sign(
+        &key,
+        &[
+            "--id",
+            "old-down",
+            "--seq",
+            "150",
+            "update",
+            OWN,
+            &http.url("/again"),
+            "--file",
+            &file,
+            "--allow-downgrade",
+        ],
+    );
+    let level = json!({"log": {"level": "info"}}).to_string();
+    let current = sign(
+        &key,
+        &["--id", "c-200", "--seq", "200", "set-config", &level],
+    );
+    broker.publish(&cmd, current.to_string().as_bytes(), 1);
+    wait_payload(&sub, &events, "the accepted command", |v| {
+        v["id"] == "c-200" && v["restarting"] == true
+    });
+    let second = wait_online(&broker, &kiosk, OWN, &first["started_at"]);
+    wait_payload(&sub, &events, "its confirmation", |v| {
+        v["id"] == "c-200" && v["ok"] == true && v.get("restarting").is_none()
+    });
+    assert!(poll_until(WAIT, || !kiosk.path("holosync.update").exists()));
+
+    let config = bytes(&kiosk.path("config.json"));
+    let exe = bytes(&kiosk.exe);
+    for (id, replay) in [("old-port", &old_port), ("old-down", &old_downgrade)] {
+        broker.publish(&cmd, replay.to_string().as_bytes(), 1);
+        let answer = wait_payload(&sub, &events, "the refusal", |v| v["id"] == id);
+        assert!(
+            answer["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("replayed or out of order")),
+            "{answer}"
+        );
+    }
+    assert!(
+        bytes(&kiosk.path("config.json")) == config,
+        "a replay changed the config"
+    );
+    assert!(bytes(&kiosk.exe) == exe, "a replay changed the exe");
+    assert!(!kiosk.path("holosync.update").exists());
+    let state = wait_online(&broker, &kiosk, OWN, &Value::Null);
+    assert_eq!(state["started_at"], second["started_at"], "no restart");
+
+    // The same signed command again (resent under another id, or
+    // redelivered after a kill) is not a replay.
+    let mut again = current.clone();
+    again["id"] = json!("c-200-again");
+    broker.publish(&cmd, again.to_string().as_bytes(), 1);
+    let answer = wait_payload(&sub, &events, "the same command again", |v| {
+        v["id"] == "c-200-again"
+    });
+    assert_eq!(answer["restarting"], true, "{answer}");
+    wait_online(&broker, &kiosk, OWN, &second["started_at"]);
+}

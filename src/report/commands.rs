@@ -131,6 +131,13 @@ pub fn parse_command(payload: &[u8]) -> Result<(Value, Command), (Value, String)
                 Some(patch @ Value::Object(_)) => Command::Update(Request::SetConfig {
                     patch: patch.clone(),
                     signature,
+                    seq: match o.get("seq") {
+                        None | Some(Value::Null) => None,
+                        Some(v) => match v.as_u64() {
+                            Some(n) => Some(n),
+                            None => return fail("\"seq\" must be a whole number".into()),
+                        },
+                    },
                 }),
                 _ => {
                     return fail(
@@ -179,6 +186,10 @@ fn parse_update(o: &serde_json::Map<String, Value>) -> Result<UpdateRequest, Str
         Some(Value::Bool(b)) => *b,
         Some(_) => return Err("\"allow_downgrade\" must be true or false".into()),
     };
+    let seq = o
+        .get("seq")
+        .and_then(Value::as_u64)
+        .ok_or("\"update\" needs \"seq\" (the signed counter, which holosync sign adds)")?;
     Ok(UpdateRequest {
         version,
         url: text("url", crate::message::MAX_URL_BYTES)?,
@@ -186,6 +197,7 @@ fn parse_update(o: &serde_json::Map<String, Value>) -> Result<UpdateRequest, Str
         signature: text("signature", MAX_SIGNATURE_CHARS)?,
         allow_downgrade,
         target: text("target", 64).ok(),
+        seq,
     })
 }
 
