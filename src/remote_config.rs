@@ -252,25 +252,20 @@ mod tests {
             why.contains("key `mqtt.password`") && !why.contains("918273"),
             "{why}"
         );
-        let why = patched(
-            &file,
-            current,
-            &config,
-            &json!({"log": {}}),
-            Some("00"),
-            Some(1),
-        )
-        .unwrap_err();
+        let signed = |seq| {
+            patched(
+                &file,
+                current,
+                &config,
+                &json!({"log": {}}),
+                Some("00"),
+                seq,
+            )
+            .unwrap_err()
+        };
+        let why = signed(Some(1));
         assert!(why.contains("no key is configured"), "{why}");
-        let why = patched(
-            &file,
-            current,
-            &config,
-            &json!({"log": {}}),
-            Some("00"),
-            None,
-        )
-        .unwrap_err();
+        let why = signed(None);
         assert!(why.contains("\"seq\""), "{why}");
     }
 }

@@ -601,6 +601,21 @@ struct Explored {
     violations: Vec<String>,
 }
 
+impl Explored {
+    /// One cut's result; the run's folder is removed when it found nothing
+    /// (kept with `HOLOSYNC_KEEP_TEST_DIRS`).
+    fn done(cut: Value, ops: Vec<String>, violations: Vec<String>, work: &Path) -> Explored {
+        if violations.is_empty() && std::env::var_os("HOLOSYNC_KEEP_TEST_DIRS").is_none() {
+            let _ = fs::remove_dir_all(work);
+        }
+        Explored {
+            cut,
+            ops,
+            violations,
+        }
+    }
+}
+
 /// Runs the scenario on cutfs, cut at counted call `cut_at` (0: at the end,
 /// idle), then checks both crash states.
 fn explore(w: &mut World, cut_at: usize) -> Explored {
@@ -654,20 +669,10 @@ fn explore(w: &mut World, cut_at: usize) -> Explored {
     let ops = mount.ops();
 
     // The broker as the cut left it, for each crash state's check.
-    w.broker.stop();
-    let db = w.broker.dir().join("mosquitto.db");
-    let saved = fs::read(&db).ok();
+    let saved = BrokerState::save(&mut w.broker);
     let mut violations = Vec::new();
     for variant in VARIANTS {
-        // Stopped before the restore: a stopping mosquitto saves its state.
-        w.broker.stop();
-        match &saved {
-            Some(bytes) => fs::write(&db, bytes).expect("restore broker db"),
-            None => {
-                let _ = fs::remove_file(&db);
-            }
-        }
-        w.broker.restart();
+        saved.restore(&mut w.broker);
         let found = check(
             w,
             &client,
@@ -682,13 +687,38 @@ fn explore(w: &mut World, cut_at: usize) -> Explored {
                 .map(|v| format!("{variant} state of cut {}: {v}", cut["where"])),
         );
     }
-    if violations.is_empty() && std::env::var_os("HOLOSYNC_KEEP_TEST_DIRS").is_none() {
-        let _ = fs::remove_dir_all(&work);
+    Explored::done(cut, ops, violations, &work)
+}
+
+/// The broker's persistent state (its sessions, queued and retained
+/// messages) as a cut left it, put back before each crash state's check.
+struct BrokerState {
+    /// mosquitto.db.
+    db: PathBuf,
+    /// Its bytes (None: there was none).
+    bytes: Option<Vec<u8>>,
+}
+
+impl BrokerState {
+    /// Stops `broker` (which saves its state) and keeps the file.
+    fn save(broker: &mut Mosquitto) -> BrokerState {
+        broker.stop();
+        let db = broker.dir().join("mosquitto.db");
+        let bytes = fs::read(&db).ok();
+        BrokerState { db, bytes }
     }
-    Explored {
-        cut,
-        ops,
-        violations,
+
+    /// Restarts `broker` with the saved state (stopped first: a stopping
+    /// mosquitto saves its state over the file).
+    fn restore(&self, broker: &mut Mosquitto) {
+        broker.stop();
+        match &self.bytes {
+            Some(bytes) => fs::write(&self.db, bytes).expect("restore broker db"),
+            None => {
+                let _ = fs::remove_file(&self.db);
+            }
+        }
+        broker.restart();
     }
 }
 
@@ -876,33 +906,46 @@ fn explore_scenario(scenario: Scenario) {
         common::cannot_run(&why);
         return;
     }
-    let started = Instant::now();
     let mut w = World::new(scenario);
-    let first = explore(&mut w, 0);
+    explore_points(scenario.name(), VARIANTS.len(), quick_slice, |n| {
+        explore(&mut w, n)
+    });
+}
+
+/// The exploration of one scenario: `run(0)` (cut while idle at the end; it
+/// counts the calls), then `run(n)` for every crash point (`slice`'s in the
+/// quick mode); prints `powercut NAME: calls=.. crash states explored=..
+/// violations=..` and every violation, and fails on any.
+fn explore_points(
+    name: &str,
+    variants: usize,
+    slice: fn(&[String]) -> Vec<usize>,
+    mut run: impl FnMut(usize) -> Explored,
+) {
+    let started = Instant::now();
+    let first = run(0);
     let total = first.ops.len();
     let points: Vec<usize> = if full() {
         (1..=total).collect()
     } else {
-        quick_slice(&first.ops)
+        slice(&first.ops)
     };
     let mut violations = first.violations;
     let mut explored = 1;
     for n in points {
-        let e = explore(&mut w, n);
+        let e = run(n);
         explored += 1;
         if e.cut.get("op").and_then(Value::as_u64) != Some(n as u64) {
             eprintln!(
-                "powercut {}: run {n} ended before call {n} (cut {})",
-                scenario.name(),
+                "powercut {name}: run {n} ended before call {n} (cut {})",
                 e.cut
             );
         }
         violations.extend(e.violations);
     }
     println!(
-        "powercut {}: calls={total} crash states explored={} violations={} seconds={:.0}",
-        scenario.name(),
-        explored * VARIANTS.len(),
+        "powercut {name}: calls={total} crash states explored={} violations={} seconds={:.0}",
+        explored * variants,
         violations.len(),
         started.elapsed().as_secs_f64()
     );
@@ -911,9 +954,8 @@ fn explore_scenario(scenario: Scenario) {
     }
     assert!(
         violations.is_empty(),
-        "{} violations in scenario {}:\n{}",
+        "{} violations in scenario {name}:\n{}",
         violations.len(),
-        scenario.name(),
         violations.join("\n")
     );
 }
@@ -1223,19 +1265,10 @@ fn explore_swap(s: &mut Swap, cut_at: usize) -> Explored {
     copy_tree(&live, &killed);
     mount.unmount();
 
-    s.broker.stop();
-    let db = s.broker.dir().join("mosquitto.db");
-    let saved = fs::read(&db).ok();
+    let saved = BrokerState::save(&mut s.broker);
     let mut violations = Vec::new();
     for variant in SWAP_VARIANTS {
-        s.broker.stop();
-        match &saved {
-            Some(bytes) => fs::write(&db, bytes).expect("restore broker db"),
-            None => {
-                let _ = fs::remove_file(&db);
-            }
-        }
-        s.broker.restart();
+        saved.restore(&mut s.broker);
         let state = if variant == "killed" {
             killed.clone()
         } else {
@@ -1248,14 +1281,7 @@ fn explore_swap(s: &mut Swap, cut_at: usize) -> Explored {
                 .map(|v| format!("{variant} state of cut {}: {v}", cut["where"])),
         );
     }
-    if violations.is_empty() && std::env::var_os("HOLOSYNC_KEEP_TEST_DIRS").is_none() {
-        let _ = fs::remove_dir_all(&work);
-    }
-    Explored {
-        cut,
-        ops,
-        violations,
-    }
+    Explored::done(cut, ops, violations, &work)
 }
 
 /// Puts the crash state `state` back at the kiosk's path `folder` (the
@@ -1417,44 +1443,11 @@ fn explore_swaps(good: bool) {
         common::cannot_run("cutfs runs native executables only");
         return;
     }
-    let started = Instant::now();
     let mut swap = Swap::new(good);
     let name = if good { "update" } else { "rollback" };
-    let first = explore_swap(&mut swap, 0);
-    let total = first.ops.len();
-    let points: Vec<usize> = if full() {
-        (1..=total).collect()
-    } else {
-        swap_slice(&first.ops)
-    };
-    let mut violations = first.violations;
-    let mut explored = 1;
-    for n in points {
-        let e = explore_swap(&mut swap, n);
-        explored += 1;
-        if e.cut.get("op").and_then(Value::as_u64) != Some(n as u64) {
-            eprintln!(
-                "powercut {name}: run {n} ended before call {n} (cut {})",
-                e.cut
-            );
-        }
-        violations.extend(e.violations);
-    }
-    println!(
-        "powercut {name}: calls={total} crash states explored={} violations={} seconds={:.0}",
-        explored * SWAP_VARIANTS.len(),
-        violations.len(),
-        started.elapsed().as_secs_f64()
-    );
-    for v in &violations {
-        println!("  VIOLATION {v}");
-    }
-    assert!(
-        violations.is_empty(),
-        "{} violations in scenario {name}:\n{}",
-        violations.len(),
-        violations.join("\n")
-    );
+    explore_points(name, SWAP_VARIANTS.len(), swap_slice, |n| {
+        explore_swap(&mut swap, n)
+    });
 }
 
 /// A power cut (or a kill -9 of every process) at any call of an update

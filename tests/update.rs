@@ -194,6 +194,37 @@ impl Drop for Kiosk {
     }
 }
 
+/// Serves `body` at `path` as a static file (ranges, validators) sent in
+/// about four seconds, so a kill or a stop lands in the middle.
+fn serve_in_four_seconds(http: &HttpServer, path: &str, body: Vec<u8>) {
+    let size = body.len() as u64;
+    http.set(
+        path,
+        Route::Ranged(Arc::new(Ranged {
+            rate: Some(size / 4),
+            ..Ranged::new(body, "v090")
+        })),
+    );
+}
+
+/// What a test starts with: a broker, the HTTP server, and the operator's
+/// key (`fleet.key` in the folder `<name>-keys`): the folder, the key file
+/// and its public key.
+fn rig(name: &str) -> (Mosquitto, HttpServer, TempDir, PathBuf, String) {
+    let keys = TempDir::new(&format!("{name}-keys"));
+    let (key, public) = keygen(keys.path(), "fleet.key");
+    (Mosquitto::start(), HttpServer::start(), keys, key, public)
+}
+
+/// A kiosk named `name` trusting `public`, started and online: it and its
+/// first retained state.
+fn started_kiosk(name: &str, broker: &Mosquitto, public: &str) -> (Kiosk, Value) {
+    let mut kiosk = Kiosk::new(name, broker, &[public], json!({}));
+    kiosk.start();
+    let first = wait_online(broker, &kiosk, OWN, &Value::Null);
+    (kiosk, first)
+}
+
 /// The operator's key: `holosync keygen` in `dir`; returns the key file and
 /// the public key it printed. The operator's tools run natively (the
 /// operator's machine), whichever exe the kiosks run.
@@ -440,13 +471,8 @@ fn an_update_cut_at_40_percent_resumes_with_a_range_request_and_swaps() {
     let body = fs::read(newer).unwrap();
     let size = body.len() as u64;
     let cut = size * 2 / 5;
-    let broker = Mosquitto::start();
-    let http = HttpServer::start();
-    let keys = TempDir::new("update-cut-keys");
-    let (key, public) = keygen(keys.path(), "fleet.key");
-    let mut kiosk = Kiosk::new("update-cut", &broker, &[&public], json!({}));
-    kiosk.start();
-    let first = wait_online(&broker, &kiosk, OWN, &Value::Null);
+    let (broker, http, _keys, key, public) = rig("update-cut");
+    let (kiosk, first) = started_kiosk("update-cut", &broker, &public);
 
     let path = "/holosync-0.9.0";
     http.set(
@@ -506,7 +532,12 @@ fn an_update_cut_at_40_percent_resumes_with_a_range_request_and_swaps() {
         (total as f64) < 1.3 * size as f64,
         "{total} bytes sent for a file of {size}"
     );
-    assert_eq!(bytes(&kiosk.exe), bytes(newer));
+    // Copied in by the supervisor once the trial is confirmed (then the marker goes).
+    assert!(poll_until(WAIT, || !kiosk.path("holosync.update").exists()));
+    assert!(
+        bytes(&kiosk.exe) == bytes(newer),
+        "the new build is in place"
+    );
     let part = partial_name(&sha256_of(newer));
     assert!(!kiosk.path(&part).exists(), "{part} is renamed into place");
     assert!(
@@ -526,23 +557,11 @@ fn an_update_killed_mid_download_resumes_from_the_kept_partial_after_the_restart
     let newer = newer_build();
     let body = fs::read(newer).unwrap();
     let size = body.len() as u64;
-    let broker = Mosquitto::start();
-    let http = HttpServer::start();
-    let keys = TempDir::new("update-killdl-keys");
-    let (key, public) = keygen(keys.path(), "fleet.key");
-    let mut kiosk = Kiosk::new("update-killdl", &broker, &[&public], json!({}));
-    kiosk.start();
-    let first = wait_online(&broker, &kiosk, OWN, &Value::Null);
+    let (broker, http, _keys, key, public) = rig("update-killdl");
+    let (mut kiosk, first) = started_kiosk("update-killdl", &broker, &public);
 
     let path = "/holosync-0.9.0";
-    // About 4 s for the whole file, so the kill lands in the middle.
-    http.set(
-        path,
-        Route::Ranged(Arc::new(Ranged {
-            rate: Some(size / 4),
-            ..Ranged::new(body, "v090")
-        })),
-    );
+    serve_in_four_seconds(&http, path, body);
     let part = kiosk.path(&partial_name(&sha256_of(newer)));
     let command = newer_command(&key, "kill-1", &http.url(path));
     let cmd_topic = format!("{}/cmd", kiosk.prefix());
@@ -612,7 +631,12 @@ fn an_update_killed_mid_download_resumes_from_the_kept_partial_after_the_restart
         (total as f64) < 1.5 * size as f64,
         "{total} bytes sent for a file of {size}"
     );
-    assert_eq!(bytes(&kiosk.exe), bytes(newer));
+    // Copied in by the supervisor once the trial is confirmed (then the marker goes).
+    assert!(poll_until(WAIT, || !kiosk.path("holosync.update").exists()));
+    assert!(
+        bytes(&kiosk.exe) == bytes(newer),
+        "the new build is in place"
+    );
     assert!(!part.exists());
     let log = kiosk.log();
     assert!(log.contains("resuming the download of 0.9.0 at "), "{log}");
@@ -628,21 +652,10 @@ fn a_clean_stop_during_an_update_download_keeps_the_partial_file() {
     let newer = newer_build();
     let body = fs::read(newer).unwrap();
     let size = body.len() as u64;
-    let broker = Mosquitto::start();
-    let http = HttpServer::start();
-    let keys = TempDir::new("update-stopdl-keys");
-    let (key, public) = keygen(keys.path(), "fleet.key");
-    let mut kiosk = Kiosk::new("update-stopdl", &broker, &[&public], json!({}));
-    kiosk.start();
-    wait_online(&broker, &kiosk, OWN, &Value::Null);
+    let (broker, http, _keys, key, public) = rig("update-stopdl");
+    let (mut kiosk, _) = started_kiosk("update-stopdl", &broker, &public);
     let path = "/holosync-0.9.0";
-    http.set(
-        path,
-        Route::Ranged(Arc::new(Ranged {
-            rate: Some(size / 4),
-            ..Ranged::new(body, "v090")
-        })),
-    );
+    serve_in_four_seconds(&http, path, body);
     let part = kiosk.path(&partial_name(&sha256_of(newer)));
     broker.publish(
         &format!("{}/cmd", kiosk.prefix()),
@@ -733,7 +746,12 @@ fn a_wrong_kept_partial_is_started_over_from_byte_0_and_the_update_succeeds() {
     );
     assert_eq!(header(&heads[0], "if-range"), None);
     assert_eq!(header(&heads[1], "range"), None, "then the whole file");
-    assert_eq!(bytes(&kiosk.exe), bytes(newer));
+    // Copied in by the supervisor once the trial is confirmed (then the marker goes).
+    assert!(poll_until(WAIT, || !kiosk.path("holosync.update").exists()));
+    assert!(
+        bytes(&kiosk.exe) == bytes(newer),
+        "the new build is in place"
+    );
     assert!(!part.exists());
     assert!(!other.exists(), "another version's partial is removed");
     let log = kiosk.log();
@@ -746,13 +764,8 @@ fn a_wrong_kept_partial_is_started_over_from_byte_0_and_the_update_succeeds() {
 /// build, so it runs under Wine with the kiosk exe too (`.ci/run`).
 #[test]
 fn a_reinstall_signed_with_allow_downgrade_hands_over_to_the_new_process() {
-    let broker = Mosquitto::start();
-    let http = HttpServer::start();
-    let keys = TempDir::new("update-reinstall-keys");
-    let (key, public) = keygen(keys.path(), "fleet.key");
-    let mut kiosk = Kiosk::new("update-reinstall", &broker, &[&public], json!({}));
-    kiosk.start();
-    let first = wait_online(&broker, &kiosk, OWN, &Value::Null);
+    let (broker, http, _keys, key, public) = rig("update-reinstall");
+    let (mut kiosk, first) = started_kiosk("update-reinstall", &broker, &public);
     let exe = bytes(&kiosk.exe);
     http.set("/again", Route::Ok(exe.clone()));
     let file = kiosk.exe.to_str().unwrap().to_string();
@@ -1283,12 +1296,8 @@ fn a_config_patch_applies_after_a_restart_and_an_unreachable_one_is_rolled_back(
 /// `restarting`, then the new process's confirmation.
 #[test]
 fn an_answer_grouped_in_a_burst_is_published_before_the_handover() {
-    let broker = Mosquitto::start();
-    let keys = TempDir::new("update-grouped-keys");
-    let (_, public) = keygen(keys.path(), "fleet.key");
-    let mut kiosk = Kiosk::new("update-grouped", &broker, &[&public], json!({}));
-    kiosk.start();
-    let first = wait_online(&broker, &kiosk, OWN, &Value::Null);
+    let (broker, _http, _keys, _, public) = rig("update-grouped");
+    let (kiosk, first) = started_kiosk("update-grouped", &broker, &public);
     let events = format!("{}/events", kiosk.prefix());
     let sub = broker.subscribe(&events);
     let mut burst: Vec<String> = (0..20)
@@ -1334,13 +1343,8 @@ fn an_answer_grouped_in_a_burst_is_published_before_the_handover() {
 /// downgrade, both made before the command the kiosk last accepted).
 #[test]
 fn an_older_signed_command_is_refused_as_a_replay() {
-    let broker = Mosquitto::start();
-    let http = HttpServer::start();
-    let keys = TempDir::new("update-replay-keys");
-    let (key, public) = keygen(keys.path(), "fleet.key");
-    let mut kiosk = Kiosk::new("update-replay", &broker, &[&public], json!({}));
-    kiosk.start();
-    let first = wait_online(&broker, &kiosk, OWN, &Value::Null);
+    let (broker, http, _keys, key, public) = rig("update-replay");
+    let (kiosk, first) = started_kiosk("update-replay", &broker, &public);
     let events = format!("{}/events", kiosk.prefix());
     let cmd = format!("{}/cmd", kiosk.prefix());
     let sub = broker.subscribe(&events);
