@@ -34,7 +34,8 @@
 //!    temporary name, renamed: the name of a running exe is never taken
 //!    or given, so Windows has nothing to refuse), removes
 //!    `holosync.new.exe` (on Windows the running new agent holds it: the
-//!    next start removes it), removes the marker and exits.
+//!    next start removes it, or the next update renames it aside first,
+//!    [`free_staged`]), removes the marker and exits.
 //!
 //! If the new one cannot start, exits, or is not confirmed within
 //! `update.confirm_secs`, the supervisor kills it, marks `failed` with the
@@ -311,6 +312,31 @@ fn copy_atomically(from: &Path, to: &Path) -> Result<()> {
     result
 }
 
+/// `holosync.new.exe` moved aside by [`free_staged`].
+fn aside(new: &Path) -> PathBuf {
+    with_suffix(new, ".del")
+}
+
+/// Frees the staged name for a new version. The last update's staged file
+/// may still be the image of the running agent: on Windows the agent that
+/// was on trial runs from it until its next start, and a running exe can be
+/// renamed but not replaced or deleted. So it is removed, or else renamed
+/// aside to `holosync.new.exe.del`, which the next start removes.
+pub fn free_staged(paths: &Paths) -> Result<()> {
+    if !paths.new.exists() || fs::remove_file(&paths.new).is_ok() {
+        return Ok(());
+    }
+    let aside = aside(&paths.new);
+    let _ = fs::remove_file(&aside);
+    fs::rename(&paths.new, &aside).context(|| {
+        format!(
+            "could not move {} (the last update's, still running) aside to {}",
+            paths.new.display(),
+            aside.display()
+        )
+    })
+}
+
 /// Steps 2 and 3 of an update (before the clean stop): the running
 /// executable copied to `holosync.old.exe`, the marker written.
 pub fn prepare_update(paths: &Paths, marker: &Marker) -> Result<()> {
@@ -367,7 +393,8 @@ pub enum Start {
 /// marker's (the new version on trial runs from `holosync.new.exe`).
 pub fn at_start(paths: &mut Paths) -> Result<Start> {
     // A partial download (`Paths::partial`) is not stray: it is kept for
-    // the update that resumes it.
+    // the update that resumes it. A staged file moved aside is.
+    let _ = fs::remove_file(aside(&paths.new));
     let Some(marker) = Marker::read(&paths.marker) else {
         if paths.new.exists() {
             log::info!(

@@ -312,6 +312,9 @@ impl Updater {
         let version = request.version;
         match result {
             Ok(()) => {
+                if let Err(e) = swap::free_staged(&self.paths) {
+                    return Some(self.failed(order, e.chain()));
+                }
                 if let Err(why) = fetch.finish(&self.paths.new) {
                     let _ = std::fs::remove_file(&self.paths.new);
                     return Some(self.failed(order, why));

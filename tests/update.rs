@@ -815,7 +815,7 @@ fn a_reinstall_signed_with_allow_downgrade_hands_over_to_the_new_process() {
         command.to_string().as_bytes(),
         1,
     );
-    wait_online(&broker, &kiosk, OWN, &first["started_at"]);
+    let second = wait_online(&broker, &kiosk, OWN, &first["started_at"]);
     wait_payload(&sub, &events, "the confirmation", |v| {
         v["id"] == "r-1" && v["ok"] == true && v.get("restarting").is_none()
     });
@@ -838,6 +838,38 @@ fn a_reinstall_signed_with_allow_downgrade_hands_over_to_the_new_process() {
         "{log}"
     );
     assert_eq!(kiosk.status()["last_update"]["ok"], true);
+
+    // Again, while the agent of the first trial still runs from the staged
+    // file (on Windows it holds holosync.new.exe, which the next download
+    // must take the name of).
+    let again = sign(
+        &key,
+        &[
+            "--id",
+            "r-2",
+            "update",
+            OWN,
+            &http.url("/again"),
+            "--file",
+            &file,
+            "--allow-downgrade",
+        ],
+    );
+    broker.publish(
+        &format!("{}/cmd", kiosk.prefix()),
+        again.to_string().as_bytes(),
+        1,
+    );
+    wait_online(&broker, &kiosk, OWN, &second["started_at"]);
+    let done = wait_payload(&sub, &events, "the second update's end", |v| {
+        v["id"] == "r-2" && v.get("restarting").is_none()
+    });
+    assert_eq!(done["ok"], true, "{done}");
+    assert!(poll_until(WAIT, || !kiosk.path("holosync.update").exists()));
+    assert!(
+        bytes(&kiosk.exe) == exe,
+        "the reinstalled exe is at its path"
+    );
 }
 
 /// Every refusal is answered with its reason and changes nothing: no key
