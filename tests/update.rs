@@ -797,24 +797,25 @@ fn a_reinstall_signed_with_allow_downgrade_hands_over_to_the_new_process() {
         refused["error"].as_str().unwrap().contains("bad signature"),
         "{refused}"
     );
-    let command = sign(
-        &key,
-        &[
-            "--id",
-            "r-1",
-            "update",
-            OWN,
-            &http.url("/again"),
-            "--file",
-            &file,
-            "--allow-downgrade",
-        ],
-    );
-    broker.publish(
-        &format!("{}/cmd", kiosk.prefix()),
-        command.to_string().as_bytes(),
-        1,
-    );
+    // The same exe again, signed with allow_downgrade, published.
+    let cmd = format!("{}/cmd", kiosk.prefix());
+    let reinstall = |id: &str| {
+        let command = sign(
+            &key,
+            &[
+                "--id",
+                id,
+                "update",
+                OWN,
+                &http.url("/again"),
+                "--file",
+                &file,
+                "--allow-downgrade",
+            ],
+        );
+        broker.publish(&cmd, command.to_string().as_bytes(), 1);
+    };
+    reinstall("r-1");
     let second = wait_online(&broker, &kiosk, OWN, &first["started_at"]);
     wait_payload(&sub, &events, "the confirmation", |v| {
         v["id"] == "r-1" && v["ok"] == true && v.get("restarting").is_none()
@@ -842,24 +843,7 @@ fn a_reinstall_signed_with_allow_downgrade_hands_over_to_the_new_process() {
     // Again, while the agent of the first trial still runs from the staged
     // file (on Windows it holds holosync.new.exe, which the next download
     // must take the name of).
-    let again = sign(
-        &key,
-        &[
-            "--id",
-            "r-2",
-            "update",
-            OWN,
-            &http.url("/again"),
-            "--file",
-            &file,
-            "--allow-downgrade",
-        ],
-    );
-    broker.publish(
-        &format!("{}/cmd", kiosk.prefix()),
-        again.to_string().as_bytes(),
-        1,
-    );
+    reinstall("r-2");
     wait_online(&broker, &kiosk, OWN, &second["started_at"]);
     let done = wait_payload(&sub, &events, "the second update's end", |v| {
         v["id"] == "r-2" && v.get("restarting").is_none()
