@@ -207,6 +207,16 @@ fn serve_in_four_seconds(http: &HttpServer, path: &str, body: Vec<u8>) {
     );
 }
 
+/// Waits until the supervisor has copied `newer` into place once its trial
+/// was confirmed (then it removes the marker), and checks the exe's bytes.
+fn wait_installed(kiosk: &Kiosk, newer: &Path) {
+    assert!(poll_until(WAIT, || !kiosk.path("holosync.update").exists()));
+    assert!(
+        bytes(&kiosk.exe) == bytes(newer),
+        "the new build is in place"
+    );
+}
+
 /// What a test starts with: a broker, the HTTP server, and the operator's
 /// key (`fleet.key` in the folder `<name>-keys`): the folder, the key file
 /// and its public key.
@@ -532,12 +542,7 @@ fn an_update_cut_at_40_percent_resumes_with_a_range_request_and_swaps() {
         (total as f64) < 1.3 * size as f64,
         "{total} bytes sent for a file of {size}"
     );
-    // Copied in by the supervisor once the trial is confirmed (then the marker goes).
-    assert!(poll_until(WAIT, || !kiosk.path("holosync.update").exists()));
-    assert!(
-        bytes(&kiosk.exe) == bytes(newer),
-        "the new build is in place"
-    );
+    wait_installed(&kiosk, newer);
     let part = partial_name(&sha256_of(newer));
     assert!(!kiosk.path(&part).exists(), "{part} is renamed into place");
     assert!(
@@ -631,12 +636,7 @@ fn an_update_killed_mid_download_resumes_from_the_kept_partial_after_the_restart
         (total as f64) < 1.5 * size as f64,
         "{total} bytes sent for a file of {size}"
     );
-    // Copied in by the supervisor once the trial is confirmed (then the marker goes).
-    assert!(poll_until(WAIT, || !kiosk.path("holosync.update").exists()));
-    assert!(
-        bytes(&kiosk.exe) == bytes(newer),
-        "the new build is in place"
-    );
+    wait_installed(&kiosk, newer);
     assert!(!part.exists());
     let log = kiosk.log();
     assert!(log.contains("resuming the download of 0.9.0 at "), "{log}");
@@ -746,12 +746,7 @@ fn a_wrong_kept_partial_is_started_over_from_byte_0_and_the_update_succeeds() {
     );
     assert_eq!(header(&heads[0], "if-range"), None);
     assert_eq!(header(&heads[1], "range"), None, "then the whole file");
-    // Copied in by the supervisor once the trial is confirmed (then the marker goes).
-    assert!(poll_until(WAIT, || !kiosk.path("holosync.update").exists()));
-    assert!(
-        bytes(&kiosk.exe) == bytes(newer),
-        "the new build is in place"
-    );
+    wait_installed(&kiosk, newer);
     assert!(!part.exists());
     assert!(!other.exists(), "another version's partial is removed");
     let log = kiosk.log();
